@@ -1,0 +1,98 @@
+"""Backends run the kernels of one device over prepared arrays; algorithms never branch on it.
+
+A backend takes a validated ``Model`` and C-contiguous 2-D arrays of the model's dtype
+(``advgrad.attacks`` prepares them) and returns host numpy arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from advgrad.kernels import cpu
+from advgrad.model import Model
+
+
+@functools.cache
+def _kernel_blas_libraries() -> tuple:
+    """threadpoolctl controllers of the BLAS that numba's ``np.dot`` calls (scipy's)."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba binds to)
+    from threadpoolctl import ThreadpoolController
+
+    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+    scipy_own = [lib for lib in libraries if f"{os.sep}scipy" in lib.filepath]
+    return tuple(scipy_own or libraries)
+
+
+@contextmanager
+def blas_threads(n_threads: int):
+    """Set the thread count of the BLAS that the CPU kernels call, restoring it on exit.
+
+    The batch kernels call ``np.dot`` from inside ``prange``; a multi-threaded BLAS there
+    oversubscribes the cores, so they run under ``blas_threads(1)``. Wrap your own calls
+    of ``advgrad.kernels.cpu`` batch kernels on more than ``ROWS_PER_BLOCK`` rows likewise.
+    """
+    libraries = _kernel_blas_libraries()
+    previous = [lib.num_threads for lib in libraries]
+    for lib in libraries:
+        lib.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        for lib, count in zip(libraries, previous, strict=True):
+            lib.set_num_threads(count)
+
+
+@contextmanager
+def _kernel_threading(n_rows: int):
+    """Pin BLAS to one thread when a kernel will run its rows in parallel blocks."""
+    if cpu.n_blocks(n_rows) > 1:
+        with blas_threads(1):
+            yield
+    else:
+        yield
+
+
+class CpuBackend:
+    """Runs the Numba CPU kernels (``advgrad.kernels.cpu``)."""
+
+    name = "cpu"
+
+    def input_gradient(self, model: Model, X: np.ndarray, Y: np.ndarray):
+        """G (N, d) and predicted classes (N,) int64; Y (N, C) or 0 rows for predictions."""
+        G = np.empty_like(X)
+        predicted = np.empty(X.shape[0], dtype=np.int64)
+        with _kernel_threading(X.shape[0]):
+            cpu.input_gradient_into(X, model.W1, model.b1, model.W2, model.b2, Y, G, predicted)
+        return G, predicted
+
+    def fgm_step(self, model: Model, X, Y, eps: float, p: float, x_min: float, x_max: float):
+        """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64."""
+        X_adv = np.empty_like(X)
+        predicted = np.empty(X.shape[0], dtype=np.int64)
+        with _kernel_threading(X.shape[0]):
+            cpu.fgm_step_into(
+                X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv, predicted
+            )
+        return X_adv, predicted
+
+    def forward(self, model: Model, X: np.ndarray, Y: np.ndarray):
+        """Probabilities P (N, C), per-row losses (N,) and predictions (N,) int64."""
+        n_rows = X.shape[0]
+        A = np.empty((n_rows, model.n_hidden), dtype=X.dtype)
+        P = np.empty((n_rows, model.n_classes), dtype=X.dtype)
+        losses = np.empty(n_rows, dtype=X.dtype)
+        predicted = np.empty(n_rows, dtype=np.int64)
+        with _kernel_threading(n_rows):
+            cpu.forward_into(X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted)
+        return P, losses, predicted
+
+
+def get_backend(device: str = "cpu") -> CpuBackend:
+    """The backend for ``device``; only ``"cpu"`` exists so far."""
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r}; expected 'cpu'")
+    return CpuBackend()
