@@ -140,9 +140,7 @@ def predict_proba(model: Model, X, *, device: str = "cpu") -> np.ndarray:
 def predict(model: Model, X, *, device: str = "cpu") -> np.ndarray:
     """Predicted classes (N,) int64 of X (N, ...)."""
     rows = as_rows(model, X)
-    _, _, predicted = get_backend(device).forward(
-        model, rows, label_matrix(model, None, len(rows))
-    )
+    _, _, predicted = get_backend(device).forward(model, rows, label_matrix(model, None, len(rows)))
     return predicted
 
 

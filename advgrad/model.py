@@ -67,14 +67,20 @@ class Model:
         if d < 1 or H < 1:
             raise ValueError(f"W1 must have at least one row and column, got shape {self.W1.shape}")
         if self.b1.shape != (H,):
-            raise ValueError(f"b1 must have shape ({H},) to match W1 {self.W1.shape}, got {self.b1.shape}")
+            raise ValueError(
+                f"b1 must have shape ({H},) to match W1 {self.W1.shape}, got {self.b1.shape}"
+            )
         if self.W2.shape[0] != H:
-            raise ValueError(f"W2 must have {H} rows to match W1 {self.W1.shape}, got {self.W2.shape}")
+            raise ValueError(
+                f"W2 must have {H} rows to match W1 {self.W1.shape}, got {self.W2.shape}"
+            )
         C = self.W2.shape[1]
         if C < 2:
             raise ValueError(f"the network needs at least 2 classes, W2 has shape {self.W2.shape}")
         if self.b2.shape != (C,):
-            raise ValueError(f"b2 must have shape ({C},) to match W2 {self.W2.shape}, got {self.b2.shape}")
+            raise ValueError(
+                f"b2 must have shape ({C},) to match W2 {self.W2.shape}, got {self.b2.shape}"
+            )
         if self.input_shape is not None:
             shape = tuple(int(s) for s in self.input_shape)
             if any(s < 1 for s in shape) or int(np.prod(shape)) != d:

@@ -233,9 +233,7 @@ def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted):
     for block in prange(blocks):
         start, stop = block_bounds(N, blocks, block)
         Yb = Y if Y.shape[0] == 0 else Y[start:stop]
-        gradient_block(
-            X[start:stop], W1, b1, W2, b2, Yb, G[start:stop], predicted[start:stop]
-        )
+        gradient_block(X[start:stop], W1, b1, W2, b2, Yb, G[start:stop], predicted[start:stop])
 
 
 @njit(cache=True, error_model="numpy")

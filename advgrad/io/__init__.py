@@ -1,0 +1,32 @@
+"""HDF5 input and output: the only code in advgrad that touches h5py (DESIGN.md sections 3-4)."""
+
+from __future__ import annotations
+
+from advgrad.io.describe import FileDescription, describe_file
+from advgrad.io.files import (
+    AdversarialWriter,
+    DatasetAttrs,
+    DatasetReader,
+    dataset_attrs,
+    load_dataset,
+    load_model,
+    open_dataset,
+    save_dataset,
+    save_model,
+    sha256_file,
+)
+
+__all__ = [
+    "AdversarialWriter",
+    "DatasetAttrs",
+    "DatasetReader",
+    "FileDescription",
+    "dataset_attrs",
+    "describe_file",
+    "load_dataset",
+    "load_model",
+    "open_dataset",
+    "save_dataset",
+    "save_model",
+    "sha256_file",
+]

@@ -1,0 +1,840 @@
+"""advgrad's HDF5 files (DESIGN.md section 3): models, datasets and adversarial outputs.
+
+Readers go through :mod:`advgrad.io.safe`, so every refusal is one
+:class:`advgrad.errors.InputFileError`. Writers never open an existing file for writing: they
+create ``.<name>.partial-<16 hex digits>.h5`` beside the target, fsync it, and rename it onto the
+target (``Path.replace``), then fsync the directory. A crash leaves the target as it was, plus at
+most one hidden partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import h5py
+import numpy as np
+from numpy.typing import DTypeLike
+
+from advgrad.errors import InputFileError
+from advgrad.io.safe import MAX_CHUNK_BYTES, checked_dataset, open_input, read_attrs, read_rows
+from advgrad.model import FLOAT_DTYPES, Model
+
+MODEL_FORMAT = "two-layer-sigmoid"
+MODEL_FORMAT_VERSION = 1
+MODEL_ARRAYS = ("W1", "b1", "W2", "b2")
+COMMON_ATTRS = ("input_shape", "class_names", "x_min", "x_max")
+_MODEL_ATTRS = frozenset({"advgrad_format", "format_version", *COMMON_ATTRS})
+
+SOFT_LABEL_TOL = 1e-3
+"""Soft-label rows must sum to 1 within this absolute tolerance (sums taken in float64).
+
+Loose enough for rounding in float32 files with thousands of classes, tight enough that the
+gradient factor ``P - Y`` (which assumes each row of Y sums to 1) stays within 0.1 %.
+"""
+COMPRESSIONS = (None, "gzip", "lzf")
+SAVE_CHUNK_BYTES = 2**20
+"""Target size of one chunk in files written by :func:`save_dataset`."""
+HASH_BLOCK_BYTES = 2**20
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+def _common_attrs(attrs: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """x_min, x_max, input_shape and class_names from root attributes, None when absent."""
+    common: dict[str, Any] = dict.fromkeys(COMMON_ATTRS)
+    for name in ("x_min", "x_max"):
+        if name in attrs:
+            value = attrs[name]
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise InputFileError(path, None, f"attribute {name} must be a number")
+            if not math.isfinite(value):
+                raise InputFileError(path, None, f"attribute {name} must be finite, got {value}")
+            common[name] = float(value)
+    x_min, x_max = common["x_min"], common["x_max"]
+    if x_min is not None and x_max is not None and not x_min < x_max:
+        raise InputFileError(path, None, f"attribute x_min ({x_min}) must be below x_max ({x_max})")
+    if "input_shape" in attrs:
+        shape = np.atleast_1d(attrs["input_shape"])
+        if shape.ndim != 1 or shape.dtype.kind not in "iu" or not (shape >= 1).all():
+            raise InputFileError(
+                path, None, "attribute input_shape must be a list of positive integers"
+            )
+        common["input_shape"] = tuple(int(s) for s in shape)
+    if "class_names" in attrs:
+        if not isinstance(attrs["class_names"], tuple):
+            raise InputFileError(path, None, "attribute class_names must be an array of strings")
+        common["class_names"] = attrs["class_names"]
+    return common
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
+
+
+def _write_attrs(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
+    """Store str, numbers, bools and arrays of them as attributes; None values are skipped."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
+            obj.attrs[name] = value
+            continue
+        array = np.asarray(value)
+        if array.dtype.kind == "U" and array.ndim == 1:
+            obj.attrs.create(name, array.tolist(), dtype=h5py.string_dtype())
+        elif array.dtype.kind in "biuf":
+            obj.attrs[name] = _native(array)
+        else:
+            raise TypeError(
+                f"attribute {name!r}: cannot store {type(value).__name__} {value!r:.80}; "
+                "use str, numbers, or 1-D arrays of them"
+            )
+
+
+# --------------------------------------------------------------------------- crash-safe writing
+
+
+class _PartialFile:
+    """A new HDF5 file ``.<name>.partial-<16 hex digits>.h5`` beside ``target``.
+
+    Created exclusively (mode ``"x"``), so it never clobbers anything; renamed onto the target by
+    :meth:`commit`, or deleted by :meth:`discard`.
+    """
+
+    def __init__(self, target: Path) -> None:
+        if target.is_dir():
+            raise InputFileError(target, None, "is a directory")
+        self.target = target
+        self.temp = target.with_name(f".{target.name}.partial-{secrets.token_hex(8)}.h5")
+        try:
+            self.file = h5py.File(self.temp, "x")
+        except OSError as exc:
+            raise InputFileError(target, None, f"cannot create {self.temp}: {exc}") from exc
+
+    def commit(self, *, overwrite: bool) -> None:
+        """Close, fsync, rename onto the target, fsync the directory."""
+        try:
+            self.file.close()
+            with self.temp.open("rb") as handle:
+                os.fsync(handle.fileno())
+            if not overwrite and self.target.exists():
+                raise InputFileError(self.target, None, "exists; pass --overwrite")
+            self.temp.replace(self.target)
+        except OSError as exc:
+            self.discard()
+            raise InputFileError(self.target, None, f"cannot write: {exc}") from exc
+        except BaseException:
+            self.discard()
+            raise
+        directory = os.open(self.target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def discard(self) -> None:
+        """Close and delete the temporary file; the target is untouched."""
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _atomic_h5(target: str | os.PathLike) -> Iterator[h5py.File]:
+    partial = _PartialFile(Path(target))
+    try:
+        yield partial.file
+    except BaseException:
+        partial.discard()
+        raise
+    partial.commit(overwrite=True)
+
+
+def _check_compression(compression: str | None) -> None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+
+
+def _create_rows(
+    f: h5py.File,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    rows_per_chunk: int,
+    compression: str | None,
+) -> h5py.Dataset:
+    """A dataset chunked by whole rows, at most ``MAX_CHUNK_BYTES`` a chunk."""
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    rows = max(1, min(rows_per_chunk, MAX_CHUNK_BYTES // row_bytes, shape[0]))
+    return f.create_dataset(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=(rows, *shape[1:]),
+        maxshape=(None, *shape[1:]),
+        compression=compression,
+        shuffle=compression is not None,
+    )
+
+
+def _check_rows_layout(name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64, got {dtype}")
+    if len(shape) < 2 or math.prod(shape[1:]) < 1:
+        raise ValueError(f"{name} must be (N, ...) with at least one feature, got shape {shape}")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(path: str | os.PathLike) -> Model:
+    """Read a model file (DESIGN.md section 3), refusing anything unsafe or malformed.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        HDF5 file with ``/W1 (d, H)``, ``/b1 (H,)``, ``/W2 (H, C)``, ``/b2 (C,)``, all float32 or
+        all float64, and root attributes ``advgrad_format = "two-layer-sigmoid"``,
+        ``format_version = 1``.
+
+    Returns
+    -------
+    Model
+        Optional attributes ``input_shape``, ``class_names``, ``x_min``, ``x_max`` fill the
+        fields of the same name; every other readable root attribute goes into ``metadata``.
+
+    Raises
+    ------
+    InputFileError
+        Wrong or missing format attributes, unsafe or missing datasets, mixed dtypes, shapes
+        that disagree, non-finite weights.
+    """
+    with open_input(path) as f:
+        attrs = read_attrs(f, path=path)
+        fmt = attrs.get("advgrad_format")
+        if not isinstance(fmt, str):
+            raise InputFileError(
+                path, None, "no string attribute advgrad_format; not an advgrad model file"
+            )
+        if fmt != MODEL_FORMAT:
+            raise InputFileError(
+                path, None, f"attribute advgrad_format is {fmt!r}, expected {MODEL_FORMAT!r}"
+            )
+        version = attrs.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int | float):
+            raise InputFileError(path, None, "no numeric attribute format_version")
+        if version != MODEL_FORMAT_VERSION:
+            raise InputFileError(
+                path,
+                None,
+                f"attribute format_version is {version}; "
+                f"this advgrad reads version {MODEL_FORMAT_VERSION}",
+            )
+        datasets = {name: checked_dataset(f, f"/{name}", kind="float") for name in MODEL_ARRAYS}
+        if len({dset.dtype for dset in datasets.values()}) > 1:
+            found = ", ".join(f"{name} {dset.dtype}" for name, dset in datasets.items())
+            raise InputFileError(path, None, f"weights must share one dtype, got {found}")
+        arrays = {
+            name: read_rows(dset, 0, dset.shape[0], path=path) for name, dset in datasets.items()
+        }
+    metadata = {key: value for key, value in attrs.items() if key not in _MODEL_ATTRS}
+    try:
+        return Model(**arrays, **_common_attrs(attrs, path), metadata=metadata)
+    except ValueError as exc:
+        subject = str(exc).split(" ", 1)[0]
+        raise InputFileError(
+            path, f"/{subject}" if subject in MODEL_ARRAYS else None, str(exc)
+        ) from exc
+
+
+def save_model(model: Model, path: str | os.PathLike) -> None:
+    """Write a model file crash-safely (temporary file, fsync, rename onto ``path``).
+
+    Parameters
+    ----------
+    model : Model
+        Its arrays become ``/W1 /b1 /W2 /b2`` in the model's dtype; ``input_shape``,
+        ``class_names``, ``x_min``, ``x_max`` and each ``metadata`` entry become root attributes
+        (skipped when None).
+    path : str or os.PathLike
+        Target file, replaced if it exists.
+
+    Raises
+    ------
+    ValueError
+        A metadata key clashes with a format attribute.
+    TypeError
+        A metadata value is not a str, number, bool or 1-D array of them.
+    InputFileError
+        The file cannot be written.
+    """
+    clash = _MODEL_ATTRS.intersection(model.metadata)
+    if clash:
+        raise ValueError(f"metadata keys {sorted(clash)} clash with model file attributes")
+    attrs = {
+        "advgrad_format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        **{name: getattr(model, name) for name in COMMON_ATTRS},
+        **model.metadata,
+    }
+    with _atomic_h5(path) as f:
+        for name in MODEL_ARRAYS:
+            f.create_dataset(name, data=getattr(model, name))
+        _write_attrs(f, attrs)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _label_layout_problem(
+    shape: tuple[int, ...], dtype: np.dtype, n_rows: int, n_classes: int | None
+) -> str | None:
+    """Why labels of this shape and dtype do not fit ``n_rows`` rows, or None."""
+    if dtype.kind not in "iu" and dtype not in FLOAT_DTYPES:
+        return f"has dtype {dtype}; expected integer or float32/float64 labels"
+    if len(shape) == 0 or shape[0] != n_rows:
+        return f"has shape {shape}, but /X has {n_rows} rows"
+    if dtype.kind in "iu":
+        if len(shape) != 1:
+            return f"integer labels must have shape (N,), got {shape}"
+    elif len(shape) != 2:
+        return f"float labels must be soft labels of shape (N, C), got {shape}"
+    elif n_classes is not None and shape[1] != n_classes:
+        return f"soft labels have {shape[1]} classes, expected {n_classes}"
+    return None
+
+
+def _label_value_problem(y: np.ndarray, start: int, n_classes: int | None) -> str | None:
+    """Why label rows ``start:start+len(y)`` are invalid, or None."""
+    if y.dtype.kind in "iu":
+        upper = 2**63 if n_classes is None else n_classes
+        bad = (y < 0) | (y >= upper)
+        if bad.any():
+            row = int(np.argmax(bad))
+            limit = "2**63" if n_classes is None else n_classes
+            return (
+                f"{int(bad.sum())} labels outside [0, {limit}), "
+                f"the first ({y[row]}) in row {start + row}"
+            )
+        return None
+    sums = y.sum(axis=1, dtype=np.float64)
+    bad = ~(y >= 0).all(axis=1) | ~(np.abs(sums - 1.0) <= SOFT_LABEL_TOL)
+    if bad.any():
+        row = int(np.argmax(bad))
+        return (
+            f"{int(bad.sum())} soft-label rows are not non-negative or do not sum to 1 "
+            f"(within {SOFT_LABEL_TOL}), the first is row {start + row} (sum {sums[row]:.6g})"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class DatasetAttrs:
+    """The root attributes of a dataset file.
+
+    Attributes
+    ----------
+    x_min, x_max : float or None
+        Valid data range.
+    input_shape : tuple of int or None
+        Shape of one sample; its product equals the number of features of a row of ``/X``.
+    class_names : tuple of str or None
+    attrs : mapping
+        Every readable root attribute, these four included.
+    """
+
+    x_min: float | None
+    x_max: float | None
+    input_shape: tuple[int, ...] | None
+    class_names: tuple[str, ...] | None
+    attrs: Mapping[str, Any]
+
+
+class DatasetReader:
+    """Streaming, validating reader of a dataset file; open it with :func:`open_dataset`.
+
+    Layout (links, dtypes, shapes, filters, attributes) is checked when it opens; values (NaN,
+    inf, label range, soft-label sums) are checked in every block read. Memory use is bounded by
+    the block size, never by the number of rows.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    n_classes : int or None
+    allow_nonfinite : bool
+        As for :func:`open_dataset`.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, *, n_classes: int | None, allow_nonfinite: bool
+    ) -> None:
+        self.path = path
+        self._n_classes = n_classes
+        self._allow_nonfinite = allow_nonfinite
+        self._file = open_input(path)
+        try:
+            self._X = checked_dataset(self._file, "/X", kind="float")
+            if self._X.ndim < 2:
+                raise InputFileError(
+                    path, "/X", f"has shape {self._X.shape}; expected (N, ...) with a feature axis"
+                )
+            self._y = checked_dataset(self._file, "/y", kind="label", required=False)
+            if self._y is not None:
+                problem = _label_layout_problem(
+                    self._y.shape, self._y.dtype, self.n_rows, n_classes
+                )
+                if problem:
+                    raise InputFileError(path, "/y", problem)
+            attrs = read_attrs(self._file, path=path)
+            common = _common_attrs(attrs, path)
+            shape = common["input_shape"]
+            if shape is not None and math.prod(shape) != math.prod(self.row_shape):
+                raise InputFileError(
+                    path,
+                    None,
+                    f"attribute input_shape {shape} does not match /X rows {self.row_shape}",
+                )
+            self._info = DatasetAttrs(**common, attrs=MappingProxyType(attrs))
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> DatasetReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    @property
+    def n_rows(self) -> int:
+        """N, the number of rows."""
+        return self._X.shape[0]
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one row of ``/X``."""
+        return self._X.shape[1:]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of ``/X``, float32 or float64."""
+        return self._X.dtype
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the file has ``/y``."""
+        return self._y is not None
+
+    @property
+    def y_template(self) -> tuple[tuple[int, ...], np.dtype] | None:
+        """``(shape[1:], dtype)`` of the labels as :meth:`read` returns them, or None."""
+        if self._y is None:
+            return None
+        if self._y.dtype.kind in "iu":
+            return (), np.dtype(np.int64)
+        return self._y.shape[1:], self._y.dtype
+
+    @property
+    def info(self) -> DatasetAttrs:
+        """The parsed root attributes."""
+        return self._info
+
+    @property
+    def attrs(self) -> Mapping[str, Any]:
+        """Every readable root attribute."""
+        return self._info.attrs
+
+    @property
+    def x_min(self) -> float | None:
+        """The ``x_min`` attribute, or None."""
+        return self._info.x_min
+
+    @property
+    def x_max(self) -> float | None:
+        """The ``x_max`` attribute, or None."""
+        return self._info.x_max
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows ``start:stop``, validated.
+
+        Returns
+        -------
+        X : (stop - start, *row_shape) float32 or float64
+        y : (stop - start,) int64, (stop - start, C) float soft labels, or None
+
+        Raises
+        ------
+        InputFileError
+            NaN or inf in X (unless ``allow_nonfinite``) or in y, labels out of range, soft
+            labels that are negative or do not sum to 1.
+        """
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"rows {start}:{stop} are not within 0:{self.n_rows}")
+        X = read_rows(self._X, start, stop, path=self.path, allow_nonfinite=self._allow_nonfinite)
+        if self._y is None:
+            return X, None
+        y = read_rows(self._y, start, stop, path=self.path)
+        problem = _label_value_problem(y, start, self._n_classes)
+        if problem:
+            raise InputFileError(self.path, "/y", problem)
+        return X, y.astype(np.int64, copy=False) if y.dtype.kind in "iu" else y
+
+    def chunks(
+        self, rows_per_chunk: int, start: int = 0
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """Validated blocks of rows from ``start`` to the end.
+
+        Yields
+        ------
+        start : int
+            Index of the block's first row.
+        X : (m, *row_shape) float32 or float64
+            ``m <= rows_per_chunk`` rows.
+        y : (m,) int64, (m, C) float, or None
+        """
+        if rows_per_chunk < 1:
+            raise ValueError(f"rows_per_chunk must be at least 1, got {rows_per_chunk}")
+        if not 0 <= start <= self.n_rows:
+            raise ValueError(f"start {start} is not within 0:{self.n_rows}")
+        return self._blocks(rows_per_chunk, start)
+
+    def _blocks(
+        self, rows_per_chunk: int, start: int
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        for first in range(start, self.n_rows, rows_per_chunk):
+            yield first, *self.read(first, min(first + rows_per_chunk, self.n_rows))
+
+
+def open_dataset(
+    path: str | os.PathLike, *, n_classes: int | None = None, allow_nonfinite: bool = False
+) -> DatasetReader:
+    """Open a dataset file for streaming reads; use as a context manager.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        HDF5 file with ``/X (N, ...)`` float32/float64 and optional ``/y``: ``(N,)`` integer
+        labels or ``(N, C)`` float soft labels.
+    n_classes : int, optional
+        When given, integer labels must lie in ``[0, n_classes)`` and soft labels have
+        ``n_classes`` columns.
+    allow_nonfinite : bool
+        Accept NaN and inf in ``/X`` (never in ``/y``).
+
+    Returns
+    -------
+    DatasetReader
+
+    Raises
+    ------
+    InputFileError
+        The file or its layout is refused.
+    """
+    return DatasetReader(path, n_classes=n_classes, allow_nonfinite=allow_nonfinite)
+
+
+def load_dataset(
+    path: str | os.PathLike, *, n_classes: int | None = None, allow_nonfinite: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a whole dataset file, validated as by :func:`open_dataset`.
+
+    Returns
+    -------
+    X : (N, ...) float32 or float64
+        Trailing shape as stored.
+    y : (N,) int64, (N, C) float32/float64 soft labels, or None when the file has no ``/y``
+
+    Raises
+    ------
+    InputFileError
+        See :func:`open_dataset` and :meth:`DatasetReader.read`.
+    """
+    with open_dataset(path, n_classes=n_classes, allow_nonfinite=allow_nonfinite) as reader:
+        return reader.read(0, reader.n_rows)
+
+
+def dataset_attrs(path: str | os.PathLike) -> DatasetAttrs:
+    """The root attributes of a dataset file (whose layout is checked, its values are not read).
+
+    Returns
+    -------
+    DatasetAttrs
+    """
+    with open_dataset(path) as reader:
+        return reader.info
+
+
+def save_dataset(
+    path: str | os.PathLike,
+    X: np.ndarray,
+    y: np.ndarray | None = None,
+    *,
+    attrs: Mapping[str, Any] | None = None,
+    compression: str | None = None,
+) -> None:
+    """Write a dataset file crash-safely (temporary file, fsync, rename onto ``path``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target file, replaced if it exists.
+    X : (N, ...) float32 or float64
+        Stored as ``/X``, chunked by rows (about ``SAVE_CHUNK_BYTES`` a chunk).
+    y : (N,) integer or (N, C) float32/float64 soft labels, optional
+        Stored as ``/y`` with its dtype; checked like the reader checks it.
+    attrs : mapping, optional
+        Root attributes: str, numbers, bools or 1-D arrays of them; None values are skipped.
+    compression : {None, "gzip", "lzf"}
+        With compression, the shuffle filter is added.
+
+    Raises
+    ------
+    ValueError
+        Bad dtypes or shapes, invalid labels, unknown compression.
+    """
+    _check_compression(compression)
+    X = _native(np.asarray(X))
+    _check_rows_layout("X", X.shape, X.dtype)
+    if y is not None:
+        y = _native(np.asarray(y))
+        problem = _label_layout_problem(y.shape, y.dtype, len(X), None)
+        problem = problem or _label_value_problem(y, 0, None)
+        if problem:
+            raise ValueError(f"y {problem}")
+    row_bytes = math.prod(X.shape[1:]) * X.dtype.itemsize
+    rows = max(1, SAVE_CHUNK_BYTES // row_bytes)
+    with _atomic_h5(path) as f:
+        _create_rows(f, "X", X.shape, X.dtype, rows, compression)[...] = X
+        if y is not None:
+            _create_rows(f, "y", y.shape, y.dtype, rows, compression)[...] = y
+        _write_attrs(f, attrs or {})
+
+
+# --------------------------------------------------------------------------- adversarial output
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and a.samefile(b)
+
+
+class AdversarialWriter:
+    """Crash-safe writer of an adversarial dataset (DESIGN.md section 3).
+
+    Rows go into ``.<name>.partial-<16 hex digits>.h5`` beside ``target`` holding ``/X``,
+    ``/y`` (when labelled), ``/pred_clean``, ``/pred_adv``, chunked by rows, and the root
+    attributes with ``complete = False``. :meth:`close` (or leaving a ``with`` block normally)
+    checks every row was written, sets ``complete = True``, fsyncs, renames the file onto
+    ``target`` and fsyncs the directory. An exception inside the ``with`` block, or
+    :meth:`discard`, deletes the partial file and leaves ``target`` untouched.
+
+    Parameters
+    ----------
+    target : str or os.PathLike
+        Output file.
+    n_rows : int
+        N.
+    row_shape : tuple of int
+        Shape of one row of ``/X`` (the source's trailing shape).
+    dtype : float32 or float64
+        dtype of ``/X`` (the source's).
+    y_template : (tuple of int, dtype) or None
+        ``shape[1:]`` and dtype of ``/y`` (e.g. ``DatasetReader.y_template``); None: no labels.
+    attrs : mapping
+        Root attributes (attack, norm, eps, ..., sha256 of inputs); None values are skipped.
+    rows_per_chunk : int
+        Rows in one HDF5 chunk (capped so a chunk stays within ``MAX_CHUNK_BYTES``).
+    compression : {None, "gzip", "lzf"}
+    overwrite : bool
+        Replace an existing ``target``.
+    inputs : sequence of path
+        Input files; ``target`` may not be any of them, even with ``overwrite``.
+
+    Raises
+    ------
+    InputFileError
+        ``target`` exists (without ``overwrite``), is an input, is a directory, or cannot be
+        created.
+    ValueError
+        Bad shapes, dtypes or compression.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        *,
+        n_rows: int,
+        row_shape: Sequence[int],
+        dtype: DTypeLike,
+        y_template: tuple[Sequence[int], DTypeLike] | None,
+        attrs: Mapping[str, Any],
+        rows_per_chunk: int,
+        compression: str | None = None,
+        overwrite: bool = False,
+        inputs: Sequence[str | os.PathLike] = (),
+    ) -> None:
+        _check_compression(compression)
+        self.target = Path(target)
+        self.n_rows = int(n_rows)
+        self.row_shape = tuple(int(s) for s in row_shape)
+        self.dtype = np.dtype(dtype)
+        _check_rows_layout("X", (self.n_rows, *self.row_shape), self.dtype)
+        if rows_per_chunk < 1:
+            raise ValueError(f"rows_per_chunk must be at least 1, got {rows_per_chunk}")
+        self._y_tail = None
+        if y_template is not None:
+            self._y_tail, y_dtype = tuple(y_template[0]), np.dtype(y_template[1])
+            problem = _label_layout_problem(
+                (self.n_rows, *self._y_tail), y_dtype, self.n_rows, None
+            )
+            if problem:
+                raise ValueError(f"y_template {problem}")
+        for source in inputs:
+            if _same_file(self.target, Path(source)):
+                raise InputFileError(
+                    target, None, f"is the input file {source}; choose another output path"
+                )
+        if self.target.exists() and not overwrite:
+            raise InputFileError(target, None, "exists; pass --overwrite")
+        self._overwrite = overwrite
+        self._partial = _PartialFile(self.target)
+        try:
+            f = self._partial.file
+            _write_attrs(f, {**attrs, "complete": False})
+            shape = (self.n_rows, *self.row_shape)
+            self._X = _create_rows(f, "X", shape, self.dtype, rows_per_chunk, compression)
+            self._y = None
+            if self._y_tail is not None:
+                shape = (self.n_rows, *self._y_tail)
+                self._y = _create_rows(f, "y", shape, y_dtype, rows_per_chunk, compression)
+            self._preds = [
+                _create_rows(
+                    f, name, (self.n_rows,), np.dtype(np.int64), rows_per_chunk, compression
+                )
+                for name in ("pred_clean", "pred_adv")
+            ]
+        except BaseException:
+            self._partial.discard()
+            raise
+        self.rows_written = 0
+        self._open = True
+
+    def __enter__(self) -> AdversarialWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def write(
+        self,
+        start: int,
+        X_adv: np.ndarray,
+        y: np.ndarray | None,
+        pred_clean: np.ndarray,
+        pred_adv: np.ndarray,
+    ) -> None:
+        """Write rows ``start:start+m``; blocks must come in order, without gaps.
+
+        Parameters
+        ----------
+        start : int
+            Must equal :attr:`rows_written`.
+        X_adv : (m, *row_shape), the writer's dtype
+        y : (m, *y_template[0]) or None (exactly when the writer has no labels)
+        pred_clean, pred_adv : (m,) integer
+        """
+        if start != self.rows_written:
+            raise ValueError(f"rows must be written in order: expected start {self.rows_written}")
+        X_adv = np.asarray(X_adv)
+        m = len(X_adv)
+        if X_adv.shape != (m, *self.row_shape) or X_adv.dtype != self._X.dtype:
+            raise ValueError(
+                f"X_adv must be (m, *{self.row_shape}) {self._X.dtype}, "
+                f"got {X_adv.shape} {X_adv.dtype}"
+            )
+        if start + m > self.n_rows:
+            raise ValueError(f"rows {start}:{start + m} go past n_rows {self.n_rows}")
+        if (y is None) != (self._y is None):
+            raise ValueError("y must be given exactly when the writer has labels")
+        if y is not None and np.shape(y) != (m, *self._y_tail):
+            raise ValueError(f"y must have shape {(m, *self._y_tail)}, got {np.shape(y)}")
+        for name, pred in (("pred_clean", pred_clean), ("pred_adv", pred_adv)):
+            pred = np.asarray(pred)
+            if pred.shape != (m,) or pred.dtype.kind not in "iu":
+                raise ValueError(f"{name} must be (m,) integers, got {pred.shape} {pred.dtype}")
+        self._X[start : start + m] = X_adv
+        if y is not None:
+            self._y[start : start + m] = y
+        self._preds[0][start : start + m] = pred_clean
+        self._preds[1][start : start + m] = pred_adv
+        self.rows_written += m
+
+    def close(self) -> None:
+        """Finish: mark complete, fsync, rename onto the target. No-op once finished.
+
+        Raises
+        ------
+        RuntimeError
+            Not every row was written (the partial file is deleted).
+        InputFileError
+            The target appeared meanwhile (without ``overwrite``), or the rename failed.
+        """
+        if not self._open:
+            return
+        self._open = False
+        if self.rows_written != self.n_rows:
+            self._partial.discard()
+            raise RuntimeError(
+                f"only {self.rows_written} of {self.n_rows} rows were written; "
+                f"{self.target} was not created"
+            )
+        self._partial.file.attrs["complete"] = True
+        self._partial.commit(overwrite=self._overwrite)
+
+    def discard(self) -> None:
+        """Abandon the output: delete the partial file; the target is untouched."""
+        if self._open:
+            self._open = False
+            self._partial.discard()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks.
+
+    Returns
+    -------
+    str
+        64 lowercase hex digits.
+
+    Raises
+    ------
+    InputFileError
+        The file cannot be read.
+    """
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as handle:
+            while block := handle.read(HASH_BLOCK_BYTES):
+                digest.update(block)
+    except FileNotFoundError as exc:
+        raise InputFileError(path, None, "no such file") from exc
+    except OSError as exc:
+        raise InputFileError(path, None, f"cannot read: {exc.strerror or exc}") from exc
+    return digest.hexdigest()

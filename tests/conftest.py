@@ -1,0 +1,35 @@
+"""Shared fixtures: random networks and the bundled digits model and test set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from advgrad.bundled import MODEL, TEST_DATA, bundled_path
+
+
+def random_network(rng, d, H, C, dtype=np.float64, scale=1.0):
+    """W1, b1, W2, b2 with entries of a few units, so that every part of the math matters."""
+    W1 = rng.normal(0.0, scale / np.sqrt(d), size=(d, H))
+    b1 = rng.normal(0.0, 0.5, size=H)
+    W2 = rng.normal(0.0, 2.0 * scale / np.sqrt(H), size=(H, C))
+    b2 = rng.normal(0.0, 0.5, size=C)
+    return tuple(a.astype(dtype) for a in (W1, b1, W2, b2))
+
+
+def one_hot(labels, C, dtype=np.float64):
+    return np.eye(C, dtype=dtype)[labels]
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    import advgrad
+
+    return advgrad.load_model(bundled_path(MODEL))
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    import advgrad
+
+    return advgrad.load_dataset(bundled_path(TEST_DATA))

@@ -1,0 +1,261 @@
+"""The CPU kernels against finite differences, the NumPy reference and their own properties."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import reference
+from conftest import one_hot, random_network
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+from scipy.special import expit
+
+from advgrad.backend import blas_threads
+from advgrad.kernels import cpu
+
+
+def finite_differences(X, W1, b1, W2, b2, Y, h=1e-6):
+    """Central differences of the reference float64 loss, one coordinate at a time."""
+    G = np.empty_like(X)
+    for i in range(X.shape[1]):
+        up, down = X.copy(), X.copy()
+        up[:, i] += h
+        down[:, i] -= h
+        G[:, i] = (
+            reference.loss(up, W1, b1, W2, b2, Y) - reference.loss(down, W1, b1, W2, b2, Y)
+        ) / (2 * h)
+    return G
+
+
+@st.composite
+def problems(draw):
+    """A random network, inputs, and one-hot or soft labels (float64)."""
+    N = draw(st.integers(1, 40))
+    d = draw(st.integers(1, 12))
+    H = draw(st.integers(1, 8))
+    C = draw(st.integers(2, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    W1, b1, W2, b2 = random_network(rng, d, H, C)
+    X = rng.uniform(-1.0, 2.0, size=(N, d))
+    if draw(st.booleans()):
+        Y = one_hot(rng.integers(0, C, N), C)
+    else:
+        Y = rng.dirichlet(np.ones(C), size=N)
+    return X, W1, b1, W2, b2, Y
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_gradient_matches_central_differences(problem):
+    X, W1, b1, W2, b2, Y = problem
+    G = cpu.input_gradient(X, W1, b1, W2, b2, Y)
+    F = finite_differences(X, W1, b1, W2, b2, Y)
+    # central differences carry ~1e-10 of rounding noise per entry at h = 1e-6
+    np.testing.assert_allclose(G, F, rtol=1e-6, atol=1e-8)
+    if np.linalg.norm(F) > 1e-3:
+        assert np.linalg.norm(G - F) / np.linalg.norm(F) < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_kernels_match_reference_float64(problem):
+    X, W1, b1, W2, b2, Y = problem
+    np.testing.assert_allclose(
+        cpu.input_gradient(X, W1, b1, W2, b2, Y),
+        reference.input_gradient(X, W1, b1, W2, b2, Y),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    np.testing.assert_allclose(
+        cpu.loss(X, W1, b1, W2, b2, Y), reference.loss(X, W1, b1, W2, b2, Y), rtol=1e-12
+    )
+    A, P, predicted = cpu.forward(X, W1, b1, W2, b2)
+    ref_A, ref_Z2, ref_P = reference.forward(X, W1, b1, W2, b2)
+    np.testing.assert_allclose(A, ref_A, rtol=1e-12)
+    np.testing.assert_allclose(P, ref_P, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(predicted, ref_Z2.argmax(axis=1))
+
+
+def test_gradient_sign_is_p_minus_y():
+    """G must point uphill: a small step along G raises the loss (the seed's (y - p) fails)."""
+    rng = np.random.default_rng(1)
+    W1, b1, W2, b2 = random_network(rng, 6, 5, 3)
+    X = rng.uniform(size=(50, 6))
+    Y = one_hot(rng.integers(0, 3, 50), 3)
+    G = cpu.input_gradient(X, W1, b1, W2, b2, Y)
+    before = reference.loss(X, W1, b1, W2, b2, Y)
+    after = reference.loss(X + 1e-4 * G, W1, b1, W2, b2, Y)
+    assert (after > before).all()
+    D2 = reference.forward(X, W1, b1, W2, b2)[2] - Y
+    A = reference.forward(X, W1, b1, W2, b2)[0]
+    np.testing.assert_allclose(G, ((D2 @ W2.T) * A * (1 - A)) @ W1.T, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, 300, 1100])
+@pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
+def test_fgm_step_matches_reference(n_rows, p):
+    rng = np.random.default_rng(n_rows)
+    W1, b1, W2, b2 = random_network(rng, 20, 9, 4)
+    X = rng.uniform(size=(n_rows, 20))
+    Y = one_hot(rng.integers(0, 4, n_rows), 4)
+    with blas_threads(1):
+        X_adv = cpu.fgm_step(X, W1, b1, W2, b2, Y, 0.05, p, 0.0, 1.0)
+    np.testing.assert_allclose(
+        X_adv, reference.fgm_step(X, W1, b1, W2, b2, Y, 0.05, p, 0.0, 1.0), rtol=1e-12, atol=1e-15
+    )
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_fgm_step_length_is_eps_without_clipping(p):
+    rng = np.random.default_rng(3)
+    W1, b1, W2, b2 = random_network(rng, 10, 6, 3)
+    X = rng.normal(size=(30, 10))
+    Y = one_hot(rng.integers(0, 3, 30), 3)
+    X_adv = cpu.fgm_step(X, W1, b1, W2, b2, Y, 0.3, p, -np.inf, np.inf)
+    np.testing.assert_allclose(np.linalg.norm(X_adv - X, ord=p, axis=1), 0.3, rtol=1e-12)
+
+
+@pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
+def test_zero_gradient_rows_stay_put(p):
+    rng = np.random.default_rng(4)
+    _, b1, W2, b2 = random_network(rng, 5, 4, 3)
+    W1 = np.zeros((5, 4))  # the loss does not depend on X: G == 0 exactly
+    X = rng.uniform(size=(12, 5))
+    Y = one_hot(rng.integers(0, 3, 12), 3)
+    X_adv = cpu.fgm_step(X, W1, b1, W2, b2, Y, 0.5, p, 0.0, 1.0)
+    assert not np.isnan(X_adv).any()
+    np.testing.assert_array_equal(X_adv, X)
+
+
+def test_negative_eps_descends_the_loss():
+    rng = np.random.default_rng(5)
+    W1, b1, W2, b2 = random_network(rng, 8, 6, 4)
+    X = rng.uniform(0.2, 0.8, size=(40, 8))
+    Y = one_hot(rng.integers(0, 4, 40), 4)
+    before = reference.loss(X, W1, b1, W2, b2, Y)
+    down = cpu.fgsm_step(X, W1, b1, W2, b2, Y, -0.01, 0.0, 1.0)
+    up = cpu.fgsm_step(X, W1, b1, W2, b2, Y, 0.01, 0.0, 1.0)
+    assert (reference.loss(down, W1, b1, W2, b2, Y) < before).all()
+    assert (reference.loss(up, W1, b1, W2, b2, Y) > before).all()
+
+
+def test_predictions_as_labels_equal_explicit_one_hot():
+    rng = np.random.default_rng(6)
+    W1, b1, W2, b2 = random_network(rng, 7, 5, 4)
+    X = rng.uniform(size=(600, 7))
+    predicted = reference.forward(X, W1, b1, W2, b2)[1].argmax(axis=1)
+    Y = one_hot(predicted, 4)
+    G = np.empty_like(X)
+    got_predicted = np.empty(600, dtype=np.int64)
+    with blas_threads(1):
+        cpu.input_gradient_into(X, W1, b1, W2, b2, Y[:0], G, got_predicted)
+    np.testing.assert_array_equal(got_predicted, predicted)
+    np.testing.assert_allclose(G, cpu.input_gradient(X, W1, b1, W2, b2, Y), rtol=1e-13)
+    losses = np.empty(600)
+    cpu.forward_into(
+        X, W1, b1, W2, b2, Y[:0], np.empty((600, 5)), np.empty((600, 4)), losses, got_predicted
+    )
+    np.testing.assert_allclose(losses, reference.loss(X, W1, b1, W2, b2, Y), rtol=1e-12)
+
+
+def test_float32_agrees_with_float64():
+    rng = np.random.default_rng(7)
+    arrays64 = (rng.uniform(size=(700, 30)), *random_network(rng, 30, 16, 10))
+    Y = one_hot(rng.integers(0, 10, 700), 10)
+    arrays32 = [a.astype(np.float32) for a in arrays64]
+    with blas_threads(1):
+        G32 = cpu.input_gradient(*arrays32, Y.astype(np.float32))
+    G64 = reference.input_gradient(*arrays32, Y)  # same float32 inputs, float64 arithmetic
+    assert G32.dtype == np.float32
+    assert np.linalg.norm(G32 - G64) / np.linalg.norm(G64) < 1e-5
+    J32 = cpu.loss(*arrays32, Y.astype(np.float32))
+    np.testing.assert_allclose(J32, reference.loss(*arrays32, Y), rtol=1e-5, atol=1e-6)
+
+
+def test_results_do_not_depend_on_thread_count():
+    rng = np.random.default_rng(8)
+    W1, b1, W2, b2 = random_network(rng, 40, 20, 5, dtype=np.float32)
+    X = rng.uniform(size=(3000, 40)).astype(np.float32)
+    Y = one_hot(rng.integers(0, 5, 3000), 5, np.float32)
+    outputs = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        try:
+            with blas_threads(1):
+                outputs.append(
+                    (
+                        cpu.input_gradient(X, W1, b1, W2, b2, Y),
+                        cpu.fgm_step(X, W1, b1, W2, b2, Y, 0.1, 2.0, 0.0, 1.0),
+                        cpu.loss(X, W1, b1, W2, b2, Y),
+                    )
+                )
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for one_thread, all_threads in zip(*outputs, strict=True):
+        np.testing.assert_array_equal(one_thread, all_threads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_logits_stay_finite(dtype):
+    rng = np.random.default_rng(9)
+    W1, b1, _, _ = random_network(rng, 6, 4, 3, dtype=dtype)
+    W2 = np.array([[1e4, -1e4, 0.0]] * 4, dtype=dtype) / 4
+    b2 = np.array([0.0, 0.0, -1e4], dtype=dtype)
+    X = rng.uniform(size=(10, 6)).astype(dtype)
+    for label in range(3):
+        Y = one_hot(np.full(10, label), 3, dtype)
+        J = cpu.loss(X, W1, b1, W2, b2, Y)
+        G = cpu.input_gradient(X, W1, b1, W2, b2, Y)
+        assert np.isfinite(J).all()
+        assert np.isfinite(G).all()
+        np.testing.assert_allclose(J, reference.loss(X, W1, b1, W2, b2, Y), rtol=1e-5)
+
+
+def test_sigmoid_is_finite_and_exact_at_extremes():
+    for z in (-1e4, -745.0, -700.0, -50.0, -1.0, 0.0, 1.0, 50.0, 1e4):
+        assert cpu.sigmoid(z) == pytest.approx(expit(z), rel=1e-15, abs=1e-320)
+    assert cpu.sigmoid(np.float32(-1e4)) == 0.0
+    assert cpu.sigmoid(np.float32(1e4)) == 1.0
+
+
+@njit
+def _exp_float32_over(x, out):
+    for i in range(x.shape[0]):
+        out[i] = cpu.exp_float32(x[i])
+
+
+def test_exp_float32_within_one_ulp():
+    x = np.linspace(-103.0, 88.7, 2_000_001, dtype=np.float32)
+    got = np.empty_like(x)
+    _exp_float32_over(x, got)
+    exact = np.exp(x.astype(np.float64))
+    normal = exact >= np.finfo(np.float32).tiny
+    ulps = np.abs(got[normal] - exact[normal]) / np.spacing(exact[normal].astype(np.float32))
+    assert ulps.max() <= 1.0
+    assert np.abs(got[~normal] - exact[~normal]).max() <= np.finfo(np.float32).smallest_subnormal
+    special = np.array([-np.inf, -200.0, 0.0, 89.0, np.inf], dtype=np.float32)
+    _exp_float32_over(special, got[:5])
+    np.testing.assert_array_equal(got[:5], [0.0, 0.0, 1.0, np.inf, np.inf])
+
+
+@njit
+def _users_own_attack(X, W1, b1, W2, b2, Y, eps):
+    """A user's jitted code calling the public kernels."""
+    G = cpu.input_gradient(X, W1, b1, W2, b2, Y)
+    X_adv = cpu.fgsm_step(X, W1, b1, W2, b2, Y, eps, 0.0, 1.0)
+    return G, X_adv, cpu.loss(X_adv, W1, b1, W2, b2, Y)
+
+
+def test_kernels_compose_inside_user_njit_code():
+    rng = np.random.default_rng(10)
+    W1, b1, W2, b2 = random_network(rng, 9, 5, 3)
+    X = rng.uniform(size=(25, 9))
+    Y = one_hot(rng.integers(0, 3, 25), 3)
+    G, X_adv, J = _users_own_attack(X, W1, b1, W2, b2, Y, 0.1)
+    np.testing.assert_allclose(G, reference.input_gradient(X, W1, b1, W2, b2, Y), rtol=1e-12)
+    np.testing.assert_allclose(
+        X_adv, reference.fgm_step(X, W1, b1, W2, b2, Y, 0.1, np.inf, 0.0, 1.0), rtol=1e-12
+    )
+    np.testing.assert_allclose(J, reference.loss(X_adv, W1, b1, W2, b2, Y), rtol=1e-12)
