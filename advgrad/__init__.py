@@ -28,7 +28,7 @@ _PUBLIC = {
     "predict": "advgrad.attacks",
     "predict_proba": "advgrad.attacks",
     "loss": "advgrad.attacks",
-    "gradcheck": "advgrad.gradcheck",
+    "gradcheck": "advgrad.gradient_check",
 }
 
 __all__ = ["__version__", *_PUBLIC]

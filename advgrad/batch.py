@@ -27,7 +27,8 @@ class AttackReport:
 
     ``success_rate`` is the fraction of rows whose predicted class changed; the accuracies
     are None when the dataset has no labels. Perturbation norms are means over rows of
-    ||X_adv - X|| on the flattened rows.
+    ||X_adv - X|| on the flattened rows. ``seconds`` covers reading, attacking and writing
+    the rows (not loading the model or hashing the inputs).
     """
 
     output: Path
@@ -45,7 +46,7 @@ class AttackReport:
 
     @property
     def rows_per_second(self) -> float:
-        """Throughput of the whole job, reading and writing included."""
+        """Rows attacked per second, reading and writing included."""
         return self.n_rows / self.seconds if self.seconds > 0 else math.inf
 
 
@@ -99,7 +100,6 @@ def attack_file(
         raise ValueError(f"eps must be >= 0, got {eps}")
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    started = time.perf_counter()
     model = load_model(model_path)
     backend = get_backend(device)
     with open_dataset(data_path, n_classes=model.n_classes) as reader:
@@ -124,8 +124,8 @@ def attack_file(
             "steps": 1,
             "targeted": False,
             "labels": "dataset" if use_labels else "predictions",
-            "x_min": x_min,
-            "x_max": x_max,
+            "x_min": x_min if math.isfinite(x_min) else None,  # None: not stored
+            "x_max": x_max if math.isfinite(x_max) else None,
             "model_sha256": sha256_file(model_path),
             "data_sha256": sha256_file(data_path),
             "model_file": Path(model_path).name,
@@ -147,6 +147,7 @@ def attack_file(
             overwrite=overwrite,
             inputs=(model_path, data_path),
         ) as writer:
+            started = time.perf_counter()
             for start, X, y in reader.chunks(batch_size):
                 rows = np.ascontiguousarray(X.reshape(len(X), -1))
                 Y = label_matrix(model, y if use_labels else None, len(rows))

@@ -20,7 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 console = Console()
 errors = Console(stderr=True)
@@ -66,7 +66,7 @@ def _reported_errors():
     try:
         yield
     except (AdvgradError, ValueError, OSError) as error:
-        errors.print(f"[bold red]advgrad: error:[/] {error}", highlight=False)
+        errors.print(f"[bold red]advgrad: error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         errors.print("[bold red]advgrad: interrupted[/]; no output was written")
@@ -141,7 +141,10 @@ def attack(
     the attack's settings as attributes; it appears only once complete.
     """
     if (clip_min is None) != (clip_max is None):
-        errors.print("[bold red]advgrad: error:[/] give both --clip-min and --clip-max, or neither")
+        errors.print(
+            "[bold red]advgrad: error:[/] give both --clip-min and --clip-max, or neither",
+            soft_wrap=True,
+        )
         raise typer.Exit(2)
     with _reported_errors():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -231,7 +234,7 @@ def gradcheck(
     ||G - F|| / ||F||. Exit code 1 when it exceeds the tolerance.
     """
     with _reported_errors():
-        from advgrad.gradcheck import gradcheck as check
+        from advgrad.gradient_check import gradcheck as check
         from advgrad.io import load_model, open_dataset
 
         model_path, data_path = _defaults(model, data)

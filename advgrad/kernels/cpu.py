@@ -101,7 +101,7 @@ def block_bounds(n_rows, blocks, block):
 
 
 @njit(cache=True, error_model="numpy")
-def softmax_columns(ZT, b, predicted, lse):
+def softmax_columns(ZT, b, predicted, top, log_total):
     """Softmax of every column of ``ZT + b[:, None]``, in place, maximum subtracted first.
 
     Parameters
@@ -110,31 +110,33 @@ def softmax_columns(ZT, b, predicted, lse):
         overwritten with the probabilities P^T
     b : (C,) same dtype, the output bias b2
     predicted : (B,) int64, output: argmax of each column (the first one on ties)
-    lse : (B,) same dtype, output: logsumexp of each column, log(sum_k exp(Z_k))
+    top : (B,) same dtype, output: the largest logit m of each column
+    log_total : (B,) same dtype, output: log(sum_k exp(Z_k - m)) = logsumexp(Z) - m >= 0,
+        from log1p of the non-maximal terms, so it keeps full precision near 0
 
     Columns make the loops over rows contiguous, so they vectorise for any C.
     """
     C, B = ZT.shape
     for n in range(B):
-        lse[n] = ZT[0, n] + b[0]
+        top[n] = ZT[0, n] + b[0]
         predicted[n] = 0
     for k in range(1, C):
         for n in range(B):
             z = ZT[k, n] + b[k]
-            larger = z > lse[n]
-            lse[n] = z if larger else lse[n]
+            larger = z > top[n]
+            top[n] = z if larger else top[n]
             predicted[n] = k if larger else predicted[n]
-    total = np.zeros(B, dtype=ZT.dtype)
+    rest = np.zeros(B, dtype=ZT.dtype)
     for k in range(C):
         for n in range(B):
-            e = exp(ZT[k, n] + b[k] - lse[n])
+            e = exp(ZT[k, n] + b[k] - top[n])
             ZT[k, n] = e
-            total[n] += e
+            rest[n] += 0.0 if k == predicted[n] else e
     for k in range(C):
         for n in range(B):
-            ZT[k, n] /= total[n]
+            ZT[k, n] /= 1.0 + rest[n]
     for n in range(B):
-        lse[n] += math.log(total[n])
+        log_total[n] = math.log1p(rest[n])
 
 
 @njit(cache=True, error_model="numpy")
@@ -156,7 +158,7 @@ def gradient_block(X, W1, b1, W2, b2, Y, G, predicted):
     A = np.empty((B, W1.shape[1]), dtype=X.dtype)
     hidden_block_into(X, W1, b1, A)
     D2T = np.dot(W2.T, A.T)  # logits as (C, B): the softmax loops run along rows
-    softmax_columns(D2T, b2, predicted, np.empty(B, dtype=X.dtype))
+    softmax_columns(D2T, b2, predicted, np.empty(B, dtype=X.dtype), np.empty(B, dtype=X.dtype))
     for k in range(D2T.shape[0]):
         for n in range(B):
             label = (predicted[n] == k) if Y.shape[0] == 0 else Y[n, k]
@@ -344,17 +346,18 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
         hidden_block_into(X[start:stop], W1, b1, A[start:stop])
         ZT = np.dot(W2.T, A[start:stop].T)
         label_logit = np.zeros(stop - start, dtype=X.dtype)
-        for k in range(ZT.shape[0]):
-            for n in range(stop - start):
-                if Y.shape[0] != 0:
+        if Y.shape[0] != 0:
+            for k in range(ZT.shape[0]):
+                for n in range(stop - start):
                     label_logit[n] += Y[start + n, k] * (ZT[k, n] + b2[k])
-        lse = losses[start:stop]
-        softmax_columns(ZT, b2, predicted[start:stop], lse)
+        top = np.empty(stop - start, dtype=X.dtype)
+        log_total = losses[start:stop]
+        softmax_columns(ZT, b2, predicted[start:stop], top, log_total)
+        if Y.shape[0] == 0:
+            label_logit[:] = top  # the predicted class holds the largest logit
         for n in range(stop - start):
-            if Y.shape[0] == 0:
-                # logsumexp minus the largest logit: -log of the top probability
-                label_logit[n] = lse[n] + math.log(ZT[predicted[start + n], n])
-            lse[n] -= label_logit[n]
+            # logsumexp(Z) - Y.Z = (m - Y.Z) + log(sum exp(Z - m)): no cancellation near 0
+            log_total[n] += top[n] - label_logit[n]
         P[start:stop] = ZT.T
 
 

@@ -1,0 +1,229 @@
+"""The command line, end to end: the attack job, its output file, and every error path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import random_network
+from typer.testing import CliRunner
+
+import advgrad
+from advgrad.batch import attack_file
+from advgrad.bundled import MODEL, TEST_DATA, bundled_path
+from advgrad.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, cwd=None):
+    """Invoke the CLI in-process, in ``cwd``."""
+    if cwd is None:
+        return runner.invoke(app, [str(a) for a in args])
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(previous)
+
+
+def test_attack_with_no_arguments_writes_the_default_output(tmp_path, digits_model, digits_test):
+    result = run("attack", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "digits_test-fgsm-linf-eps0.1.h5"
+    assert out.name in result.output
+    for words in ("clean accuracy", "adversarial accuracy", "attack success rate", "rows per"):
+        assert words in result.output
+    X, y = digits_test
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"]
+        assert f.attrs["eps"] == 0.1
+        assert f.attrs["norm"] == "inf"
+        assert f.attrs["model_sha256"] == advgrad.io.sha256_file(bundled_path(MODEL))
+        assert f.attrs["data_sha256"] == advgrad.io.sha256_file(bundled_path(TEST_DATA))
+        X_adv = f["X"][...]
+        np.testing.assert_array_equal(f["y"][...], y)
+        pred_clean, pred_adv = f["pred_clean"][...], f["pred_adv"][...]
+    assert X_adv.shape == X.shape
+    assert X_adv.dtype == X.dtype
+    np.testing.assert_array_equal(X_adv, advgrad.fgsm(digits_model, X, eps=0.1))
+    np.testing.assert_array_equal(pred_clean, advgrad.predict(digits_model, X))
+    np.testing.assert_array_equal(pred_adv, advgrad.predict(digits_model, X_adv))
+    # the output is itself a valid dataset
+    assert run("info", out).exit_code == 0
+
+
+def test_attack_file_report_matches_the_output(tmp_path, digits_model, digits_test):
+    out = tmp_path / "adv.h5"
+    report = attack_file(
+        bundled_path(MODEL), bundled_path(TEST_DATA), out, eps=0.5, norm="2", batch_size=37
+    )
+    X, y = digits_test
+    X_adv, _ = advgrad.load_dataset(out)
+    # other blocks of rows take other float32 BLAS paths: equal to float32 rounding of eps
+    expected = advgrad.fgsm(digits_model, X, eps=0.5, norm="2")
+    np.testing.assert_allclose(X_adv, expected, rtol=0, atol=0.5 * 4e-7)
+    delta = (X_adv - X).reshape(len(X), -1).astype(np.float64)
+    assert report.n_rows == 450
+    assert report.mean_l2 == pytest.approx(np.linalg.norm(delta, axis=1).mean(), rel=1e-9)
+    assert report.mean_linf == pytest.approx(np.abs(delta).max(axis=1).mean(), rel=1e-9)
+    assert np.linalg.norm(delta, axis=1).max() <= 0.5 + 1e-5
+    predicted = advgrad.predict(digits_model, X_adv)
+    assert report.adversarial_accuracy == pytest.approx(np.mean(predicted == y))
+    assert report.clean_accuracy == pytest.approx(np.mean(advgrad.predict(digits_model, X) == y))
+
+
+def test_labels_option_attacks_the_dataset_labels(tmp_path, digits_model, digits_test):
+    out = tmp_path / "adv.h5"
+    assert run("attack", "--labels", "--out", out, "--eps", 0.05).exit_code == 0
+    X, y = digits_test
+    np.testing.assert_array_equal(
+        advgrad.load_dataset(out)[0], advgrad.fgsm(digits_model, X, y, eps=0.05)
+    )
+    with h5py.File(out, "r") as f:
+        assert f.attrs["labels"] == "dataset"
+
+
+def test_float64_unlabelled_data_and_explicit_clip(tmp_path):
+    rng = np.random.default_rng(30)
+    model = advgrad.Model(*random_network(rng, 6, 4, 3))
+    X = rng.uniform(-2, 2, size=(100, 2, 3))
+    advgrad.save_model(model, tmp_path / "m.h5")
+    advgrad.save_dataset(tmp_path / "d.h5", X)
+    out = tmp_path / "o.h5"
+    args = ("--model", tmp_path / "m.h5", "--data", tmp_path / "d.h5", "--out", out)
+    result = run("attack", *args, "--clip-min", -1, "--clip-max", 1, "--compression", "gzip")
+    assert result.exit_code == 0, result.output
+    X_adv, y = advgrad.load_dataset(out)
+    assert y is None
+    assert X_adv.dtype == np.float64
+    np.testing.assert_array_equal(X_adv, advgrad.fgsm(model, X, eps=0.1, clip=(-1.0, 1.0)))
+    # no clip given and no x_min/x_max attributes anywhere: no clipping
+    assert run("attack", *args, "--overwrite").exit_code == 0
+    np.testing.assert_array_equal(
+        advgrad.load_dataset(out)[0], advgrad.fgsm(model, X, eps=0.1, clip=None)
+    )
+
+
+def error_line(result):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_refuses_to_overwrite_an_existing_output(tmp_path):
+    out = tmp_path / "adv.h5"
+    out.write_bytes(b"precious")
+    result = run("attack", "--out", out)
+    assert result.exit_code == 1
+    assert "exists; pass --overwrite" in error_line(result)
+    assert out.read_bytes() == b"precious"
+    assert run("attack", "--out", out, "--overwrite").exit_code == 0
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_refuses_to_write_onto_an_input(tmp_path):
+    data = tmp_path / "data.h5"
+    shutil.copy(bundled_path(TEST_DATA), data)
+    before = data.read_bytes()
+    result = run("attack", "--data", data, "--out", data, "--overwrite")
+    assert result.exit_code == 1
+    assert "is the input file" in error_line(result)
+    assert data.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "no such file"),
+        ("not_hdf5", "not an HDF5 file"),
+        ("wrong_width", "the model expects 64"),
+        ("bad_label", "outside"),
+        ("nan", "non-finite"),
+        ("labels_missing", "/y: is missing"),
+    ],
+)
+def test_bad_inputs_give_one_line_and_exit_1(tmp_path, setup, message):
+    data = tmp_path / "data.h5"
+    extra = []
+    if setup == "not_hdf5":
+        data.write_text("X,y\n1,2\n")
+    elif setup == "wrong_width":
+        advgrad.save_dataset(data, np.zeros((4, 7), np.float32))
+    elif setup == "bad_label":
+        advgrad.save_dataset(data, np.zeros((4, 64), np.float32), np.array([0, 1, 10, 2]))
+    elif setup == "nan":
+        X = np.zeros((4, 64), np.float32)
+        X[2, 5] = np.nan
+        with h5py.File(data, "w") as f:
+            f["X"] = X
+    elif setup == "labels_missing":
+        advgrad.save_dataset(data, np.zeros((4, 64), np.float32))
+        extra = ["--labels"]
+    result = run("attack", "--data", data, "--out", tmp_path / "o.h5", *extra)
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert message in line
+    assert str(data) in line
+    assert not (tmp_path / "o.h5").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ([] if setup == "missing" else ["data.h5"])
+
+
+def test_info_reports_models_datasets_and_refusals(tmp_path):
+    result = run("info", bundled_path(MODEL))
+    assert result.exit_code == 0
+    assert "two-layer-sigmoid" in result.output
+    assert "valid" in result.output
+    result = run("info", bundled_path(TEST_DATA))
+    assert result.exit_code == 0
+    assert "450" in result.output
+    with h5py.File(tmp_path / "linked.h5", "w") as f:
+        f["X"] = np.zeros((2, 3), np.float32)
+        f["labels"] = np.zeros(2, np.int64)
+        f["y"] = h5py.SoftLink("/labels")
+    result = run("info", tmp_path / "linked.h5")
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert str(tmp_path / "linked.h5") in line
+    assert "soft link" in line
+
+
+def test_gradcheck_command(tmp_path):
+    result = run("gradcheck", "--rows", 4)
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output
+    result = run("gradcheck", "--rows", 4, "--tolerance", 0)
+    assert result.exit_code == 1
+    assert "FAILED" in result.output
+
+
+def test_help_of_every_command():
+    for command in ("attack", "info", "gradcheck"):
+        result = run(command, "--help")
+        assert result.exit_code == 0
+        assert "Usage" in result.output
+
+
+def test_installed_console_script_runs_in_a_fresh_process(tmp_path):
+    executable = shutil.which("advgrad")
+    command = [executable] if executable else [sys.executable, "-m", "advgrad"]
+    completed = subprocess.run(
+        [*command, "attack", "--eps", "0.2"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "digits_test-fgsm-linf-eps0.2.h5" in completed.stdout
+    assert (tmp_path / "digits_test-fgsm-linf-eps0.2.h5").is_file()
+    completed = subprocess.run(
+        [*command, "attack", "--eps", "0.2"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert completed.returncode == 1
+    assert completed.stderr.strip().count("\n") == 0
+    assert "exists; pass --overwrite" in completed.stderr
