@@ -46,14 +46,14 @@ def blas_threads(n_threads: int):
             lib.set_num_threads(count)
 
 
-@contextmanager
-def _kernel_threading(n_rows: int):
-    """Pin BLAS to one thread when a kernel will run its rows in parallel blocks."""
-    if cpu.n_blocks(n_rows) > 1:
+def _run_kernel(kernel, *args) -> None:
+    """Call a batch kernel on args[0]'s rows, with BLAS pinned to one thread when the
+    kernel will run its row blocks in parallel (more than ``cpu.ROWS_PER_BLOCK`` rows)."""
+    if args[0].shape[0] > cpu.ROWS_PER_BLOCK:
         with blas_threads(1):
-            yield
+            kernel(*args)
     else:
-        yield
+        kernel(*args)
 
 
 class CpuBackend:
@@ -65,18 +65,19 @@ class CpuBackend:
         """G (N, d) and predicted classes (N,) int64; Y (N, C) or 0 rows for predictions."""
         G = np.empty_like(X)
         predicted = np.empty(X.shape[0], dtype=np.int64)
-        with _kernel_threading(X.shape[0]):
-            cpu.input_gradient_into(X, model.W1, model.b1, model.W2, model.b2, Y, G, predicted)
+        _run_kernel(
+            cpu.input_gradient_into, X, model.W1, model.b1, model.W2, model.b2, Y, G, predicted
+        )
         return G, predicted
 
     def fgm_step(self, model: Model, X, Y, eps: float, p: float, x_min: float, x_max: float):
         """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64."""
         X_adv = np.empty_like(X)
         predicted = np.empty(X.shape[0], dtype=np.int64)
-        with _kernel_threading(X.shape[0]):
-            cpu.fgm_step_into(
-                X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv, predicted
-            )
+        _run_kernel(
+            cpu.fgm_step_into,
+            *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv, predicted),
+        )
         return X_adv, predicted
 
     def forward(self, model: Model, X: np.ndarray, Y: np.ndarray):
@@ -86,8 +87,9 @@ class CpuBackend:
         P = np.empty((n_rows, model.n_classes), dtype=X.dtype)
         losses = np.empty(n_rows, dtype=X.dtype)
         predicted = np.empty(n_rows, dtype=np.int64)
-        with _kernel_threading(n_rows):
-            cpu.forward_into(X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted)
+        _run_kernel(
+            cpu.forward_into, X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted
+        )
         return P, losses, predicted
 
 
