@@ -1,17 +1,31 @@
-"""Array-level attacks on a ``Model``: input gradients and fast-gradient (FGSM-family) steps.
+"""Attacks on a ``Model``: input gradients, FGM, BIM, PGD, MI-FGSM, DeepFool, minimal eps.
 
-Every function takes inputs ``X`` of shape (N, ...) whose trailing dimensions flatten to the
-model's d, computes in the model's dtype, and returns arrays shaped like ``X``.
+Every attack is written once here, over a backend (``advgrad.backend``) that runs the
+kernels of one device. Public functions take inputs ``X`` of shape (N, ...) whose trailing
+dimensions flatten to the model's d, compute in the model's dtype, and return arrays shaped
+like ``X``.
+
+Randomness (PGD starts, random targets) comes from ``seed`` alone, drawn per group of
+``RANDOM_GROUP_ROWS`` rows of absolute index, so the same seed gives the same numbers for a
+row whatever the batch size it is processed in.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
+from scipy.special import ndtri
 
 from advgrad.backend import get_backend
 from advgrad.model import Model
 
 NORMS = {"inf": np.inf, "2": 2.0, "1": 1.0}
+METHODS = ("fgsm", "bim", "pgd", "mifgsm", "deepfool")
+TARGET_MODES = ("random", "least-likely")
+RANDOM_GROUP_ROWS = 256
+TARGET_STREAM = 2**31  # random-number stream of random targets; PGD restart r uses stream r
 SOFT_LABEL_TOLERANCE = 1e-3  # largest |sum_k Y_nk - 1| accepted for soft labels
 
 
@@ -62,11 +76,319 @@ def label_matrix(model: Model, y, n_rows: int) -> np.ndarray:
     return np.ascontiguousarray(y, dtype=model.dtype)
 
 
-def _norm_order(norm) -> float:
+def norm_order(norm) -> float:
+    """The p of a norm name: "inf" -> np.inf, "2" -> 2.0, "1" -> 1.0 (2 and 2.0 accepted)."""
     key = str(norm).removesuffix(".0")
     if key not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     return NORMS[key]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """An attack and its parameters.
+
+    Attributes
+    ----------
+    method : "fgsm" (one fast-gradient step, in any norm), "bim", "pgd", "mifgsm", "deepfool"
+    eps : radius of the perturbation in ``norm`` (DeepFool: not used)
+    norm : "inf", "2" or "1" (DeepFool: "inf" or "2")
+    steps : iterations of bim, pgd and mifgsm
+    step_size : step length alpha; None: 2.5 eps / steps for pgd (Madry et al.), eps / steps
+        for bim and mifgsm
+    restarts : pgd runs from independent random starts; each row keeps its worst case
+    decay : mifgsm momentum decay mu
+    overshoot, max_iter : DeepFool's overshoot and iteration limit
+    target : None (untargeted), a class index, "random" or "least-likely"
+    seed : seeds every random choice
+    """
+
+    method: str = "fgsm"
+    eps: float = 0.1
+    norm: str = "inf"
+    steps: int = 10
+    step_size: float | None = None
+    restarts: int = 1
+    decay: float = 1.0
+    overshoot: float = 0.02
+    max_iter: int = 50
+    target: int | str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "norm", str(self.norm).removesuffix(".0"))
+        norm_order(self.norm)
+        if not (math.isfinite(self.eps) and self.eps >= 0.0):
+            raise ValueError(f"eps must be >= 0 and finite, got {self.eps}")
+        if self.steps < 1 or self.restarts < 1 or self.max_iter < 1:
+            raise ValueError("steps, restarts and max_iter must be at least 1")
+        if self.step_size is not None and not self.step_size > 0.0:
+            raise ValueError(f"step size must be > 0, got {self.step_size}")
+        if not (self.decay >= 0.0 and self.overshoot >= 0.0):
+            raise ValueError("decay and overshoot must be >= 0")
+        if isinstance(self.target, str) and self.target not in TARGET_MODES:
+            raise ValueError(
+                f"target must be a class index, 'random' or 'least-likely', got {self.target!r}"
+            )
+        if self.method == "deepfool" and (self.norm == "1" or self.target is not None):
+            raise ValueError("deepfool is untargeted and supports the norms inf and 2")
+
+    @property
+    def targeted(self) -> bool:
+        """Whether the attack descends the loss toward a target class."""
+        return self.target is not None
+
+    @property
+    def alpha(self) -> float:
+        """The step length of the iterative methods (``eps`` for fgsm)."""
+        if self.method == "fgsm":
+            return self.eps
+        if self.step_size is not None:
+            return self.step_size
+        return (2.5 if self.method == "pgd" else 1.0) * self.eps / self.steps
+
+    def describe(self) -> dict:
+        """The parameters that matter for this method, as attribute-friendly values."""
+        out = {"attack": self.method, "norm": self.norm, "seed": self.seed}
+        if self.method != "deepfool":
+            out |= {"eps": self.eps, "step_size": self.alpha}
+            out["steps"] = 1 if self.method == "fgsm" else self.steps
+        if self.method == "pgd":
+            out["restarts"] = self.restarts
+        if self.method == "mifgsm":
+            out["decay"] = self.decay
+        if self.method == "deepfool":
+            out |= {"overshoot": self.overshoot, "max_iter": self.max_iter}
+        out["targeted"] = self.targeted
+        if self.targeted:
+            out["target"] = str(self.target)
+        return out
+
+
+DEFAULT_ATTACK = Attack()
+"""FGSM (L-inf, eps 0.1), untargeted."""
+
+
+def row_uniforms(seed: int, stream: int, first_row: int, n_rows: int, width: int) -> np.ndarray:
+    """Uniform [0, 1) numbers (n_rows, width) for rows first_row.., a function of row index.
+
+    Rows are drawn in aligned groups of ``RANDOM_GROUP_ROWS`` from generators seeded with
+    (seed, stream, group), so any batching of the rows gives the same numbers.
+    """
+    out = np.empty((n_rows, width))
+    first_group = first_row // RANDOM_GROUP_ROWS
+    last_group = (first_row + n_rows - 1) // RANDOM_GROUP_ROWS
+    for group in range(first_group, last_group + 1):
+        block = np.random.default_rng([seed, stream, group]).random((RANDOM_GROUP_ROWS, width))
+        lo = max(first_row, group * RANDOM_GROUP_ROWS)
+        hi = min(first_row + n_rows, (group + 1) * RANDOM_GROUP_ROWS)
+        out[lo - first_row : hi - first_row] = block[
+            lo - group * RANDOM_GROUP_ROWS : hi - group * RANDOM_GROUP_ROWS
+        ]
+    return out
+
+
+def random_in_ball(
+    seed: int, stream: int, first_row: int, n_rows: int, d: int, p: float
+) -> np.ndarray:
+    """Points uniform in the unit ball of norm p in R^d, one per row, float64 (n_rows, d).
+
+    inf: uniform coordinates; 2: Gaussian direction, radius u^(1/d); 1: signed Dirichlet(1)
+    coordinates (from d + 1 exponentials), which is uniform in the L1 ball.
+    """
+    u = row_uniforms(seed, stream, first_row, n_rows, 2 * d + 1)
+    u = np.clip(u, np.finfo(np.float64).tiny, None)
+    if p == np.inf:
+        return 2.0 * u[:, :d] - 1.0
+    if p == 2.0:
+        direction = ndtri(u[:, :d])
+        length = np.linalg.norm(direction, axis=1, keepdims=True)
+        return direction / np.maximum(length, 1e-300) * u[:, d : d + 1] ** (1.0 / d)
+    exponentials = -np.log(u[:, : d + 1])
+    magnitude = exponentials[:, :d] / exponentials.sum(axis=1, keepdims=True)
+    return np.where(u[:, d + 1 :] < 0.5, -magnitude, magnitude)
+
+
+def choose_targets(model: Model, probabilities, reference, target, seed: int, first_row: int):
+    """Target classes (N,) int64: a fixed class, the least likely one, or a random other class.
+
+    ``reference`` (N,) are the classes a random target must differ from (the labels, or the
+    clean predictions).
+    """
+    C = model.n_classes
+    n_rows = len(probabilities)
+    if target == "least-likely":
+        return np.argmin(probabilities, axis=1).astype(np.int64)
+    if target == "random":
+        u = row_uniforms(seed, TARGET_STREAM, first_row, n_rows, 1)[:, 0]
+        offset = 1 + np.minimum((u * (C - 1)).astype(np.int64), C - 2)
+        return (reference + offset) % C
+    target = int(target)
+    if not 0 <= target < C:
+        raise ValueError(f"target class {target} is outside [0, {C})")
+    return np.full(n_rows, target, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What one block of rows is attacked with.
+
+    Y (N, C): the labels ascended (untargeted) or the targets descended (targeted);
+    reference (N,): the class success is measured against (success = prediction differs
+    from it, or, targeted, equals it); predicted (N,): the clean predictions.
+    """
+
+    Y: np.ndarray
+    reference: np.ndarray
+    predicted: np.ndarray
+
+
+def attack_labels(model, rows, y, attack: Attack, first_row: int = 0, backend=None) -> Labels:
+    """Labels and targets of a block of rows (see ``Labels``); y None: the predictions."""
+    backend = backend or get_backend()
+    probabilities, _, predicted = backend.forward(model, rows, label_matrix(model, None, len(rows)))
+    Y = label_matrix(model, predicted if y is None else y, len(rows))
+    truth = predicted if y is None else np.argmax(Y, axis=1)
+    if not attack.targeted:
+        return Labels(Y, truth, predicted)
+    targets = choose_targets(model, probabilities, truth, attack.target, attack.seed, first_row)
+    return Labels(label_matrix(model, targets, len(rows)), targets, predicted)
+
+
+def success_of(labels: Labels, predicted_adv: np.ndarray, targeted: bool) -> np.ndarray:
+    """Per row: the attack reached its target, or moved the prediction off the reference."""
+    if targeted:
+        return predicted_adv == labels.reference
+    return predicted_adv != labels.reference
+
+
+def perturb(
+    model: Model,
+    rows: np.ndarray,
+    labels: Labels,
+    attack: Attack,
+    clip: tuple[float, float],
+    *,
+    eps=None,
+    first_row: int = 0,
+    backend=None,
+) -> np.ndarray:
+    """Run ``attack`` on prepared rows (N, d) of the model's dtype; returns X_adv (N, d).
+
+    ``eps`` overrides attack.eps, per row (N,) or scalar; iterative step sizes scale with
+    it. PGD with restarts keeps, per row, a successful result first, then the highest loss
+    (lowest, targeted).
+    """
+    backend = backend or get_backend()
+    x_min, x_max = clip
+    p = norm_order(attack.norm)
+    if attack.method == "deepfool":
+        return backend.deepfool(model, rows, p, attack.overshoot, attack.max_iter, x_min, x_max)[0]
+    sign = -1.0 if attack.targeted else 1.0
+    radius = np.broadcast_to(np.asarray(attack.eps if eps is None else eps, np.float64), len(rows))
+    if attack.method == "fgsm" and eps is None:
+        return backend.fgm_step(model, rows, labels.Y, sign * attack.eps, p, x_min, x_max)[0]
+    steps = 1 if attack.method == "fgsm" else attack.steps
+    ratio = attack.alpha / attack.eps if attack.eps > 0 else 0.0
+    alpha = np.ascontiguousarray(sign * radius * (1.0 if attack.method == "fgsm" else ratio))
+    radius = np.ascontiguousarray(radius)
+    decay = attack.decay if attack.method == "mifgsm" else 0.0
+    best, best_score = None, None
+    for restart in range(attack.restarts if attack.method == "pgd" else 1):
+        start = rows
+        if attack.method == "pgd":
+            ball = random_in_ball(attack.seed, restart, first_row, len(rows), rows.shape[1], p)
+            start = (rows + radius[:, None] * ball).astype(rows.dtype)
+        X_adv = backend.iterate(
+            model, rows, labels.Y, start, radius, alpha, steps, p, decay, x_min, x_max
+        )
+        if attack.method != "pgd" or attack.restarts == 1:
+            return X_adv
+        _, losses, predicted = backend.forward(model, X_adv, labels.Y)
+        score = np.where(success_of(labels, predicted, attack.targeted), np.inf, sign * losses)
+        if best is None:
+            best, best_score = X_adv, score
+        else:
+            better = score > best_score
+            best[better] = X_adv[better]
+            best_score = np.maximum(score, best_score)
+    return best
+
+
+def minimal_eps(
+    model: Model,
+    rows: np.ndarray,
+    labels: Labels,
+    attack: Attack,
+    clip: tuple[float, float],
+    *,
+    eps_max: float,
+    tolerance: float,
+    first_row: int = 0,
+    backend=None,
+) -> np.ndarray:
+    """Per row, the smallest eps in [0, eps_max] at which ``attack`` succeeds, by bisection.
+
+    Returns (N,) float64: a verified successful eps within ``tolerance`` of a verified
+    failing one (0 where the clean prediction already fails, inf where eps_max fails too).
+    DeepFool is not bisected: its result is the norm of its perturbation where it succeeds.
+    """
+    backend = backend or get_backend()
+    if not (eps_max > 0 and tolerance > 0):
+        raise ValueError("eps_max and the tolerance must be > 0")
+
+    def succeeds(subset, eps):
+        sub = Labels(labels.Y[subset], labels.reference[subset], labels.predicted[subset])
+        X_adv = perturb(
+            model, rows[subset], sub, attack, clip, eps=eps, first_row=first_row, backend=backend
+        )
+        predicted = backend.forward(model, X_adv, sub.Y[:0])[2]
+        return success_of(sub, predicted, attack.targeted), X_adv
+
+    everyone = np.arange(len(rows))
+    if attack.method == "deepfool":
+        hit, X_adv = succeeds(everyone, None)
+        sizes = np.linalg.norm(
+            (X_adv - rows).astype(np.float64), ord=norm_order(attack.norm), axis=1
+        )
+        return np.where(hit, sizes, np.inf)
+    low = np.zeros(len(rows))
+    high = np.full(len(rows), float(eps_max))
+    already = success_of(labels, labels.predicted, attack.targeted)
+    high[already] = 0.0
+    active = everyone[~already]
+    if active.size:
+        hit, _ = succeeds(active, high[active])
+        high[active[~hit]] = np.inf
+        active = active[hit]
+    while active.size:
+        middle = 0.5 * (low[active] + high[active])
+        hit, _ = succeeds(active, middle)
+        high[active[hit]] = middle[hit]
+        low[active[~hit]] = middle[~hit]
+        active = active[high[active] - low[active] > tolerance]
+    return high
+
+
+def _prepared(model, X, clip, device):
+    rows = as_rows(model, X)
+    x_min, x_max = (-np.inf, np.inf) if clip is None else (float(clip[0]), float(clip[1]))
+    if not x_min <= x_max:
+        raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
+    return rows, (x_min, x_max), get_backend(device)
+
+
+def run(model: Model, X, y=None, attack: Attack = DEFAULT_ATTACK, *, clip=(0.0, 1.0), device="cpu"):
+    """Run any ``Attack`` on X (N, ...); returns X_adv shaped like X, in the model's dtype.
+
+    ``y``: (N,) int labels, (N, C) soft labels, or None for the model's predictions;
+    targets come from ``attack.target``. ``clip``: (x_min, x_max) or None.
+    """
+    rows, clip, backend = _prepared(model, X, clip, device)
+    labels = attack_labels(model, rows, y, attack, backend=backend)
+    return perturb(model, rows, labels, attack, clip, backend=backend).reshape(np.shape(X))
 
 
 def input_gradient(model: Model, X, y=None, *, device: str = "cpu") -> np.ndarray:
@@ -115,19 +437,61 @@ def fgsm(
     -------
     X_adv : array shaped like X, in the model's dtype
     """
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
     if targeted and y is None:
         raise ValueError("a targeted attack needs the target classes as y")
-    x_min, x_max = (-np.inf, np.inf) if clip is None else (float(clip[0]), float(clip[1]))
-    if not x_min <= x_max:
-        raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
-    rows = as_rows(model, X)
-    step = -eps if targeted else eps
-    X_adv, _ = get_backend(device).fgm_step(
-        model, rows, label_matrix(model, y, len(rows)), step, _norm_order(norm), x_min, x_max
-    )
+    attack = Attack("fgsm", eps=eps, norm=norm)
+    rows, clip, backend = _prepared(model, X, clip, device)
+    Y = label_matrix(model, y, len(rows))
+    step = -attack.eps if targeted else attack.eps
+    p = norm_order(attack.norm)
+    X_adv, _ = backend.fgm_step(model, rows, Y, step, p, clip[0], clip[1])
     return X_adv.reshape(np.shape(X))
+
+
+def pgd(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", **options):
+    """Projected gradient descent (Madry et al.) from random starts in the eps-ball.
+
+    ``options``: norm, steps, step_size, restarts, target, seed (see ``Attack``).
+    Returns X_adv shaped like X.
+    """
+    return run(model, X, y, Attack("pgd", eps=eps, **options), clip=clip, device=device)
+
+
+def bim(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", **options):
+    """Basic iterative method (Kurakin et al.): iterated FGM from X, projected into the ball.
+
+    ``options``: norm, steps, step_size, target (see ``Attack``). Returns X_adv like X.
+    """
+    return run(model, X, y, Attack("bim", eps=eps, **options), clip=clip, device=device)
+
+
+def mi_fgsm(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", **options):
+    """Momentum iterative FGSM (Dong et al.); ``options``: decay, norm, steps, step_size."""
+    return run(model, X, y, Attack("mifgsm", eps=eps, **options), clip=clip, device=device)
+
+
+def deepfool(model: Model, X, *, norm="2", clip=(0.0, 1.0), device="cpu", **options):
+    """DeepFool (Moosavi-Dezfooli et al.); ``options``: overshoot, max_iter. X_adv like X."""
+    return run(model, X, None, Attack("deepfool", norm=norm, **options), clip=clip, device=device)
+
+
+def minimal_eps_of(
+    model: Model,
+    X,
+    y=None,
+    attack: Attack = DEFAULT_ATTACK,
+    *,
+    eps_max: float = 1.0,
+    tolerance: float = 1e-3,
+    clip=(0.0, 1.0),
+    device="cpu",
+) -> np.ndarray:
+    """Per row of X (N, ...), the smallest eps at which ``attack`` succeeds (see minimal_eps)."""
+    rows, clip, backend = _prepared(model, X, clip, device)
+    labels = attack_labels(model, rows, y, attack, backend=backend)
+    return minimal_eps(
+        model, rows, labels, attack, clip, eps_max=eps_max, tolerance=tolerance, backend=backend
+    )
 
 
 def predict_proba(model: Model, X, *, device: str = "cpu") -> np.ndarray:

@@ -80,6 +80,27 @@ class CpuBackend:
         )
         return X_adv, predicted
 
+    def iterate(self, model: Model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max):
+        """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64."""
+        X_adv = np.empty_like(X)
+        _run_kernel(
+            cpu.iterate_into,
+            *(X, model.W1, model.b1, model.W2, model.b2, Y, X_start, eps, alpha, steps, p),
+            *(decay, x_min, x_max, X_adv),
+        )
+        return X_adv
+
+    def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max):
+        """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""
+        X_adv = np.empty_like(X)
+        iterations = np.empty(X.shape[0], dtype=np.int64)
+        _run_kernel(
+            cpu.deepfool_into,
+            *(X, model.W1, model.b1, model.W2, model.b2, p, overshoot, max_iter, x_min, x_max),
+            *(X_adv, iterations),
+        )
+        return X_adv, iterations
+
     def forward(self, model: Model, X: np.ndarray, Y: np.ndarray):
         """Probabilities P (N, C), per-row losses (N,) and predictions (N,) int64."""
         n_rows = X.shape[0]

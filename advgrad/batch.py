@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 import advgrad
-from advgrad.attacks import NORMS, label_matrix
+from advgrad.attacks import DEFAULT_ATTACK, Attack, attack_labels, minimal_eps, perturb, success_of
 from advgrad.backend import get_backend
 from advgrad.errors import InputFileError
 from advgrad.io import AdversarialWriter, load_model, open_dataset, sha256_file
+from advgrad.kernels.cpu import ROWS_PER_BLOCK
 
 DEFAULT_BATCH_SIZE = 8192
 
@@ -25,16 +26,17 @@ DEFAULT_BATCH_SIZE = 8192
 class AttackReport:
     """What ``attack_file`` did.
 
-    ``success_rate`` is the fraction of rows whose predicted class changed; the accuracies
+    ``success_rate`` is the fraction of rows where the attack succeeded: the prediction
+    moved off the attacked label (untargeted) or onto the target (targeted). The accuracies
     are None when the dataset has no labels. Perturbation norms are means over rows of
-    ||X_adv - X|| on the flattened rows. ``seconds`` covers reading, attacking and writing
-    the rows (not loading the model or hashing the inputs).
+    ||X_adv - X|| on the flattened rows. ``eps_min`` holds the per-row minimal eps when it
+    was searched. ``seconds`` covers reading, attacking and writing the rows (not loading
+    the model or hashing the inputs).
     """
 
     output: Path
+    attack: Attack
     n_rows: int
-    eps: float
-    norm: str
     labels: str
     clip: tuple[float, float]
     clean_accuracy: float | None
@@ -43,6 +45,7 @@ class AttackReport:
     mean_linf: float
     mean_l2: float
     seconds: float
+    eps_min: np.ndarray | None = None
 
     @property
     def rows_per_second(self) -> float:
@@ -50,12 +53,13 @@ class AttackReport:
         return self.n_rows / self.seconds if self.seconds > 0 else math.inf
 
 
-def default_output_name(data_path: str | os.PathLike, eps: float, norm: str) -> Path:
-    """``<data stem>-fgsm-l<norm>-eps<eps>.h5`` in the current directory."""
-    return Path(f"{Path(data_path).stem}-fgsm-l{norm}-eps{eps:g}.h5")
+def default_output_name(data_path: str | os.PathLike, attack: Attack) -> Path:
+    """``<data stem>-<method>-l<norm>-eps<eps>.h5`` (DeepFool: no eps) in the current folder."""
+    size = "" if attack.method == "deepfool" else f"-eps{attack.eps:g}"
+    return Path(f"{Path(data_path).stem}-{attack.method}-l{attack.norm}{size}.h5")
 
 
-def _clip_range(clip, reader, model) -> tuple[float, float]:
+def clip_range(clip, reader, model) -> tuple[float, float]:
     """The explicit clip, else the dataset's x_min/x_max, else the model's, else none."""
     if clip is not None:
         return float(clip[0]), float(clip[1])
@@ -65,41 +69,47 @@ def _clip_range(clip, reader, model) -> tuple[float, float]:
     return -math.inf, math.inf
 
 
-def _class_of(y: np.ndarray) -> np.ndarray:
-    """Integer classes of a block of labels: as they are, or the argmax of soft labels."""
-    return y if y.ndim == 1 else np.argmax(y, axis=1)
+def aligned_batch_size(batch_size: int) -> int:
+    """``batch_size`` rounded up to a multiple of ``ROWS_PER_BLOCK``.
+
+    Kernel blocks and random draws are aligned to absolute row indices in groups of this
+    size, so every aligned batch size gives bitwise the same output.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    return -(-batch_size // ROWS_PER_BLOCK) * ROWS_PER_BLOCK
 
 
 def attack_file(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
     out_path: str | os.PathLike,
+    attack: Attack = DEFAULT_ATTACK,
     *,
-    eps: float = 0.1,
-    norm: str = "inf",
     batch_size: int = DEFAULT_BATCH_SIZE,
     use_labels: bool = False,
     clip: tuple[float, float] | None = None,
+    min_eps_tolerance: float | None = None,
+    eps_max: float | None = None,
     compression: str | None = None,
     overwrite: bool = False,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
 ) -> AttackReport:
-    """FGM-attack every row of a dataset file and write the adversarial dataset.
+    """Attack every row of a dataset file and write the adversarial dataset.
 
-    Rows stream from ``data_path`` in blocks of ``batch_size``, so memory does not grow
-    with the number of rows; the output is written beside ``out_path`` and renamed into
-    place once complete (DESIGN.md sections 3 and 4). Computation runs in the dataset's
-    dtype. Labels are the model's predictions unless ``use_labels``, which takes the
-    dataset's ``/y``. ``clip`` defaults to the dataset's (else the model's) x_min/x_max,
-    else no clipping. ``progress(rows_done, n_rows)`` is called after each block.
+    Rows stream from ``data_path`` in blocks of ``aligned_batch_size(batch_size)``, so
+    memory does not grow with the number of rows; the output is written beside
+    ``out_path`` and renamed into place once complete (DESIGN.md sections 3 and 4).
+    Computation runs in the dataset's dtype. Labels are the model's predictions unless
+    ``use_labels``, which takes the dataset's ``/y``. ``clip`` defaults to the dataset's
+    (else the model's) x_min/x_max, else no clipping. With ``min_eps_tolerance``, the
+    per-row minimal eps in [0, eps_max] is searched too and written as ``/eps_min``
+    (eps_max defaults to x_max - x_min, or 10 eps without a clip range). Targeted attacks
+    write their per-row targets as ``/target``. ``progress(rows_done, n_rows)`` is called
+    after each block.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    rows_per_block = aligned_batch_size(batch_size)
     model = load_model(model_path)
     backend = get_backend(device)
     with open_dataset(data_path, n_classes=model.n_classes) as reader:
@@ -113,19 +123,18 @@ def attack_file(
         if use_labels and not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; attack the predictions instead")
         model = model.astype(reader.dtype)
-        x_min, x_max = _clip_range(clip, reader, model)
+        x_min, x_max = clip_range(clip, reader, model)
         if not x_min <= x_max:
             raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
+        if eps_max is None:
+            eps_max = x_max - x_min if math.isfinite(x_max - x_min) else 10 * attack.eps
         attrs = {
-            "attack": "fgsm" if norm == "inf" else "fgm",
-            "norm": norm,
-            "eps": float(eps),
-            "step_size": float(eps),
-            "steps": 1,
-            "targeted": False,
+            **attack.describe(),
             "labels": "dataset" if use_labels else "predictions",
             "x_min": x_min if math.isfinite(x_min) else None,  # None: not stored
             "x_max": x_max if math.isfinite(x_max) else None,
+            "min_eps_tolerance": min_eps_tolerance,
+            "eps_max": eps_max if min_eps_tolerance is not None else None,
             "model_sha256": sha256_file(model_path),
             "data_sha256": sha256_file(data_path),
             "model_file": Path(model_path).name,
@@ -133,8 +142,14 @@ def attack_file(
             "advgrad_version": advgrad.__version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        clean_correct = adversarial_correct = changed = 0
+        columns = {}
+        if attack.targeted:
+            columns["target"] = np.int64
+        if min_eps_tolerance is not None:
+            columns["eps_min"] = np.float64
+        clean_correct = adversarial_correct = succeeded = 0
         linf_total = l2_total = 0.0
+        eps_min_parts = []
         with AdversarialWriter(
             out_path,
             n_rows=reader.n_rows,
@@ -142,25 +157,46 @@ def attack_file(
             dtype=reader.dtype,
             y_template=reader.y_template,
             attrs=attrs,
-            rows_per_chunk=min(batch_size, max(reader.n_rows, 1)),
+            rows_per_chunk=min(rows_per_block, max(reader.n_rows, 1)),
             compression=compression,
             overwrite=overwrite,
             inputs=(model_path, data_path),
+            columns=columns,
         ) as writer:
             started = time.perf_counter()
-            for start, X, y in reader.chunks(batch_size):
+            for start, X, y in reader.chunks(rows_per_block):
                 rows = np.ascontiguousarray(X.reshape(len(X), -1))
-                Y = label_matrix(model, y if use_labels else None, len(rows))
-                X_adv, pred_clean = backend.fgm_step(model, rows, Y, eps, NORMS[norm], x_min, x_max)
-                pred_adv = backend.forward(model, X_adv, Y[:0])[2]
-                writer.write(start, X_adv.reshape(X.shape), y, pred_clean, pred_adv)
+                labels = attack_labels(
+                    model, rows, y if use_labels else None, attack, start, backend
+                )
+                X_adv = perturb(
+                    model, rows, labels, attack, (x_min, x_max), first_row=start, backend=backend
+                )
+                pred_adv = backend.forward(model, X_adv, labels.Y[:0])[2]
+                extra = {}
+                if attack.targeted:
+                    extra["target"] = labels.reference
+                if min_eps_tolerance is not None:
+                    extra["eps_min"] = minimal_eps(
+                        model,
+                        rows,
+                        labels,
+                        attack,
+                        (x_min, x_max),
+                        eps_max=eps_max,
+                        tolerance=min_eps_tolerance,
+                        first_row=start,
+                        backend=backend,
+                    )
+                    eps_min_parts.append(extra["eps_min"])
+                writer.write(start, X_adv.reshape(X.shape), y, labels.predicted, pred_adv, **extra)
                 delta = (X_adv - rows).astype(np.float64)
                 linf_total += float(np.abs(delta).max(axis=1, initial=0.0).sum())
                 l2_total += float(np.linalg.norm(delta, axis=1).sum())
-                changed += int((pred_adv != pred_clean).sum())
+                succeeded += int(success_of(labels, pred_adv, attack.targeted).sum())
                 if y is not None:
-                    classes = _class_of(y)
-                    clean_correct += int((pred_clean == classes).sum())
+                    classes = y if y.ndim == 1 else np.argmax(y, axis=1)
+                    clean_correct += int((labels.predicted == classes).sum())
                     adversarial_correct += int((pred_adv == classes).sum())
                 if progress is not None:
                     progress(start + len(rows), reader.n_rows)
@@ -169,15 +205,15 @@ def attack_file(
     denominator = max(n_rows, 1)
     return AttackReport(
         output=Path(out_path),
+        attack=attack,
         n_rows=n_rows,
-        eps=float(eps),
-        norm=norm,
         labels=attrs["labels"],
         clip=(x_min, x_max),
         clean_accuracy=clean_correct / denominator if labelled else None,
         adversarial_accuracy=adversarial_correct / denominator if labelled else None,
-        success_rate=changed / denominator,
+        success_rate=succeeded / denominator,
         mean_linf=linf_total / denominator,
         mean_l2=l2_total / denominator,
         seconds=time.perf_counter() - started,
+        eps_min=np.concatenate(eps_min_parts) if eps_min_parts else None,
     )

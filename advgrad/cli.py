@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -66,7 +67,9 @@ def _reported_errors():
     try:
         yield
     except (AdvgradError, ValueError, OSError) as error:
-        errors.print(f"[bold red]advgrad: error:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(
+            f"[bold red]advgrad: error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         errors.print("[bold red]advgrad: interrupted[/]; no output was written")
@@ -83,6 +86,112 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+class Method(StrEnum):
+    fgsm = "fgsm"
+    bim = "bim"
+    pgd = "pgd"
+    mifgsm = "mifgsm"
+    deepfool = "deepfool"
+
+
+NormOption = Annotated[
+    Norm,
+    typer.Option(
+        help="Norm of the perturbation: inf (FGSM: eps * sign(G)), 2 (eps * G/||G||_2) or 1 "
+        "(eps * G/||G||_1); projections use the same norm. DeepFool: inf or 2.",
+    ),
+]
+StepsOption = Annotated[int, typer.Option(min=1, help="Iterations of bim, pgd and mifgsm.")]
+StepSizeOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        help="Step length of the iterative methods. Default: 2.5 eps/steps for pgd, "
+        "eps/steps for bim and mifgsm.",
+        show_default=False,
+    ),
+]
+RestartsOption = Annotated[
+    int, typer.Option(min=1, help="pgd: random starts; each row keeps its worst case.")
+]
+DecayOption = Annotated[float, typer.Option(min=0.0, help="mifgsm: momentum decay mu.")]
+OvershootOption = Annotated[float, typer.Option(min=0.0, help="deepfool: overshoot.")]
+MaxIterOption = Annotated[int, typer.Option(min=1, help="deepfool: iteration limit.")]
+SeedOption = Annotated[
+    int, typer.Option(help="Seeds every random choice (pgd starts, random targets).")
+]
+ClipMinOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Lower clip of the perturbed inputs. Default: the dataset's x_min attribute, "
+        "else the model's, else none.",
+        show_default=False,
+    ),
+]
+ClipMaxOption = Annotated[
+    float | None, typer.Option(help="Upper clip; default like --clip-min.", show_default=False)
+]
+BatchSizeOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Rows read, attacked and written per block (rounded up to a multiple of 256, "
+        "so that every batch size gives bitwise the same output).",
+    ),
+]
+
+
+def _clip(clip_min: float | None, clip_max: float | None) -> tuple[float, float] | None:
+    if (clip_min is None) != (clip_max is None):
+        errors.print(
+            "[bold red]advgrad: error:[/] give both --clip-min and --clip-max, or neither",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    return None if clip_min is None else (clip_min, clip_max)
+
+
+def _parse_target(target: str | None) -> int | str | None:
+    if target is None or target in ("random", "least-likely"):
+        return target
+    try:
+        return int(target)
+    except ValueError:
+        raise ValueError(
+            f"--target must be a class index, 'random' or 'least-likely', got {target!r}"
+        ) from None
+
+
+def _progress_bar(description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        f"[progress.description]{description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+        transient=True,
+    )
+
+
+def _summary_table(title: str, rows) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _quartiles(values) -> str:
+    import numpy as np
+
+    q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75], method="lower")
+    found = np.isfinite(values).mean()
+    return f"median {median:.4g} (quartiles {q25:.4g}, {q75:.4g}); found for {100 * found:.1f} %"
+
+
 @app.command()
 def attack(
     model: ModelOption = None,
@@ -91,19 +200,38 @@ def attack(
         Path | None,
         typer.Option(
             dir_okay=False,
-            help="Output file. Default: <data name>-fgsm-l<norm>-eps<eps>.h5 in the "
+            help="Output file. Default: <data name>-<method>-l<norm>-eps<eps>.h5 in the "
             "current directory.",
             show_default=False,
         ),
     ] = None,
+    method: Annotated[
+        Method,
+        typer.Option(
+            help="fgsm: one fast-gradient step (FGM in the chosen norm); bim: iterated from "
+            "X; pgd: iterated from random starts in the ball; mifgsm: with momentum; "
+            "deepfool: nearest linearised class boundary (untargeted, no eps).",
+        ),
+    ] = Method.fgsm,
     eps: Annotated[
-        float,
-        typer.Option(min=0.0, help="Perturbation size in the chosen norm, in input units."),
+        float, typer.Option(min=0.0, help="Radius of the perturbation, in input units.")
     ] = 0.1,
-    norm: Annotated[
-        Norm,
-        typer.Option(help="inf: eps * sign(G) (FGSM); 2: eps * G/||G||_2; 1: eps * G/||G||_1."),
-    ] = Norm.inf,
+    norm: NormOption = Norm.inf,
+    steps: StepsOption = 10,
+    step_size: StepSizeOption = None,
+    restarts: RestartsOption = 1,
+    decay: DecayOption = 1.0,
+    overshoot: OvershootOption = 0.02,
+    max_iter: MaxIterOption = 50,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Targeted attack: a class index, 'random' (another class per row) or "
+            "'least-likely'. Default: untargeted.",
+            show_default=False,
+        ),
+    ] = None,
+    seed: SeedOption = 0,
     labels: Annotated[
         bool,
         typer.Option(
@@ -112,21 +240,26 @@ def attack(
             "default, which avoids label leaking).",
         ),
     ] = False,
-    clip_min: Annotated[
+    min_eps: Annotated[
         float | None,
         typer.Option(
-            help="Lower clip of the perturbed inputs. Default: the dataset's x_min "
-            "attribute, else the model's, else none.",
+            min=0.0,
+            help="Also search each row's smallest successful eps by bisection to this "
+            "tolerance; written as /eps_min (inf: not found up to --eps-max).",
             show_default=False,
         ),
     ] = None,
-    clip_max: Annotated[
+    eps_max: Annotated[
         float | None,
-        typer.Option(help="Upper clip; default like --clip-min.", show_default=False),
+        typer.Option(
+            min=0.0,
+            help="Upper end of the --min-eps search. Default: x_max - x_min.",
+            show_default=False,
+        ),
     ] = None,
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Rows read, attacked and written per block.")
-    ] = 8192,
+    clip_min: ClipMinOption = None,
+    clip_max: ClipMaxOption = None,
+    batch_size: BatchSizeOption = 8192,
     compression: Annotated[
         Compression, typer.Option(help="Compression of the output datasets.")
     ] = Compression.none,
@@ -134,65 +267,207 @@ def attack(
         bool, typer.Option(help="Replace an existing output file (never an input).")
     ] = False,
 ) -> None:
-    """Perturb every row of a dataset with the fast gradient method and write the result.
+    """Attack every row of a dataset and write the adversarial dataset.
 
-    With no --model/--data it attacks the bundled digits test set with the bundled network.
-    The output holds /X (perturbed, same shape and dtype), /y, /pred_clean, /pred_adv and
-    the attack's settings as attributes; it appears only once complete.
+    With no --model/--data it attacks the bundled digits test set with the bundled network
+    using FGSM. The output holds /X (perturbed, same shape and dtype), /y, /pred_clean,
+    /pred_adv (plus /target and /eps_min when asked) and the attack's settings as
+    attributes; it appears only once complete.
     """
-    if (clip_min is None) != (clip_max is None):
-        errors.print(
-            "[bold red]advgrad: error:[/] give both --clip-min and --clip-max, or neither",
-            soft_wrap=True,
-        )
-        raise typer.Exit(2)
+    clip = _clip(clip_min, clip_max)
     with _reported_errors():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
+        from advgrad.attacks import Attack
         from advgrad.batch import attack_file, default_output_name
 
+        config = Attack(
+            method.value,
+            eps=eps,
+            norm=norm.value,
+            steps=steps,
+            step_size=step_size,
+            restarts=restarts,
+            decay=decay,
+            overshoot=overshoot,
+            max_iter=max_iter,
+            target=_parse_target(target),
+            seed=seed,
+        )
         model_path, data_path = _defaults(model, data)
-        out_path = out or default_output_name(data_path, eps, norm.value)
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=errors,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("attacking rows", total=None)
+        out_path = out or default_output_name(data_path, config)
+        with _progress_bar("attacking rows") as bar:
+            task = bar.add_task("", total=None)
             report = attack_file(
                 model_path,
                 data_path,
                 out_path,
-                eps=eps,
-                norm=norm.value,
+                config,
                 batch_size=batch_size,
                 use_labels=labels,
-                clip=None if clip_min is None else (clip_min, clip_max),
+                clip=clip,
+                min_eps_tolerance=min_eps,
+                eps_max=eps_max,
                 compression=None if compression is Compression.none else compression.value,
                 overwrite=overwrite,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-    table = Table(title=f"FGM attack, L{report.norm}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    for name, value in (
-        ("rows", f"{report.n_rows}"),
-        ("eps", f"{report.eps:g}"),
+    rows = [("rows", f"{report.n_rows}")]
+    if config.method != "deepfool":
+        rows.append(("eps", f"{config.eps:g}"))
+    rows += [
         ("labels attacked", report.labels),
+        ("target", "none" if config.target is None else str(config.target)),
         ("clip range", f"[{report.clip[0]:g}, {report.clip[1]:g}]"),
         ("clean accuracy", _percent(report.clean_accuracy)),
         ("adversarial accuracy", _percent(report.adversarial_accuracy)),
         ("attack success rate", _percent(report.success_rate)),
         ("mean L-inf perturbation", f"{report.mean_linf:.4g}"),
         ("mean L2 perturbation", f"{report.mean_l2:.4g}"),
+    ]
+    if report.eps_min is not None:
+        rows.append(("minimal eps", _quartiles(report.eps_min)))
+    rows += [
         ("rows per second", f"{report.rows_per_second:,.0f}"),
         ("output", str(report.output)),
-    ):
-        table.add_row(name, value)
+    ]
+    console.print(_summary_table(f"{config.method} attack, L{config.norm}", rows))
+
+
+@app.command()
+def evaluate(
+    model: ModelOption = None,
+    data: DataOption = None,
+    eps: Annotated[
+        str, typer.Option(help="Comma-separated eps values.")
+    ] = "0,0.05,0.1,0.15,0.2,0.25",
+    method: Annotated[
+        str, typer.Option(help="Comma-separated methods: fgsm, bim, pgd, mifgsm, deepfool.")
+    ] = "fgsm,pgd",
+    norm: NormOption = Norm.inf,
+    steps: StepsOption = 10,
+    step_size: StepSizeOption = None,
+    restarts: RestartsOption = 1,
+    decay: DecayOption = 1.0,
+    overshoot: OvershootOption = 0.02,
+    max_iter: MaxIterOption = 50,
+    seed: SeedOption = 0,
+    labels: Annotated[
+        bool,
+        typer.Option(
+            "--labels/--predictions",
+            help="Attack the dataset's labels (the default here) or the clean predictions.",
+        ),
+    ] = True,
+    min_eps: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Tolerance of the per-row minimal-eps bisection (up to the largest eps); 0 "
+            "skips it.",
+        ),
+    ] = 1e-3,
+    clip_min: ClipMinOption = None,
+    clip_max: ClipMaxOption = None,
+    batch_size: BatchSizeOption = 8192,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", dir_okay=False, help="Write the results as JSON here."),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="Save accuracy vs eps, one line per method (needs the plot extra).",
+        ),
+    ] = None,
+) -> None:
+    """Accuracy under attack per method and eps, and each method's minimal-eps summary.
+
+    With no --model/--data it evaluates the bundled digits network on its test set. The
+    dataset needs labels (/y). "wrong conf." is the mean probability the model gives its
+    wrong predictions.
+    """
+    clip = _clip(clip_min, clip_max)
+    with _reported_errors():
+        from advgrad.attacks import Attack
+        from advgrad.evaluate import evaluate_file, plot_curves, require_matplotlib
+
+        if plot is not None:
+            require_matplotlib()
+        try:
+            eps_values = [float(value) for value in eps.split(",") if value.strip()]
+        except ValueError:
+            raise ValueError(f"--eps must be comma-separated numbers, got {eps!r}") from None
+        if not eps_values or min(eps_values) < 0:
+            raise ValueError("--eps needs at least one value, all >= 0")
+        methods = [name.strip() for name in method.split(",") if name.strip()]
+        config = Attack(
+            methods[0] if methods else "",
+            norm=norm.value,
+            steps=steps,
+            step_size=step_size,
+            restarts=restarts,
+            decay=decay,
+            overshoot=overshoot,
+            max_iter=max_iter,
+            seed=seed,
+        )
+        for name in methods[1:]:
+            Attack(name, norm=norm.value)
+        model_path, data_path = _defaults(model, data)
+        with _progress_bar("evaluating rows") as bar:
+            task = bar.add_task("", total=None)
+            result = evaluate_file(
+                model_path,
+                data_path,
+                methods=methods,
+                eps_values=eps_values,
+                attack=config,
+                use_labels=labels,
+                min_eps_tolerance=min_eps or None,
+                clip=clip,
+                batch_size=batch_size,
+                progress=lambda done: bar.update(task, completed=done),
+            )
+        if json_path is not None:
+            json_path.write_text(result.to_json())
+        if plot is not None:
+            plot_curves(result, plot)
+    table = Table(
+        title=f"Accuracy under attack, L{result.norm}, {result.n_rows} rows "
+        f"(clean {_percent(result.clean_accuracy)})",
+        title_justify="left",
+    )
+    table.add_column("method", style="bold")
+    for value in sorted(set(eps_values)):
+        table.add_column(f"eps {value:g}", justify="right")
+    for name in methods:
+        cells = []
+        for point in (p for p in result.points if p.method == name):
+            confidence = (
+                ""
+                if point.wrong_confidence is None
+                else (f" ({100 * point.wrong_confidence:.0f} %)")
+            )
+            cells.append(f"{_percent(point.accuracy)}{confidence}")
+        table.add_row(name, *cells)
+    table.caption = "accuracy (mean confidence of the wrong predictions)"
     console.print(table)
+    if result.minimal_eps:
+        summary = Table(title="Minimal eps per row", title_justify="left")
+        for column in ("method", "q25", "median", "q75", "found"):
+            summary.add_column(column, justify="right")
+        for item in result.minimal_eps:
+            summary.add_row(
+                item.method,
+                f"{item.q25:.4g}",
+                f"{item.median:.4g}",
+                f"{item.q75:.4g}",
+                f"{100 * item.found:.1f} % (eps <= {item.eps_max:g})",
+            )
+        console.print(summary)
+    for path in (json_path, plot):
+        if path is not None:
+            console.print(f"wrote {path}")
 
 
 @app.command()

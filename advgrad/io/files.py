@@ -25,7 +25,14 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from advgrad.errors import InputFileError
-from advgrad.io.safe import MAX_CHUNK_BYTES, checked_dataset, open_input, read_attrs, read_rows
+from advgrad.io.safe import (
+    MAX_CHUNK_BYTES,
+    MAX_READ_BYTES,
+    checked_dataset,
+    open_input,
+    read_attrs,
+    read_rows,
+)
 from advgrad.model import FLOAT_DTYPES, Model
 
 MODEL_FORMAT = "two-layer-sigmoid"
@@ -196,7 +203,12 @@ def _check_rows_layout(name: str, shape: tuple[int, ...], dtype: np.dtype) -> No
 # --------------------------------------------------------------------------- models
 
 
-def load_model(path: str | os.PathLike) -> Model:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    as_dtype: DTypeLike | None = None,
+    max_read_bytes: int = MAX_READ_BYTES,
+) -> Model:
     """Read a model file (DESIGN.md section 3), refusing anything unsafe or malformed.
 
     Parameters
@@ -205,6 +217,11 @@ def load_model(path: str | os.PathLike) -> Model:
         HDF5 file with ``/W1 (d, H)``, ``/b1 (H,)``, ``/W2 (H, C)``, ``/b2 (C,)``, all float32 or
         all float64, and root attributes ``advgrad_format = "two-layer-sigmoid"``,
         ``format_version = 1``.
+    as_dtype : float32 or float64, optional
+        The compute dtype: weights are converted to it, and a float64 weight beyond float32's
+        range is refused instead of becoming inf. None keeps the stored dtype.
+    max_read_bytes : int
+        Refuse a weight array larger than this many bytes (``MAX_READ_BYTES``, 4 GiB).
 
     Returns
     -------
@@ -216,7 +233,8 @@ def load_model(path: str | os.PathLike) -> Model:
     ------
     InputFileError
         Wrong or missing format attributes, unsafe or missing datasets, mixed dtypes, shapes
-        that disagree, non-finite weights.
+        that disagree, non-finite weights (never accepted: see :class:`Model`), weights that
+        overflow ``as_dtype`` or exceed ``max_read_bytes``, a corrupt file.
     """
     with open_input(path) as f:
         attrs = read_attrs(f, path=path)
@@ -244,7 +262,10 @@ def load_model(path: str | os.PathLike) -> Model:
             found = ", ".join(f"{name} {dset.dtype}" for name, dset in datasets.items())
             raise InputFileError(path, None, f"weights must share one dtype, got {found}")
         arrays = {
-            name: read_rows(dset, 0, dset.shape[0], path=path) for name, dset in datasets.items()
+            name: read_rows(
+                dset, 0, dset.shape[0], path=path, as_dtype=as_dtype, max_bytes=max_read_bytes
+            )
+            for name, dset in datasets.items()
         }
     metadata = {key: value for key, value in attrs.items() if key not in _MODEL_ATTRS}
     try:
@@ -371,15 +392,22 @@ class DatasetReader:
     path : str or os.PathLike
     n_classes : int or None
     allow_nonfinite : bool
+    max_read_bytes : int
         As for :func:`open_dataset`.
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, n_classes: int | None, allow_nonfinite: bool
+        self,
+        path: str | os.PathLike,
+        *,
+        n_classes: int | None,
+        allow_nonfinite: bool,
+        max_read_bytes: int = MAX_READ_BYTES,
     ) -> None:
         self.path = path
         self._n_classes = n_classes
         self._allow_nonfinite = allow_nonfinite
+        self._max_read_bytes = max_read_bytes
         self._file = open_input(path)
         try:
             self._X = checked_dataset(self._file, "/X", kind="float")
@@ -467,8 +495,18 @@ class DatasetReader:
         """The ``x_max`` attribute, or None."""
         return self._info.x_max
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(
+        self, start: int, stop: int, *, as_dtype: DTypeLike | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows ``start:stop``, validated.
+
+        Parameters
+        ----------
+        start, stop : int
+            Row range, ``0 <= start <= stop <= n_rows``.
+        as_dtype : float32 or float64, optional
+            The compute dtype: X is converted to it, and a float64 value beyond float32's range
+            is refused instead of becoming inf. None keeps :attr:`dtype`. Labels keep theirs.
 
         Returns
         -------
@@ -478,24 +516,35 @@ class DatasetReader:
         Raises
         ------
         InputFileError
-            NaN or inf in X (unless ``allow_nonfinite``) or in y, labels out of range, soft
-            labels that are negative or do not sum to 1.
+            NaN or inf in X (unless ``allow_nonfinite``) or in y, X overflowing ``as_dtype``,
+            labels out of range, soft labels that are negative or do not sum to 1, rows larger
+            than ``max_read_bytes``, corrupt data.
         """
         if not 0 <= start <= stop <= self.n_rows:
             raise ValueError(f"rows {start}:{stop} are not within 0:{self.n_rows}")
-        X = read_rows(self._X, start, stop, path=self.path, allow_nonfinite=self._allow_nonfinite)
+        X = read_rows(
+            self._X,
+            start,
+            stop,
+            path=self.path,
+            allow_nonfinite=self._allow_nonfinite,
+            as_dtype=as_dtype,
+            max_bytes=self._max_read_bytes,
+        )
         if self._y is None:
             return X, None
-        y = read_rows(self._y, start, stop, path=self.path)
+        y = read_rows(self._y, start, stop, path=self.path, max_bytes=self._max_read_bytes)
         problem = _label_value_problem(y, start, self._n_classes)
         if problem:
             raise InputFileError(self.path, "/y", problem)
         return X, y.astype(np.int64, copy=False) if y.dtype.kind in "iu" else y
 
     def chunks(
-        self, rows_per_chunk: int, start: int = 0
+        self, rows_per_chunk: int, start: int = 0, *, as_dtype: DTypeLike | None = None
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """Validated blocks of rows from ``start`` to the end.
+        """Validated blocks of rows from ``start`` to the end, each read by :meth:`read`.
+
+        ``as_dtype`` is passed on to :meth:`read`.
 
         Yields
         ------
@@ -509,17 +558,22 @@ class DatasetReader:
             raise ValueError(f"rows_per_chunk must be at least 1, got {rows_per_chunk}")
         if not 0 <= start <= self.n_rows:
             raise ValueError(f"start {start} is not within 0:{self.n_rows}")
-        return self._blocks(rows_per_chunk, start)
+        return self._blocks(rows_per_chunk, start, as_dtype)
 
     def _blocks(
-        self, rows_per_chunk: int, start: int
+        self, rows_per_chunk: int, start: int, as_dtype: DTypeLike | None
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         for first in range(start, self.n_rows, rows_per_chunk):
-            yield first, *self.read(first, min(first + rows_per_chunk, self.n_rows))
+            stop = min(first + rows_per_chunk, self.n_rows)
+            yield first, *self.read(first, stop, as_dtype=as_dtype)
 
 
 def open_dataset(
-    path: str | os.PathLike, *, n_classes: int | None = None, allow_nonfinite: bool = False
+    path: str | os.PathLike,
+    *,
+    n_classes: int | None = None,
+    allow_nonfinite: bool = False,
+    max_read_bytes: int = MAX_READ_BYTES,
 ) -> DatasetReader:
     """Open a dataset file for streaming reads; use as a context manager.
 
@@ -533,6 +587,9 @@ def open_dataset(
         ``n_classes`` columns.
     allow_nonfinite : bool
         Accept NaN and inf in ``/X`` (never in ``/y``).
+    max_read_bytes : int
+        Refuse a read of more bytes than this (``MAX_READ_BYTES``, 4 GiB): read fewer rows at
+        once, or raise it.
 
     Returns
     -------
@@ -543,13 +600,21 @@ def open_dataset(
     InputFileError
         The file or its layout is refused.
     """
-    return DatasetReader(path, n_classes=n_classes, allow_nonfinite=allow_nonfinite)
+    return DatasetReader(
+        path, n_classes=n_classes, allow_nonfinite=allow_nonfinite, max_read_bytes=max_read_bytes
+    )
 
 
 def load_dataset(
-    path: str | os.PathLike, *, n_classes: int | None = None, allow_nonfinite: bool = False
+    path: str | os.PathLike,
+    *,
+    n_classes: int | None = None,
+    allow_nonfinite: bool = False,
+    as_dtype: DTypeLike | None = None,
+    max_read_bytes: int = MAX_READ_BYTES,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a whole dataset file, validated as by :func:`open_dataset`.
+    """Read a whole dataset file, validated as by :func:`open_dataset` and
+    :meth:`DatasetReader.read` (``as_dtype``).
 
     Returns
     -------
@@ -562,8 +627,10 @@ def load_dataset(
     InputFileError
         See :func:`open_dataset` and :meth:`DatasetReader.read`.
     """
-    with open_dataset(path, n_classes=n_classes, allow_nonfinite=allow_nonfinite) as reader:
-        return reader.read(0, reader.n_rows)
+    with open_dataset(
+        path, n_classes=n_classes, allow_nonfinite=allow_nonfinite, max_read_bytes=max_read_bytes
+    ) as reader:
+        return reader.read(0, reader.n_rows, as_dtype=as_dtype)
 
 
 def dataset_attrs(path: str | os.PathLike) -> DatasetAttrs:
@@ -663,6 +730,8 @@ class AdversarialWriter:
         Replace an existing ``target``.
     inputs : sequence of path
         Input files; ``target`` may not be any of them, even with ``overwrite``.
+    columns : mapping of name to dtype, optional
+        Extra per-row datasets (N,), e.g. ``{"eps_min": "float64", "target": "int64"}``.
 
     Raises
     ------
@@ -686,6 +755,7 @@ class AdversarialWriter:
         compression: str | None = None,
         overwrite: bool = False,
         inputs: Sequence[str | os.PathLike] = (),
+        columns: Mapping[str, DTypeLike] | None = None,
     ) -> None:
         _check_compression(compression)
         self.target = Path(target)
@@ -727,6 +797,12 @@ class AdversarialWriter:
                 )
                 for name in ("pred_clean", "pred_adv")
             ]
+            self._columns = {
+                name: _create_rows(
+                    f, name, (self.n_rows,), np.dtype(dtype), rows_per_chunk, compression
+                )
+                for name, dtype in (columns or {}).items()
+            }
         except BaseException:
             self._partial.discard()
             raise
@@ -749,6 +825,7 @@ class AdversarialWriter:
         y: np.ndarray | None,
         pred_clean: np.ndarray,
         pred_adv: np.ndarray,
+        **columns: np.ndarray,
     ) -> None:
         """Write rows ``start:start+m``; blocks must come in order, without gaps.
 
@@ -759,6 +836,7 @@ class AdversarialWriter:
         X_adv : (m, *row_shape), the writer's dtype
         y : (m, *y_template[0]) or None (exactly when the writer has no labels)
         pred_clean, pred_adv : (m,) integer
+        **columns : (m,) arrays, one for each name in the writer's ``columns``
         """
         if start != self.rows_written:
             raise ValueError(f"rows must be written in order: expected start {self.rows_written}")
@@ -782,8 +860,15 @@ class AdversarialWriter:
         self._X[start : start + m] = X_adv
         if y is not None:
             self._y[start : start + m] = y
+        if set(columns) != set(self._columns):
+            raise ValueError(f"columns {sorted(self._columns)} expected, got {sorted(columns)}")
+        for name, values in columns.items():
+            if np.shape(values) != (m,):
+                raise ValueError(f"{name} must have shape ({m},), got {np.shape(values)}")
         self._preds[0][start : start + m] = pred_clean
         self._preds[1][start : start + m] = pred_adv
+        for name, values in columns.items():
+            self._columns[name][start : start + m] = values
         self.rows_written += m
 
     def close(self) -> None:

@@ -95,9 +95,15 @@ def n_blocks(n_rows):
 
 
 @njit(cache=True, error_model="numpy")
-def block_bounds(n_rows, blocks, block):
-    """First and one-past-last row of ``block`` when ``n_rows`` are split in ``blocks``."""
-    return (block * n_rows) // blocks, ((block + 1) * n_rows) // blocks
+def block_rows(n_rows, block):
+    """First and one-past-last row of ``block``: ``ROWS_PER_BLOCK`` rows, the last shorter.
+
+    Blocks start at multiples of ``ROWS_PER_BLOCK``, so a row's result depends only on the
+    aligned block it falls in: streaming in chunks of a multiple of ``ROWS_PER_BLOCK`` rows
+    gives bitwise the same results as one call on the whole array.
+    """
+    start = block * ROWS_PER_BLOCK
+    return start, min(start + ROWS_PER_BLOCK, n_rows)
 
 
 @njit(cache=True, error_model="numpy")
@@ -149,22 +155,39 @@ def hidden_block_into(X, W1, b1, A):
 
 
 @njit(cache=True, error_model="numpy")
-def gradient_block(X, W1, b1, W2, b2, Y, G, predicted):
-    """dJ/dX for a block of rows, serial; writes G (B, d) and predicted (B,) int64.
+def gradient_workspace(n_rows, W1, W2):
+    """Scratch arrays of ``gradient_block`` for blocks of ``n_rows`` rows.
 
-    ``Y`` is (B, C), or has 0 rows to use the predictions as labels.
+    Returns (A (B, H), D2T (C, B), D1 (B, H), top (B,), log_total (B,)) in W1's dtype;
+    iterative attacks allocate one per block and reuse it at every step.
     """
-    B = X.shape[0]
-    A = np.empty((B, W1.shape[1]), dtype=X.dtype)
+    H, C = W2.shape
+    return (
+        np.empty((n_rows, H), dtype=W1.dtype),
+        np.empty((C, n_rows), dtype=W1.dtype),
+        np.empty((n_rows, H), dtype=W1.dtype),
+        np.empty(n_rows, dtype=W1.dtype),
+        np.empty(n_rows, dtype=W1.dtype),
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def gradient_block(X, W1, b1, W2, b2, Y, G, predicted, work):
+    """dJ/dX for a block of B rows, serial; writes G (B, d) and predicted (B,) int64.
+
+    ``Y`` is (B, C), or has 0 rows to use the predictions as labels. ``work`` is a
+    ``gradient_workspace(B, W1, W2)``.
+    """
+    A, D2T, D1, top, log_total = work
     hidden_block_into(X, W1, b1, A)
-    D2T = np.dot(W2.T, A.T)  # logits as (C, B): the softmax loops run along rows
-    softmax_columns(D2T, b2, predicted, np.empty(B, dtype=X.dtype), np.empty(B, dtype=X.dtype))
+    np.dot(W2.T, A.T, D2T)  # logits as (C, B): the softmax loops run along rows
+    softmax_columns(D2T, b2, predicted, top, log_total)
     for k in range(D2T.shape[0]):
-        for n in range(B):
+        for n in range(X.shape[0]):
             label = (predicted[n] == k) if Y.shape[0] == 0 else Y[n, k]
             D2T[k, n] -= label
-    D1 = np.dot(D2T.T, W2.T)
-    for n in range(B):
+    np.dot(D2T.T, W2.T, D1)
+    for n in range(X.shape[0]):
         for j in range(D1.shape[1]):
             a = A[n, j]
             D1[n, j] *= a * (1.0 - a)
@@ -210,7 +233,7 @@ def step_row(x, g, eps, p, x_min, x_max, out):
 def fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
     """One FGM step on a block of rows, serial (see ``fgm_step_into``)."""
     G = np.empty_like(X)
-    gradient_block(X, W1, b1, W2, b2, Y, G, predicted)
+    gradient_block(X, W1, b1, W2, b2, Y, G, predicted, gradient_workspace(X.shape[0], W1, W2))
     for n in range(X.shape[0]):
         step_row(X[n], G[n], eps, p, x_min, x_max, X_adv[n])
 
@@ -230,12 +253,15 @@ def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted):
     N = X.shape[0]
     blocks = n_blocks(N)
     if blocks == 1:
-        gradient_block(X, W1, b1, W2, b2, Y, G, predicted)
+        gradient_block(X, W1, b1, W2, b2, Y, G, predicted, gradient_workspace(N, W1, W2))
         return
     for block in prange(blocks):
-        start, stop = block_bounds(N, blocks, block)
+        start, stop = block_rows(N, block)
         Yb = Y if Y.shape[0] == 0 else Y[start:stop]
-        gradient_block(X[start:stop], W1, b1, W2, b2, Yb, G[start:stop], predicted[start:stop])
+        work = gradient_workspace(stop - start, W1, W2)
+        gradient_block(
+            X[start:stop], W1, b1, W2, b2, Yb, G[start:stop], predicted[start:stop], work
+        )
 
 
 @njit(cache=True, error_model="numpy")
@@ -279,7 +305,7 @@ def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
         fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted)
         return
     for block in prange(blocks):
-        start, stop = block_bounds(N, blocks, block)
+        start, stop = block_rows(N, block)
         Yb = Y if Y.shape[0] == 0 else Y[start:stop]
         fgm_block(
             X[start:stop],
@@ -342,7 +368,7 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
     N = X.shape[0]
     blocks = n_blocks(N)
     for block in prange(blocks):
-        start, stop = block_bounds(N, blocks, block)
+        start, stop = block_rows(N, block)
         hidden_block_into(X[start:stop], W1, b1, A[start:stop])
         ZT = np.dot(W2.T, A[start:stop].T)
         label_logit = np.zeros(stop - start, dtype=X.dtype)
@@ -383,3 +409,227 @@ def loss(X, W1, b1, W2, b2, Y):
     predicted = np.empty(N, dtype=np.int64)
     forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted)
     return losses
+
+
+@njit(cache=True, error_model="numpy")
+def project_row(x, x0, eps, p, x_min, x_max, scratch):
+    """Move x (d,) in place into the eps-ball of norm p around x0, then into [x_min, x_max].
+
+    p = inf clips each coordinate; p = 2 scales the perturbation down to length eps; p = 1
+    is the exact Euclidean projection onto the L1 ball (Duchi et al. 2008, by sorting).
+    Clipping afterwards only shrinks each coordinate's perturbation, so the result stays in
+    the ball. ``scratch`` is a (d,) array of x's dtype (used for p = 1).
+    """
+    d = x.shape[0]
+    if p == np.inf:
+        for i in range(d):
+            x[i] = clip(clip(x[i], x0[i] - eps, x0[i] + eps), x_min, x_max)
+        return
+    total = 0.0
+    if p == 2.0:
+        for i in range(d):
+            total += (x[i] - x0[i]) ** 2
+        total = math.sqrt(total)
+    else:
+        for i in range(d):
+            total += abs(x[i] - x0[i])
+    shrink = 0.0  # L1: amount subtracted from every |perturbation| (soft threshold)
+    factor = 1.0
+    if total > eps:
+        if p == 2.0:
+            factor = eps / total
+        else:
+            for i in range(d):
+                scratch[i] = abs(x[i] - x0[i])
+            scratch[:] = np.sort(scratch)[::-1]
+            running = 0.0
+            for j in range(d):
+                running += scratch[j]
+                if scratch[j] - (running - eps) / (j + 1) > 0.0:
+                    shrink = (running - eps) / (j + 1)
+    for i in range(d):
+        delta = factor * (x[i] - x0[i])
+        magnitude = max(abs(delta) - shrink, 0.0)
+        delta = magnitude if delta > 0.0 else -magnitude
+        x[i] = clip(x0[i] + delta, x_min, x_max)
+
+
+@njit(cache=True, error_model="numpy")
+def add_momentum_row(momentum, g, decay):
+    """MI-FGSM accumulation, in place: momentum = decay * momentum + g / ||g||_1."""
+    total = 0.0
+    for i in range(g.shape[0]):
+        total += abs(g[i])
+    inv = 1.0 / total if total > 0.0 else 0.0
+    for i in range(g.shape[0]):
+        momentum[i] = decay * momentum[i] + g[i] * inv
+
+
+@njit(cache=True, error_model="numpy")
+def iterate_block(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
+    """Iterative FGM on a block of rows, serial (see ``iterate_into``); buffers are reused."""
+    B = X.shape[0]
+    work = gradient_workspace(B, W1, W2)
+    G = np.empty_like(X)
+    momentum = np.zeros_like(X)
+    predicted = np.empty(B, dtype=np.int64)
+    scratch = np.empty(X.shape[1], dtype=X.dtype)
+    for n in range(B):
+        X_adv[n] = X_start[n]
+        project_row(X_adv[n], X[n], eps[n], p, x_min, x_max, scratch)
+    for _ in range(steps):
+        gradient_block(X_adv, W1, b1, W2, b2, Y, G, predicted, work)
+        for n in range(B):
+            direction = G[n]
+            if decay > 0.0:
+                add_momentum_row(momentum[n], G[n], decay)
+                direction = momentum[n]
+            step_row(X_adv[n], direction, alpha[n], p, -np.inf, np.inf, X_adv[n])
+            project_row(X_adv[n], X[n], eps[n], p, x_min, x_max, scratch)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
+    """Iterative fast-gradient attack (BIM, PGD, MI-FGSM) on every row, in one jitted loop.
+
+    From X_start projected into the ball, ``steps`` times: G = dJ/dX at the iterate (with
+    ``decay > 0``, the direction is the MI-FGSM momentum of G / ||G||_1 instead), a step
+    of length alpha in norm p as in ``step_row``, then ``project_row`` back into the
+    eps-ball around X and into [x_min, x_max].
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64, the clean rows (centres of the balls)
+    W1, b1, W2, b2 : the network, same dtype as X
+    Y : (N, C) same dtype, labels held fixed over the steps
+    X_start : (N, d) same dtype, the first iterate (X for BIM, a random point for PGD)
+    eps : (N,) float64, radius per row
+    alpha : (N,) float64, step length per row; negative to descend (targeted attacks)
+    steps : int
+    p : float, np.inf, 2.0 or 1.0
+    decay : float, momentum decay; 0 for plain BIM/PGD
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) same dtype, output; may be X_start itself
+    """
+    N = X.shape[0]
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        iterate_block(
+            X[start:stop],
+            W1,
+            b1,
+            W2,
+            b2,
+            Y[start:stop],
+            X_start[start:stop],
+            eps[start:stop],
+            alpha[start:stop],
+            steps,
+            p,
+            decay,
+            x_min,
+            x_max,
+            X_adv[start:stop],
+        )
+
+
+@njit(cache=True, error_model="numpy")
+def logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J):
+    """Logits z (C,) of one row x (d,) and all their gradients at once, J (d, C) = dz/dx.
+
+    J = W1 diag(a (1 - a)) W2 with a = sigmoid(x W1 + b1): one (d, H) x (H, C) product, not
+    C backward passes. ``a`` (H,) and ``M`` (H, C) are scratch.
+    """
+    np.dot(x, W1, a)
+    for j in range(a.shape[0]):
+        a[j] = sigmoid(a[j] + b1[j])
+    np.dot(a, W2, z)
+    for k in range(z.shape[0]):
+        z[k] += b2[k]
+    for j in range(M.shape[0]):
+        slope = a[j] * (1.0 - a[j])
+        for k in range(M.shape[1]):
+            M[j, k] = slope * W2[j, k]
+    np.dot(W1, M, J)
+
+
+@njit(cache=True, error_model="numpy")
+def deepfool_block(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv, iterations):
+    """DeepFool on a block of rows, serial (see ``deepfool_into``)."""
+    d, H = W1.shape
+    C = W2.shape[1]
+    a = np.empty(H, dtype=X.dtype)
+    M = np.empty((H, C), dtype=X.dtype)
+    z = np.empty(C, dtype=X.dtype)
+    J = np.empty((d, C), dtype=X.dtype)
+    total = np.empty(d, dtype=np.float64)
+    for n in range(X.shape[0]):
+        x = X_adv[n]
+        x[:] = X[n]
+        total[:] = 0.0
+        logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J)
+        original = np.argmax(z)
+        done = 0
+        while done < max_iter and np.argmax(z) == original:
+            best, best_ratio, best_norm = -1, np.inf, 0.0
+            for k in range(C):
+                if k == original:
+                    continue
+                norm = 0.0
+                for i in range(d):
+                    w = J[i, k] - J[i, original]
+                    norm += w * w if p == 2.0 else abs(w)
+                norm = math.sqrt(norm) if p == 2.0 else norm
+                ratio = abs(z[k] - z[original]) / norm if norm > 0.0 else np.inf
+                if ratio < best_ratio:
+                    best, best_ratio, best_norm = k, ratio, norm
+            if best < 0:
+                break  # every logit difference is flat: no direction to move in
+            # the linearised boundary is (|f| + 1e-4) / ||w||_q away, q the dual norm of p
+            length = (abs(z[best] - z[original]) + 1e-4) / best_norm
+            for i in range(d):
+                w = J[i, best] - J[i, original]
+                total[i] += length * w / best_norm if p == 2.0 else length * np.sign(w)
+                x[i] = clip(X[n, i] + (1.0 + overshoot) * total[i], x_min, x_max)
+            done += 1
+            logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J)
+        iterations[n] = done
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def deepfool_into(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv, iterations):
+    """DeepFool (Moosavi-Dezfooli et al. 2016), multi-class, for every row.
+
+    Each iteration linearises all C logits at the iterate (``logits_and_jacobian_row``),
+    moves to the nearest linearised class boundary in norm p (2.0, or np.inf with the
+    L1 dual norm and a sign step), and stops when the predicted class changes or after
+    ``max_iter`` iterations. The accumulated perturbation is scaled by 1 + overshoot.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64
+    W1, b1, W2, b2 : the network, same dtype as X
+    p : float, 2.0 or np.inf
+    overshoot : float, e.g. 0.02
+    max_iter : int
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) same dtype, output
+    iterations : (N,) int64, output: iterations used per row (max_iter when it failed)
+    """
+    N = X.shape[0]
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        deepfool_block(
+            X[start:stop],
+            W1,
+            b1,
+            W2,
+            b2,
+            p,
+            overshoot,
+            max_iter,
+            x_min,
+            x_max,
+            X_adv[start:stop],
+            iterations[start:stop],
+        )
