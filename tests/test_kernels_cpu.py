@@ -259,3 +259,25 @@ def test_kernels_compose_inside_user_njit_code():
         X_adv, reference.fgm_step(X, W1, b1, W2, b2, Y, 0.1, np.inf, 0.0, 1.0), rtol=1e-12
     )
     np.testing.assert_allclose(J, reference.loss(X_adv, W1, b1, W2, b2, Y), rtol=1e-12)
+
+
+def test_confident_rows_keep_their_gradient_to_full_precision(digits_model, digits_test):
+    """P - Y on the label class is 1 - P_y formed without cancellation: compare with an
+    extended-precision evaluation of the same formula, exact where P_y rounds to 1."""
+    model = digits_model.astype(np.float64)
+    X, y = digits_test
+    X = X.reshape(len(X), -1).astype(np.float64)
+    L = np.longdouble
+    W1, b1, W2, b2 = (np.asarray(a, dtype=L) for a in (model.W1, model.b1, model.W2, model.b2))
+    A = 1 / (1 + np.exp(-(X.astype(L) @ W1 + b1)))
+    Z2 = A @ W2 + b2
+    E = np.exp(Z2 - Z2.max(axis=1, keepdims=True))
+    D2 = E / E.sum(axis=1, keepdims=True)
+    rows = np.arange(len(X))
+    others = np.where(np.eye(10, dtype=bool)[y], 0, E).sum(axis=1)
+    D2[rows, y] = -others / E.sum(axis=1)
+    expected = (((D2 @ W2.T) * A * (1 - A)) @ W1.T).astype(np.float64)
+    G = cpu.input_gradient(X, model.W1, model.b1, model.W2, model.b2, one_hot(y, 10))
+    scale = np.abs(expected).max(axis=1, keepdims=True)
+    assert (np.abs(G - expected) <= 1e-12 * scale).all()
+    assert (others / E.sum(axis=1) < 1e-8).sum() > 50  # it covers confident rows (84 here)

@@ -107,7 +107,7 @@ def block_rows(n_rows, block):
 
 
 @njit(cache=True, error_model="numpy")
-def softmax_columns(ZT, b, predicted, top, log_total):
+def softmax_columns(ZT, b, predicted, top, rest):
     """Softmax of every column of ``ZT + b[:, None]``, in place, maximum subtracted first.
 
     Parameters
@@ -117,8 +117,9 @@ def softmax_columns(ZT, b, predicted, top, log_total):
     b : (C,) same dtype, the output bias b2
     predicted : (B,) int64, output: argmax of each column (the first one on ties)
     top : (B,) same dtype, output: the largest logit m of each column
-    log_total : (B,) same dtype, output: log(sum_k exp(Z_k - m)) = logsumexp(Z) - m >= 0,
-        from log1p of the non-maximal terms, so it keeps full precision near 0
+    rest : (B,) same dtype, output: sum over the other classes of exp(Z_k - m), so that
+        P_top = 1 / (1 + rest), 1 - P_top = rest * P_top and logsumexp(Z) = m + log1p(rest)
+        all keep full precision when one class dominates
 
     Columns make the loops over rows contiguous, so they vectorise for any C.
     """
@@ -132,7 +133,7 @@ def softmax_columns(ZT, b, predicted, top, log_total):
             larger = z > top[n]
             top[n] = z if larger else top[n]
             predicted[n] = k if larger else predicted[n]
-    rest = np.zeros(B, dtype=ZT.dtype)
+    rest[:] = 0.0
     for k in range(C):
         for n in range(B):
             e = exp(ZT[k, n] + b[k] - top[n])
@@ -141,8 +142,6 @@ def softmax_columns(ZT, b, predicted, top, log_total):
     for k in range(C):
         for n in range(B):
             ZT[k, n] /= 1.0 + rest[n]
-    for n in range(B):
-        log_total[n] = math.log1p(rest[n])
 
 
 @njit(cache=True, error_model="numpy")
@@ -158,7 +157,7 @@ def hidden_block_into(X, W1, b1, A):
 def gradient_workspace(n_rows, W1, W2):
     """Scratch arrays of ``gradient_block`` for blocks of ``n_rows`` rows.
 
-    Returns (A (B, H), D2T (C, B), D1 (B, H), top (B,), log_total (B,)) in W1's dtype;
+    Returns (A (B, H), D2T (C, B), D1 (B, H), top (B,), rest (B,)) in W1's dtype;
     iterative attacks allocate one per block and reuse it at every step.
     """
     H, C = W2.shape
@@ -178,14 +177,16 @@ def gradient_block(X, W1, b1, W2, b2, Y, G, predicted, work):
     ``Y`` is (B, C), or has 0 rows to use the predictions as labels. ``work`` is a
     ``gradient_workspace(B, W1, W2)``.
     """
-    A, D2T, D1, top, log_total = work
+    A, D2T, D1, top, rest = work
     hidden_block_into(X, W1, b1, A)
     np.dot(W2.T, A.T, D2T)  # logits as (C, B): the softmax loops run along rows
-    softmax_columns(D2T, b2, predicted, top, log_total)
+    softmax_columns(D2T, b2, predicted, top, rest)
     for k in range(D2T.shape[0]):
         for n in range(X.shape[0]):
             label = (predicted[n] == k) if Y.shape[0] == 0 else Y[n, k]
-            D2T[k, n] -= label
+            # P - Y; for the top class as (1 - Y) - (1 - P), exact when P rounds to 1
+            top_class = (1.0 - label) - rest[n] * D2T[k, n]
+            D2T[k, n] = top_class if k == predicted[n] else D2T[k, n] - label
     np.dot(D2T.T, W2.T, D1)
     for n in range(X.shape[0]):
         for j in range(D1.shape[1]):
@@ -377,13 +378,13 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
                 for n in range(stop - start):
                     label_logit[n] += Y[start + n, k] * (ZT[k, n] + b2[k])
         top = np.empty(stop - start, dtype=X.dtype)
-        log_total = losses[start:stop]
-        softmax_columns(ZT, b2, predicted[start:stop], top, log_total)
+        rest = np.empty(stop - start, dtype=X.dtype)
+        softmax_columns(ZT, b2, predicted[start:stop], top, rest)
         if Y.shape[0] == 0:
             label_logit[:] = top  # the predicted class holds the largest logit
         for n in range(stop - start):
-            # logsumexp(Z) - Y.Z = (m - Y.Z) + log(sum exp(Z - m)): no cancellation near 0
-            log_total[n] += top[n] - label_logit[n]
+            # logsumexp(Z) - Y.Z = (m - Y.Z) + log1p(rest): no cancellation near 0
+            losses[start + n] = (top[n] - label_logit[n]) + math.log1p(rest[n])
         P[start:stop] = ZT.T
 
 
