@@ -1,0 +1,70 @@
+"""Speed of the iterative attacks against the single fused FGSM step, measured side by side.
+
+On the bundled digits model (d, H, C) = (64, 64, 10), float32, the test set tiled to
+``--rows`` rows, it times one FGSM step, PGD-20 (one restart), BIM-20, MI-FGSM-20 and
+DeepFool (L2 and L-inf), all through ``advgrad.attacks.perturb`` (what the CLI runs), and
+prints rows per second and the ratio of PGD-20 to 20 FGSM steps (an iterative attack that
+allocated or re-entered Python per step would show here)::
+
+    python scripts/bench_attacks.py [--rows 16384] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from advgrad import attacks, load_dataset, load_model
+from advgrad.attacks import Attack
+from advgrad.backend import get_backend
+from advgrad.bundled import MODEL, TEST_DATA, bundled_path
+
+
+def best_time(function, rounds: int) -> float:
+    function()
+    best = np.inf
+    for _ in range(rounds):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    model = load_model(bundled_path(MODEL))
+    X, y = load_dataset(bundled_path(TEST_DATA))
+    repeat = -(-args.rows // len(X))
+    rows = np.ascontiguousarray(np.tile(X.reshape(len(X), -1), (repeat, 1))[: args.rows])
+    labels_y = np.tile(y, repeat)[: args.rows]
+    backend = get_backend()
+    configs = {
+        "fgsm (1 step)": Attack("fgsm"),
+        "pgd-20": Attack("pgd", steps=20),
+        "bim-20": Attack("bim", steps=20),
+        "mifgsm-20": Attack("mifgsm", steps=20),
+        "deepfool-l2": Attack("deepfool", norm="2"),
+        "deepfool-linf": Attack("deepfool", norm="inf"),
+    }
+    seconds = {}
+    for name, attack in configs.items():
+        labels = attacks.attack_labels(model, rows, labels_y, attack, backend=backend)
+        seconds[name] = best_time(
+            lambda a=attack, l=labels: attacks.perturb(model, rows, l, a, (0.0, 1.0)),
+            args.rounds,
+        )
+    print(f"bundled digits model, float32, {args.rows} rows, best of {args.rounds}")
+    print(f"{'attack':<16}{'rows/s':>14}{'us/row':>10}")
+    for name, value in seconds.items():
+        print(f"{name:<16}{args.rows / value:>14,.0f}{1e6 * value / args.rows:>10.3f}")
+    ratio = seconds["pgd-20"] / (20 * seconds["fgsm (1 step)"])
+    print(f"PGD-20 time / (20 x FGSM step time) = {ratio:.2f}  (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()
