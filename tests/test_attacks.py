@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference
 from conftest import one_hot, random_network
 
 import advgrad
-import reference
 from advgrad.gradient_check import finite_difference_gradient
 
 
