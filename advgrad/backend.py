@@ -114,8 +114,24 @@ class CpuBackend:
         return P, losses, predicted
 
 
-def get_backend(device: str = "cpu") -> CpuBackend:
-    """The backend for ``device``; only ``"cpu"`` exists so far."""
-    if device != "cpu":
-        raise ValueError(f"unknown device {device!r}; expected 'cpu'")
-    return CpuBackend()
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def get_backend(device: str = "cpu"):
+    """The backend for ``device``: "cpu", "cuda" (an NVIDIA GPU through numba-cuda) or
+    "auto" (CUDA when a device is usable, else CPU). numba.cuda is imported only here.
+
+    Raises ValueError with a one-line reason when "cuda" is asked for and unusable.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return CpuBackend()
+    from advgrad.cuda_backend import CudaBackend, cuda_available
+
+    usable, reason = cuda_available()
+    if usable:
+        return CudaBackend()
+    if device == "auto":
+        return CpuBackend()
+    raise ValueError(f"--device cuda is not usable here: {reason}")

@@ -471,6 +471,134 @@ def evaluate(
 
 
 @app.command()
+def certify(
+    model: ModelOption = None,
+    data: DataOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="Output file. Default: <data name>-certify-l<norm>.h5 in the current directory.",
+            show_default=False,
+        ),
+    ] = None,
+    eps: Annotated[str, typer.Option(help="Comma-separated eps values.")] = "0.01,0.02,0.05,0.1",
+    norm: NormOption = Norm.inf,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="crown: linear relaxation of the sigmoids (never looser than ibp); ibp: "
+            "interval bounds."
+        ),
+    ] = "crown",
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Bisection tolerance of the certified radius and the attack's eps."
+        ),
+    ] = 1e-3,
+    eps_max: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Top of the radius search. Default: the whole clip box (x_max - x_min, "
+            "times sqrt(d) for L2).",
+            show_default=False,
+        ),
+    ] = None,
+    steps: StepsOption = 50,
+    restarts: RestartsOption = 5,
+    seed: SeedOption = 0,
+    labels: Annotated[
+        bool,
+        typer.Option(
+            "--labels/--predictions",
+            help="Certify the dataset's labels (the default here) or the clean predictions.",
+        ),
+    ] = True,
+    clip_min: ClipMinOption = None,
+    clip_max: ClipMaxOption = None,
+    batch_size: BatchSizeOption = 8192,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output file (never an input).")
+    ] = False,
+) -> None:
+    """Certified accuracy per eps next to PGD's empirical robust accuracy, and per-row radii.
+
+    A row is certified at eps when bounds prove that every input within eps (in the clip
+    box) keeps its label. Each row's certified radius is bracketed from above by the
+    smallest eps at which PGD (with restarts) finds an adversarial example. The output
+    holds /radius and /attack_eps per row, and /X: the PGD examples at the largest eps.
+    """
+    clip = _clip(clip_min, clip_max)
+    with _reported_errors():
+        from advgrad.attacks import Attack
+        from advgrad.certify import certify_file, default_output_name
+
+        try:
+            eps_values = [float(value) for value in eps.split(",") if value.strip()]
+        except ValueError:
+            raise ValueError(f"--eps must be comma-separated numbers, got {eps!r}") from None
+        if not eps_values or min(eps_values) < 0:
+            raise ValueError("--eps needs at least one value, all >= 0")
+        model_path, data_path = _defaults(model, data)
+        out_path = out or default_output_name(data_path, norm.value)
+        with _progress_bar("certifying rows") as bar:
+            task = bar.add_task("", total=None)
+            result = certify_file(
+                model_path,
+                data_path,
+                out_path,
+                norm=norm.value,
+                eps_values=eps_values,
+                method=method,
+                tolerance=tolerance,
+                clip=clip,
+                eps_max=eps_max,
+                attack=Attack("pgd", steps=steps, restarts=restarts, seed=seed),
+                use_labels=labels,
+                batch_size=batch_size,
+                overwrite=overwrite,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    table = Table(
+        title=f"Certified vs empirical robust accuracy, L{result.norm}, {result.n_rows} rows "
+        f"(clean {_percent(result.clean_accuracy)})",
+        title_justify="left",
+    )
+    table.add_column("eps", justify="right")
+    table.add_column(f"certified ({result.method})", justify="right")
+    table.add_column(f"pgd, {restarts} restarts", justify="right")
+    for value, certified, robust in zip(
+        result.eps_values, result.certified_accuracy, result.robust_accuracy, strict=True
+    ):
+        table.add_row(f"{value:g}", _percent(certified), _percent(robust))
+    console.print(table)
+    bracket = result.bracket()
+    rows = []
+    if bracket is not None:
+        rows += [
+            ("median certified radius", f"{bracket.median_lower:.4g}"),
+            ("median adversarial eps", f"{bracket.median_upper:.4g}"),
+            ("median gap", f"{bracket.median_gap:.4g}"),
+            ("adversarial eps found", f"{_percent(bracket.found)} (eps <= {result.eps_max:g})"),
+        ]
+    rows += [
+        ("labels certified", result.label_source),
+        ("clip range", f"[{result.clip[0]:g}, {result.clip[1]:g}]"),
+        ("certification time", f"{1e3 * result.seconds_per_row:.3g} ms per row"),
+        ("output", str(result.output)),
+    ]
+    console.print(_summary_table("Per-row bracket [certified radius, adversarial eps]", rows))
+    if result.contradictions:
+        errors.print(
+            f"[bold red]advgrad: warning:[/] {result.contradictions} rows were certified at an "
+            "eps where the attack succeeded; please report this",
+            soft_wrap=True,
+        )
+
+
+@app.command()
 def info(
     path: Annotated[Path, typer.Argument(dir_okay=False, help="A model or dataset file (.h5).")],
 ) -> None:
@@ -525,3 +653,308 @@ def gradcheck(
     )
     if not result.passed(tolerance):
         raise typer.Exit(1)
+
+
+class Optimizer(StrEnum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class AdversarialMethod(StrEnum):
+    fgsm = "fgsm"
+    pgd = "pgd"
+
+
+class Precision(StrEnum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+OverwriteOption = Annotated[
+    bool, typer.Option(help="Replace an existing output file (never an input).")
+]
+
+
+@app.command()
+def train(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="Labelled training set (.h5 with /X and /y). Default: the bundled digits "
+            "training set.",
+            show_default=False,
+        ),
+    ] = None,
+    test: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="Labelled test set, scored after training. Default: the bundled digits test "
+            "set when --data is not given, else none.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(dir_okay=False, help="Output model file.")] = Path(
+        "model.h5"
+    ),
+    hidden: Annotated[int, typer.Option(min=1, help="Hidden units H.")] = 64,
+    epochs: Annotated[int, typer.Option(min=1, help="Most passes over the data.")] = 300,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per mini-batch.")] = 32,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="Learning rate. Default: 0.01 for adam, 0.1 for sgd.", show_default=False
+        ),
+    ] = None,
+    optimizer: Annotated[Optimizer, typer.Option(help="adam, or sgd with momentum.")] = (
+        Optimizer.adam
+    ),
+    momentum: Annotated[float, typer.Option(min=0.0, max=0.999, help="sgd: momentum.")] = 0.9,
+    weight_decay: Annotated[
+        float, typer.Option(min=0.0, help="L2 penalty on W1 and W2: weight_decay/2 ||W||^2.")
+    ] = 1e-4,
+    seed: Annotated[
+        int, typer.Option(help="Seeds the weights, the validation split, the batch order.")
+    ] = 0,
+    validation: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=0.99, help="Share of rows held out for early stopping (0: none)."
+        ),
+    ] = 0.1,
+    patience: Annotated[
+        int,
+        typer.Option(min=1, help="Stop after this many epochs without a lower validation loss."),
+    ] = 30,
+    adv_eps: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Adversarial training: L-inf radius of the adversarial rows (0: plain training).",
+        ),
+    ] = 0.0,
+    adv_alpha: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Weight alpha of the clean loss: alpha J(x, y) + (1 - alpha) J(x_adv, y).",
+        ),
+    ] = 0.5,
+    adv_method: Annotated[
+        AdversarialMethod,
+        typer.Option(help="fgsm (Goodfellow et al.) or pgd (Madry et al.) adversarial rows."),
+    ] = AdversarialMethod.fgsm,
+    adv_steps: Annotated[int, typer.Option(min=1, help="pgd: steps per batch.")] = 10,
+    dtype: Annotated[Precision, typer.Option(help="Compute dtype.")] = Precision.float32,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train a two-layer sigmoid network and write the model file.
+
+    Mini-batches with Adam (or SGD with momentum), early stopping on a validation split,
+    optional adversarial training (--adv-eps). With no --data it trains on the bundled digits
+    training set and scores the bundled test set. The model file records the data's hash, the
+    hyper-parameters and the final metrics.
+    """
+    with _reported_errors():
+        from advgrad.bundled import TRAIN_DATA, bundled_path
+        from advgrad.train import TrainConfig, train_file
+
+        config = TrainConfig(
+            hidden=hidden,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer.value,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            seed=seed,
+            validation_fraction=validation,
+            patience=patience,
+            adv_eps=adv_eps,
+            adv_alpha=adv_alpha,
+            adv_method=adv_method.value,
+            adv_steps=adv_steps,
+            dtype=dtype.value,
+        )
+        test_path = test if data is not None else _defaults(None, test)[1]
+        columns = "loss {task.fields[loss]}, accuracy {task.fields[accuracy]}"
+        with _progress_bar(f"training epochs: {columns}") as bar:
+            task = bar.add_task("", total=epochs, loss="-", accuracy="-")
+
+            def progress(stats) -> None:
+                loss, accuracy = stats.train_loss, stats.train_accuracy
+                if stats.validation_loss is not None:
+                    loss, accuracy = stats.validation_loss, stats.validation_accuracy
+                bar.update(
+                    task, completed=stats.epoch, loss=f"{loss:.4f}", accuracy=_percent(accuracy)
+                )
+
+            report = train_file(
+                data or bundled_path(TRAIN_DATA),
+                out,
+                config,
+                test_path=test_path,
+                overwrite=overwrite,
+                progress=progress,
+            )
+    result = report.result
+    final = result.history[result.best_epoch - 1]
+    split = result.model.metadata
+    rows = [
+        (
+            "rows",
+            f"{report.n_rows} ({split['training_rows']} training, "
+            f"{split['validation_rows']} validation)",
+        ),
+        ("epochs", f"{len(result.history)} (best {result.best_epoch})"),
+        ("training loss, accuracy", f"{final.train_loss:.4f}, {_percent(final.train_accuracy)}"),
+    ]
+    if final.validation_loss is not None:
+        rows.append(
+            (
+                "validation loss, accuracy",
+                f"{final.validation_loss:.4f}, {_percent(final.validation_accuracy)}",
+            )
+        )
+    if report.test_accuracy is not None:
+        rows.append((f"test accuracy ({report.test_rows} rows)", _percent(report.test_accuracy)))
+    if config.adversarial:
+        rows.append(
+            ("adversarial training", f"{adv_method.value}, eps {adv_eps:g}, alpha {adv_alpha:g}")
+        )
+    rows += [("seconds", f"{result.seconds:.1f}"), ("output", str(report.output))]
+    console.print(_summary_table(f"Training, {config.optimizer}, H = {hidden}", rows))
+
+
+@app.command("convert-model")
+def convert_model(
+    source: Annotated[
+        Path,
+        typer.Argument(dir_okay=False, help="Model file: .h5, .npz or .safetensors."),
+    ],
+    target: Annotated[
+        Path,
+        typer.Argument(dir_okay=False, help="Output: .h5, .npz or .safetensors."),
+    ],
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Convert a model between advgrad's HDF5 format, .npz and .safetensors.
+
+    The direction follows the extensions. .npz holds arrays W1 (d, H), b1, W2 (H, C), b2
+    (read without unpickling); .safetensors holds the same tensors (or a torch
+    nn.Sequential(Linear, Sigmoid, Linear) state_dict) and the attributes as metadata.
+    """
+    with _reported_errors():
+        from advgrad.io import convert_model as convert
+
+        model = convert(source, target, overwrite=overwrite)
+    rows = [
+        ("network", f"d = {model.n_inputs}, H = {model.n_hidden}, C = {model.n_classes}"),
+        ("dtype", str(model.dtype)),
+        ("output", str(target)),
+    ]
+    console.print(_summary_table(f"Converted {source.name}", rows))
+
+
+@app.command("convert-data")
+def convert_data(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            dir_okay=False,
+            help=".npy, .npz, an IDX file (MNIST's train-images-idx3-ubyte[.gz]) or CSV "
+            "(.csv, .tsv, .txt, optionally .gz).",
+        ),
+    ],
+    target: Annotated[Path, typer.Argument(dir_okay=False, help="Output dataset file (.h5).")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="Labels of a .npy or IDX source: .npy or IDX (train-labels-idx1-ubyte).",
+            show_default=False,
+        ),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option(
+            help="CSV: the label column, by index (negative from the end) or header name.",
+            show_default=False,
+        ),
+    ] = None,
+    x_key: Annotated[str, typer.Option(help=".npz: the array of rows.")] = "X",
+    y_key: Annotated[
+        str | None,
+        typer.Option(
+            help=".npz: the array of labels. Default: y, when present.", show_default=False
+        ),
+    ] = None,
+    scale: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Divide X by this. Default: 255 for uint8 data (pixels to [0, 1]), else 1.",
+            show_default=False,
+        ),
+    ] = None,
+    x_min: Annotated[
+        float | None,
+        typer.Option(
+            help="x_min attribute (the valid data range). Default: 0 for uint8 data, else none.",
+            show_default=False,
+        ),
+    ] = None,
+    x_max: Annotated[
+        float | None,
+        typer.Option(
+            help="x_max attribute. Default: 255/scale for uint8 data, else none.",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[Precision, typer.Option(help="dtype of /X.")] = Precision.float32,
+    compression: Annotated[
+        Compression, typer.Option(help="Compression of the output datasets.")
+    ] = Compression.none,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Convert .npy/.npz arrays, IDX (MNIST) or CSV files into a dataset file.
+
+    The source is read and written in blocks of rows, so files larger than memory convert
+    in bounded memory; values are checked as the loader checks them (finite X, labels that
+    are non-negative whole numbers) and the output appears only once complete.
+    """
+    x_range = _clip(x_min, x_max)
+    with _reported_errors():
+        from advgrad.io import convert_dataset
+
+        column = label_column
+        if column is not None and column.lstrip("-").isdigit():
+            column = int(column)
+        with _progress_bar("converting rows") as bar:
+            task = bar.add_task("", total=None)
+            result = convert_dataset(
+                source,
+                target,
+                labels=labels,
+                label_column=column,
+                x_key=x_key,
+                y_key=y_key,
+                scale=scale,
+                x_range=x_range,
+                dtype=dtype.value,
+                compression=None if compression is Compression.none else compression.value,
+                overwrite=overwrite,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    x_range_text = "not set" if result.x_min is None else f"[{result.x_min:g}, {result.x_max:g}]"
+    rows = [
+        ("rows", str(result.n_rows)),
+        ("row shape", str(result.row_shape)),
+        ("dtype", str(result.dtype)),
+        ("labels", result.labels),
+        ("x range", x_range_text),
+        ("output", str(result.output)),
+    ]
+    console.print(_summary_table(f"Converted {source.name}", rows))

@@ -140,3 +140,33 @@ class Model:
             self.x_max,
             self.metadata,
         )
+
+    @classmethod
+    def from_sklearn(cls, classifier) -> Model:
+        """The network of a fitted ``MLPClassifier(activation="logistic")`` with one hidden
+        layer; see ``advgrad.interop.from_sklearn``."""
+        from advgrad.interop import from_sklearn
+
+        return from_sklearn(classifier)
+
+    def to_sklearn(self, classes=None):
+        """A fitted ``MLPClassifier`` computing this network; see
+        ``advgrad.interop.to_sklearn``."""
+        from advgrad.interop import to_sklearn
+
+        return to_sklearn(self, classes)
+
+    @classmethod
+    def from_torch(cls, module) -> Model:
+        """The network of ``nn.Sequential(nn.Linear, nn.Sigmoid, nn.Linear)`` or of its
+        state_dict; see ``advgrad.interop.from_torch``."""
+        from advgrad.interop import from_torch
+
+        return from_torch(module)
+
+    def to_torch(self):
+        """``nn.Sequential(nn.Linear, nn.Sigmoid, nn.Linear)`` computing this network's
+        logits; see ``advgrad.interop.to_torch``."""
+        from advgrad.interop import to_torch
+
+        return to_torch(self)

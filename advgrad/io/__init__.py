@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from advgrad.io.convert import (
+    DatasetConversion,
+    convert_dataset,
+    convert_model,
+    read_model_file,
+    read_safetensors,
+    write_model_file,
+    write_safetensors,
+)
 from advgrad.io.describe import FileDescription, describe_file
 from advgrad.io.files import (
     AdversarialWriter,
@@ -19,14 +28,21 @@ from advgrad.io.files import (
 __all__ = [
     "AdversarialWriter",
     "DatasetAttrs",
+    "DatasetConversion",
     "DatasetReader",
     "FileDescription",
+    "convert_dataset",
+    "convert_model",
     "dataset_attrs",
     "describe_file",
     "load_dataset",
     "load_model",
     "open_dataset",
+    "read_model_file",
+    "read_safetensors",
     "save_dataset",
     "save_model",
     "sha256_file",
+    "write_model_file",
+    "write_safetensors",
 ]

@@ -1,21 +1,30 @@
 """The first layer that touches untrusted HDF5 files: open, check, read (DESIGN.md section 4).
 
-Every check here looks at metadata only (links, layout, filters, dtype, shape) and runs before a
-single data byte is read. Anything refused raises :class:`advgrad.errors.InputFileError` naming the
-file, the dataset and the reason.
+Every check here looks at metadata only (links, layout, filters, dtype, shape, stored size) and
+runs before a single data byte is read. Anything refused raises
+:class:`advgrad.errors.InputFileError` naming the file, the dataset and the reason; so does any
+error h5py raises on a corrupt file. HDF5's plugin search path is empty while an input is opened,
+inspected or read, so that a file can never make HDF5 load code; and HDF5 reads inputs through
+:class:`_Reads`, which checks what HDF5 would trust blindly (SECURITY.md).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import h5py
 import numpy as np
+from numpy.typing import DTypeLike
 
 from advgrad.errors import InputFileError
+from advgrad.model import FLOAT_DTYPES
 
 MAX_NDIM = 8
 """Most axes a dataset may have."""
@@ -23,18 +32,63 @@ MAX_DIM = 2**40
 """Largest length of one axis."""
 MAX_ELEMENTS = 2**40
 """Most elements in one dataset."""
-MAX_CHUNK_BYTES = 256 * 2**20
+MAX_CHUNK_BYTES = 64 * 2**20
 """Largest chunk, uncompressed, in bytes (bounds what one decompression may allocate)."""
+MAX_COMPRESSION_RATIO = 1100
+"""Most bytes a dataset may declare per byte it stores.
+
+Deflate cannot exceed about 1032:1 (lzf about 88:1), so every dataset written with the allowed
+filters passes; what is refused declares data it does not store (unallocated chunks read as the
+fill value): a tiny file that would take unbounded time to read.
+"""
+MAX_READ_BYTES = 2**32
+"""Default bound on the bytes one read returns (``max_read_bytes`` of the loaders)."""
 MAX_ATTRS = 1024
 """Most attributes read from one object."""
-MAX_ATTR_ELEMENTS = 2**20
-"""Most elements in one attribute; larger attributes are ignored."""
+MAX_ATTR_BYTES = 16 * 2**20
+"""Largest attribute read, in bytes of its stored elements; larger attributes are ignored."""
 
 ALLOWED_FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
 """HDF5 filter ids that the reader decodes; any other filter is refused."""
 _OTHER_FILTERS = {4: "szip", 5: "nbit", 6: "scaleoffset"}
 
 _LINK_NAMES = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link"}
+
+_H5PY_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+"""What h5py raises on a corrupt or unreadable file (HDF5 errors, and numpy's on odd types)."""
+
+_plugin_path_lock = threading.RLock()
+
+
+@contextmanager
+def _without_plugin_paths() -> Iterator[None]:
+    """Empty HDF5's plugin search path while the block runs, then restore it.
+
+    HDF5 searches that path (``HDF5_PLUGIN_PATH``, else its default directories) and loads
+    every library it finds there when a file names a filter it does not know (on reading
+    data) or a file driver other than the default one (in the superblock, on opening). An empty
+    path loads nothing; built-in filters, lzf and filters already registered in the process
+    keep working. The lock keeps threads from restoring each other's saved path.
+    """
+    with _plugin_path_lock:
+        saved = [h5py.h5pl.get(index) for index in range(h5py.h5pl.size())]
+        for _ in saved:
+            h5py.h5pl.remove(0)
+        try:
+            yield
+        finally:
+            for entry in saved:
+                h5py.h5pl.append(entry)
+
+
+@contextmanager
+def _untrusted(path: str | os.PathLike, dataset: str | None, action: str) -> Iterator[None]:
+    """Run h5py calls on an input: no plugin can load, and h5py errors become InputFileError."""
+    with _without_plugin_paths():
+        try:
+            yield
+        except _H5PY_ERRORS as exc:
+            raise InputFileError(path, dataset, f"{action}: {exc}") from exc
 
 
 def open_input(path: str | os.PathLike) -> h5py.File:
@@ -53,20 +107,122 @@ def open_input(path: str | os.PathLike) -> h5py.File:
     Raises
     ------
     InputFileError
-        The path does not exist, is a directory, cannot be read, or is not an HDF5 file.
+        The path does not exist, is not a regular file (a directory, a device, a pipe), cannot
+        be read, is not an HDF5 file, or HDF5 cannot open it (truncated, corrupt, or written for
+        another file driver).
     """
     file_path = Path(path)
     if not file_path.exists():
         raise InputFileError(path, None, "no such file")
     if file_path.is_dir():
         raise InputFileError(path, None, "is a directory, not an HDF5 file")
+    if not file_path.is_file():
+        raise InputFileError(path, None, "is not a regular file")
     if not os.access(file_path, os.R_OK):
         raise InputFileError(path, None, "permission denied")
-    try:
-        return h5py.File(file_path, "r")
-    except OSError as exc:
-        reason = "not an HDF5 file" if not h5py.is_hdf5(file_path) else f"cannot open: {exc}"
-        raise InputFileError(path, None, reason) from exc
+    with _untrusted(path, None, "cannot open"):
+        try:
+            return _InputFile(file_path)
+        except OSError as exc:
+            if not h5py.is_hdf5(file_path):
+                raise InputFileError(path, None, "not an HDF5 file") from exc
+            raise
+
+
+class _InputFile(h5py.File):
+    """An input file, read-only, whose every byte HDF5 reads passes through :class:`_Reads`."""
+
+    def __init__(self, path: Path) -> None:
+        self._reads = _Reads(path)
+        try:
+            super().__init__(self._reads, "r")
+        except BaseException:
+            self._reads.close()
+            raise
+        self._reads.length_size = self.id.get_create_plist().get_sizes()[1]
+
+    @property
+    def filename(self) -> str:
+        """The path of the file."""
+        return str(self._reads.path)
+
+    def close(self) -> None:
+        """Close the HDF5 file, then the file handle under it."""
+        super().close()
+        self._reads.close()
+
+
+class _Reads(io.RawIOBase):
+    """A file opened ``"rb"``, as HDF5 reads it through h5py's ``fileobj`` driver.
+
+    HDF5 parses a global heap collection (the variable-length strings of attributes) as soon as
+    it has read it, trusting its object sizes: a zero size makes HDF5 2.0 loop forever. Each
+    read that starts a collection is checked first (:func:`_heap_collection_problem`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.length_size = 8  # bytes of a length field; the file's own, once it is open
+        self._file = path.open("rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        address = self._file.tell()
+        count = self._file.readinto(buffer)
+        if bytes(memoryview(buffer)[: len(_HEAP_SIGNATURE)]) == _HEAP_SIGNATURE:
+            problem = _heap_collection_problem(self._file.fileno(), address, self.length_size)
+            if problem:
+                raise InputFileError(self.path, None, problem)
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+_HEAP_SIGNATURE = b"GCOL"
+
+
+def _heap_collection_problem(fd: int, address: int, length_size: int) -> str | None:
+    """Why the global heap collection at ``address`` must not reach HDF5, or None.
+
+    A collection is a header (signature, version, reserved bytes, its size) and objects, each
+    an index, a reference count, reserved bytes, a size, and the data padded to 8 bytes; the
+    free space (index 0) counts its own header in its size. A valid collection is tiled
+    exactly by its objects; HDF5 (``H5HG__cache_heap_deserialize``) walks them without
+    checking that each step moves forward and stays inside.
+    """
+    header_size = 8 + length_size
+    header = os.pread(fd, header_size, address)
+    size = int.from_bytes(header[8:], "little")
+    if len(header) < header_size or header[4] != 1 or address + size > os.fstat(fd).st_size:
+        return None  # HDF5 refuses these itself, before walking the objects
+    collection = os.pread(fd, size, address)
+    object_header = 8 + length_size
+    offset = header_size
+    while offset + object_header <= size:
+        index = int.from_bytes(collection[offset : offset + 2], "little")
+        length = int.from_bytes(collection[offset + 8 : offset + object_header], "little")
+        step = object_header + -(-length // 8) * 8 if index else length
+        if step == 0 or offset + step > size:
+            return (
+                f"corrupt global heap collection at byte {address}: object {index} at offset "
+                f"{offset} has size {length}"
+            )
+        offset += step
+    return None
 
 
 def checked_dataset(
@@ -74,10 +230,11 @@ def checked_dataset(
 ) -> h5py.Dataset | None:
     """Look up a dataset and check it is safe to read, from its metadata only.
 
-    Every part of ``name`` must be reached through a hard link; the object must be a plain
-    dataset (not virtual, no external raw storage) using only the filters in
-    ``ALLOWED_FILTERS``, with a native-byte-order dtype of the right kind and bounded shape and
-    chunks (``MAX_NDIM``, ``MAX_DIM``, ``MAX_ELEMENTS``, ``MAX_CHUNK_BYTES``).
+    Every part of ``name`` must be reached through a hard link (links are inspected, never
+    followed); the object must be a plain dataset (not virtual, no external raw storage) using
+    only the filters in ``ALLOWED_FILTERS``, with a native-byte-order dtype of the right kind,
+    bounded shape and chunks (``MAX_NDIM``, ``MAX_DIM``, ``MAX_ELEMENTS``, ``MAX_CHUNK_BYTES``),
+    and as many bytes stored as its shape needs (``MAX_COMPRESSION_RATIO``).
 
     Parameters
     ----------
@@ -103,27 +260,35 @@ def checked_dataset(
     """
     path = f.filename
     name = "/" + name.strip("/")
+    with _untrusted(path, name, "cannot read the metadata"):
+        dset = _hard_linked(f, name, required)
+        if dset is None:
+            return None
+        problem = _layout_problem(dset) or _dtype_problem(dset.dtype, kind)
+        problem = problem or _type_problem(dset) or _shape_problem(dset) or _size_problem(dset)
+    if problem:
+        raise InputFileError(path, name, problem)
+    return dset
+
+
+def _hard_linked(f: h5py.File, name: str, required: bool) -> h5py.Dataset | None:
     parts = name.strip("/").split("/")
     obj: Any = f
     for depth, part in enumerate(parts):
         here = "/" + "/".join(parts[: depth + 1])
         if not isinstance(obj, h5py.Group):
-            raise InputFileError(path, name, f"no dataset {name} ({obj.name} is not a group)")
+            raise InputFileError(f.filename, name, f"no dataset {name} ({obj.name} is not a group)")
         key = part.encode()
         if not obj.id.links.exists(key):
             if required:
-                raise InputFileError(path, name, f"no dataset {name}")
+                raise InputFileError(f.filename, name, f"no dataset {name}")
             return None
         link_type = obj.id.links.get_info(key).type
         if link_type != h5py.h5l.TYPE_HARD:
-            raise InputFileError(path, name, _link_reason(obj, key, here, link_type))
+            raise InputFileError(f.filename, name, _link_reason(obj, key, here, link_type))
         obj = obj[part]
     if not isinstance(obj, h5py.Dataset):
-        raise InputFileError(path, name, f"is a {type(obj).__name__}, not a dataset")
-    problem = _layout_problem(obj) or _dtype_problem(obj.dtype, kind) or _type_problem(obj)
-    problem = problem or _shape_problem(obj)
-    if problem:
-        raise InputFileError(path, name, problem)
+        raise InputFileError(f.filename, name, f"is a {type(obj).__name__}, not a dataset")
     return obj
 
 
@@ -138,6 +303,7 @@ def _link_reason(group: h5py.Group, key: bytes, here: str, link_type: int) -> st
 
 
 def _layout_problem(dset: h5py.Dataset) -> str | None:
+    # First of the checks: the shape of a virtual dataset may come from its source files.
     if dset.is_virtual:
         return "is a virtual dataset (VDS); only plain datasets are accepted"
     if dset.external:
@@ -158,7 +324,7 @@ def _dtype_problem(dtype: np.dtype, kind: str) -> str | None:
         ("compound", dtype.names is not None),
         ("array-valued", dtype.subdtype is not None),
         ("string", h5py.check_string_dtype(dtype) is not None),
-        ("object reference", h5py.check_ref_dtype(dtype) is not None),
+        ("reference", h5py.check_ref_dtype(dtype) is not None),
         ("variable-length", h5py.check_vlen_dtype(dtype) is not None),
         ("enum", h5py.check_enum_dtype(dtype) is not None),
     )
@@ -201,6 +367,18 @@ def _shape_problem(dset: h5py.Dataset) -> str | None:
     return None
 
 
+def _size_problem(dset: h5py.Dataset) -> str | None:
+    declared = math.prod(dset.shape) * dset.dtype.itemsize
+    stored = dset.id.get_storage_size()
+    if declared > MAX_COMPRESSION_RATIO * stored:
+        return (
+            f"declares {declared} bytes but stores {stored}; more than "
+            f"{MAX_COMPRESSION_RATIO} bytes per stored byte is refused (a decompression bomb "
+            "or unwritten data)"
+        )
+    return None
+
+
 def read_rows(
     dset: h5py.Dataset,
     start: int,
@@ -208,6 +386,8 @@ def read_rows(
     *,
     path: str | os.PathLike,
     allow_nonfinite: bool = False,
+    as_dtype: DTypeLike | None = None,
+    max_bytes: int = MAX_READ_BYTES,
 ) -> np.ndarray:
     """Read rows ``start:stop`` of a checked dataset, refusing non-finite floats.
 
@@ -221,42 +401,78 @@ def read_rows(
         The file, for error messages.
     allow_nonfinite : bool
         Accept NaN and inf values.
+    as_dtype : float32 or float64, optional
+        Convert float rows to this dtype, refusing values that overflow it (a float64 value
+        beyond float32's range, which would become inf). None keeps the stored dtype.
+    max_bytes : int
+        Refuse to read more bytes than this at once.
 
     Returns
     -------
     numpy.ndarray
-        ``(stop - start, *dset.shape[1:])``, the dataset's dtype.
+        ``(stop - start, *dset.shape[1:])``, ``as_dtype`` or the dataset's dtype.
 
     Raises
     ------
     InputFileError
-        The rows cannot be read (corrupt data, checksum mismatch), or hold NaN or inf.
+        The rows would take more than ``max_bytes``, cannot be read (corrupt data, checksum
+        mismatch), hold NaN or inf, or overflow ``as_dtype``.
     """
-    try:
+    if as_dtype is not None and np.dtype(as_dtype) not in FLOAT_DTYPES:
+        raise ValueError(f"as_dtype must be float32 or float64, got {np.dtype(as_dtype)}")
+    n_bytes = (stop - start) * math.prod(dset.shape[1:]) * dset.dtype.itemsize
+    if n_bytes > max_bytes:
+        raise InputFileError(
+            path,
+            dset.name,
+            f"rows {start}:{stop} take {n_bytes} bytes; at most {max_bytes} are read at once "
+            "(read fewer rows at once, or raise max_read_bytes)",
+        )
+    with _untrusted(path, dset.name, f"cannot read rows {start}:{stop}"):
         rows = dset[start:stop]
-    except (OSError, ValueError) as exc:
-        raise InputFileError(path, dset.name, f"cannot read rows {start}:{stop}: {exc}") from exc
-    if rows.dtype.kind == "f" and not allow_nonfinite:
-        bad = ~np.isfinite(rows)
-        if bad.any():
-            first = start + int(np.argmax(bad.reshape(len(rows), -1).any(axis=1)))
-            raise InputFileError(
-                path,
-                dset.name,
-                f"{int(bad.sum())} non-finite values (NaN or inf) in rows {start}:{stop}, "
-                f"the first in row {first}; allow_nonfinite accepts them",
-            )
-    return rows
+    if rows.dtype.kind != "f":
+        return rows
+    if not allow_nonfinite:
+        _refuse_rows(
+            ~np.isfinite(rows),
+            start,
+            path,
+            dset.name,
+            "non-finite values (NaN or inf)",
+            "; allow_nonfinite accepts them",
+        )
+    if as_dtype is None or np.dtype(as_dtype) == rows.dtype:
+        return rows
+    with np.errstate(over="ignore"):
+        converted = rows.astype(as_dtype)
+    overflow = np.isinf(converted) & np.isfinite(rows)
+    _refuse_rows(overflow, start, path, dset.name, f"values that overflow {converted.dtype}")
+    return converted
+
+
+def _refuse_rows(
+    bad: np.ndarray, start: int, path: str | os.PathLike, dataset: str, what: str, hint: str = ""
+) -> None:
+    """Raise InputFileError when ``bad`` (one flag per value of the rows) flags anything."""
+    if bad.any():
+        first = start + int(np.argmax(bad.reshape(len(bad), -1).any(axis=1)))
+        raise InputFileError(
+            path,
+            dataset,
+            f"{int(bad.sum())} {what} in rows {start}:{start + len(bad)}, "
+            f"the first in row {first}{hint}",
+        )
 
 
 def read_attrs(obj: h5py.HLObject, *, path: str | os.PathLike) -> dict[str, Any]:
     """The attributes of an HDF5 object that advgrad understands.
 
     Accepted: numeric or boolean scalars (as Python ``int``/``float``/``bool``) and arrays (as
-    native-byte-order numpy arrays, at most ``MAX_ATTR_ELEMENTS`` elements), strings (``str``;
-    bytes are decoded as UTF-8) and 1-D string arrays (``tuple`` of ``str``). Every other
-    attribute (compound, references, enums, empty, undecodable, too large) is left out; callers
-    that require an attribute refuse the file when it is missing from the result.
+    native-byte-order numpy arrays), strings (``str``; bytes are decoded as UTF-8) and 1-D
+    string arrays (``tuple`` of ``str``), each at most ``MAX_ATTR_BYTES`` stored. Every other
+    attribute (compound, references, enums, variable-length sequences, empty, undecodable,
+    unreadable, too large) is left out without reading its value; callers that require an
+    attribute refuse the file when it is missing from the result.
 
     Parameters
     ----------
@@ -273,27 +489,28 @@ def read_attrs(obj: h5py.HLObject, *, path: str | os.PathLike) -> dict[str, Any]
     Raises
     ------
     InputFileError
-        The object has more than ``MAX_ATTRS`` attributes.
+        The object has more than ``MAX_ATTRS`` attributes, or its attributes cannot be listed.
     """
-    names = list(obj.attrs)
-    if len(names) > MAX_ATTRS:
-        where = None if obj.name == "/" else obj.name
-        raise InputFileError(path, where, f"{len(names)} attributes; at most {MAX_ATTRS} are read")
+    where = None if obj.name == "/" else obj.name
     values = {}
-    for name in names:
-        try:
-            value = _attr_value(obj.attrs, name)
-        except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError):
-            continue
-        if value is not None:
-            values[name] = value
+    with _untrusted(path, where, "cannot read the attributes"):
+        count = len(obj.attrs)
+        if count > MAX_ATTRS:
+            raise InputFileError(path, where, f"{count} attributes; at most {MAX_ATTRS} are read")
+        for name in obj.attrs:
+            try:
+                value = _attr_value(obj.attrs, name)
+            except _H5PY_ERRORS:
+                continue
+            if value is not None:
+                values[name] = value
     return values
 
 
 def _attr_value(attrs: h5py.AttributeManager, name: str) -> Any:
     attr_id = attrs.get_id(name)
     dtype, shape = attr_id.dtype, attr_id.shape
-    if shape is None or len(shape) > MAX_NDIM or math.prod(shape) > MAX_ATTR_ELEMENTS:
+    if shape is None or len(shape) > MAX_NDIM or math.prod(shape) * dtype.itemsize > MAX_ATTR_BYTES:
         return None
     if h5py.check_string_dtype(dtype) is not None:
         if len(shape) > 1:

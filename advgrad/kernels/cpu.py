@@ -634,3 +634,561 @@ def deepfool_into(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv
             X_adv[start:stop],
             iterations[start:stop],
         )
+
+
+# ---- training
+
+
+@njit(cache=True, error_model="numpy")
+def parameter_gradient_block(X, W1, b1, W2, b2, Y, weight, G, predicted, work, dW1, db1, dW2, db2):
+    """Add ``weight`` times the parameter gradients of the summed loss of a block, serial.
+
+    Runs ``gradient_block`` (so G (B, d) = dJ/dX and predicted (B,) are written too), then
+    from its workspace, with D2 = P - Y and D1 = dJ/dZ1:
+    dW1 += weight X^T D1, db1 += weight sum_n D1, dW2 += weight A^T D2, db2 += weight sum_n D2.
+    """
+    gradient_block(X, W1, b1, W2, b2, Y, G, predicted, work)
+    A, D2T, D1, _, _ = work
+    product = np.dot(X.T, D1)
+    for i in range(dW1.shape[0]):
+        for j in range(dW1.shape[1]):
+            dW1[i, j] += weight * product[i, j]
+    product = np.dot(A.T, D2T.T)
+    for j in range(dW2.shape[0]):
+        for k in range(dW2.shape[1]):
+            dW2[j, k] += weight * product[j, k]
+    for n in range(X.shape[0]):
+        for j in range(db1.shape[0]):
+            db1[j] += weight * D1[n, j]
+    for k in range(db2.shape[0]):
+        for n in range(X.shape[0]):
+            db2[k] += weight * D2T[k, n]
+
+
+@njit(cache=True, error_model="numpy")
+def training_gradient_block(
+    X, W1, b1, W2, b2, Y, clean_weight, adv_weight, eps, x_min, x_max, dW1, db1, dW2, db2
+):
+    """``parameter_gradient_into`` on one block of rows, serial; adds into dW1 .. db2."""
+    work = gradient_workspace(X.shape[0], W1, W2)
+    G = np.empty_like(X)
+    predicted = np.empty(X.shape[0], dtype=np.int64)
+    parameter_gradient_block(
+        X, W1, b1, W2, b2, Y, clean_weight, G, predicted, work, dW1, db1, dW2, db2
+    )
+    if adv_weight == 0.0:
+        return
+    X_adv = np.empty_like(X)
+    for n in range(X.shape[0]):  # fgm_block's FGSM step, on the gradient just computed
+        step_row(X[n], G[n], eps, np.inf, x_min, x_max, X_adv[n])
+    parameter_gradient_block(
+        X_adv, W1, b1, W2, b2, Y, adv_weight, G, predicted, work, dW1, db1, dW2, db2
+    )
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def parameter_gradient_into(
+    X, W1, b1, W2, b2, Y, clean_weight, adv_weight, eps, x_min, x_max, dW1, db1, dW2, db2
+):
+    """Gradients of the (adversarial) training loss with respect to W1, b1, W2, b2, added in.
+
+    The loss is ``clean_weight * sum_n J(X_n, Y_n) + adv_weight * sum_n J(X'_n, Y_n)`` with
+    X' = clip(X + eps * sign(dJ/dX), x_min, x_max), the FGSM step of ``fgsm_step`` (Goodfellow
+    et al. 2015, held fixed: no gradient flows through the sign). ``adv_weight = 0`` skips
+    the adversarial pass. Per sample, with D2 = P - Y and D1 = (D2 W2^T) * A * (1 - A):
+    dJ/dW1 = x^T D1, dJ/db1 = D1, dJ/dW2 = A^T D2, dJ/db2 = D2.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64
+    W1, b1, W2, b2 : the network, same dtype as X
+    Y : (N, C) same dtype, one-hot or soft labels
+    clean_weight, adv_weight : float, weights of the clean and the adversarial loss
+        (1 / N and 0 for the mean loss; alpha / N and (1 - alpha) / N for the paper's mix)
+    eps : float, L-inf radius of the adversarial rows
+    x_min, x_max : float, their clip range
+    dW1 (d, H), db1 (H,), dW2 (H, C), db2 (C,) : same dtype, the gradients are *added* to them
+
+    Each row block accumulates its own partial sums, which are then added in block order:
+    the result does not depend on the thread count.
+    """
+    N = X.shape[0]
+    blocks = n_blocks(N)
+    if blocks == 1:
+        training_gradient_block(
+            X, W1, b1, W2, b2, Y, clean_weight, adv_weight, eps, x_min, x_max, dW1, db1, dW2, db2
+        )
+        return
+    d, H = W1.shape
+    C = W2.shape[1]
+    partial_W1 = np.zeros((blocks, d, H), dtype=dW1.dtype)
+    partial_b1 = np.zeros((blocks, H), dtype=db1.dtype)
+    partial_W2 = np.zeros((blocks, H, C), dtype=dW2.dtype)
+    partial_b2 = np.zeros((blocks, C), dtype=db2.dtype)
+    for block in prange(blocks):
+        start, stop = block_rows(N, block)
+        training_gradient_block(
+            X[start:stop],
+            W1,
+            b1,
+            W2,
+            b2,
+            Y[start:stop],
+            clean_weight,
+            adv_weight,
+            eps,
+            x_min,
+            x_max,
+            partial_W1[block],
+            partial_b1[block],
+            partial_W2[block],
+            partial_b2[block],
+        )
+    for block in range(blocks):
+        dW1 += partial_W1[block]
+        db1 += partial_b1[block]
+        dW2 += partial_W2[block]
+        db2 += partial_b2[block]
+
+
+@njit(cache=True, error_model="numpy")
+def adam_update(theta, grad, m, v, step, lr, beta1, beta2, epsilon, weight_decay, n_decayed):
+    """One Adam step (Kingma and Ba 2015), in place, on flat parameters.
+
+    Parameters
+    ----------
+    theta : (P,) float32 or float64, the parameters; updated
+    grad : (P,) same dtype, the gradient of the loss; ``weight_decay * theta`` is added to
+        its first ``n_decayed`` entries (an L2 penalty weight_decay / 2 ||theta[:n]||^2)
+    m, v : (P,) same dtype, first and second moment estimates; updated
+    step : int, the number of this step, from 1 (for the bias corrections)
+    lr, beta1, beta2, epsilon : float, Adam's hyper-parameters
+    weight_decay : float
+    n_decayed : int
+    """
+    correction1 = 1.0 - beta1**step
+    correction2 = 1.0 - beta2**step
+    for i in range(theta.shape[0]):
+        g = grad[i] + (weight_decay * theta[i] if i < n_decayed else 0.0)
+        m[i] = beta1 * m[i] + (1.0 - beta1) * g
+        v[i] = beta2 * v[i] + (1.0 - beta2) * g * g
+        theta[i] -= lr * (m[i] / correction1) / (math.sqrt(v[i] / correction2) + epsilon)
+
+
+@njit(cache=True, error_model="numpy")
+def momentum_update(theta, grad, velocity, lr, momentum, weight_decay, n_decayed):
+    """One step of SGD with momentum, in place: velocity = momentum velocity + g, theta -= lr
+    velocity, with g = grad + weight_decay theta on the first ``n_decayed`` entries.
+
+    ``theta``, ``grad``, ``velocity`` are (P,) arrays of one float dtype; see ``adam_update``.
+    """
+    for i in range(theta.shape[0]):
+        g = grad[i] + (weight_decay * theta[i] if i < n_decayed else 0.0)
+        velocity[i] = momentum * velocity[i] + g
+        theta[i] -= lr * velocity[i]
+
+
+# ---- certified bounds
+#
+# Lower bounds on the class margins z_y - z_k (logits Z2 = A W2 + b2) of a row x over a
+# region around it, for certification (``advgrad.certify``). The region holds x and every
+# point an attack can reach, clip(x + delta, x_min, x_max) with ||delta|| <= eps: for L-inf
+# the box [clip(x - eps), clip(x + eps)]; for L2 and x inside [x_min, x_max], the ball
+# intersected with that box (for x outside it, the box, widened to hold x). Interval bounds
+# (IBP) are exact per hidden unit; CROWN-style bounds relax each sigmoid between two lines
+# valid over its pre-activation interval and minimise the resulting linear function of x
+# exactly over the region. Everything runs in float64; each bound is loosened by
+# BOUND_ROUNDING times the magnitude of the terms it sums, which covers float64 rounding
+# (error below n * 2**-53 of that magnitude for sums of n < 10**5 terms).
+
+BOUND_ROUNDING = 2.0**-32
+
+
+@njit(cache=True, error_model="numpy")
+def sigmoid_slope(z):
+    """sigmoid'(z) = sigmoid(z) (1 - sigmoid(z)), accurate for any finite z."""
+    t = exp(-abs(z))
+    r = 1.0 / (1.0 + t)
+    return t * r * r
+
+
+@njit(cache=True, error_model="numpy")
+def sigmoid_upper_line(l, u, steps):
+    """Slope a and intercept b with a z + b >= sigmoid(z) for every z in [l, u].
+
+    sigmoid is convex on z <= 0 and concave on z >= 0. u <= 0: the chord. l >= 0: the
+    tangent at the midpoint. l < 0 < u: the tangent at t in [0, u] is above sigmoid on
+    [0, u] (concavity) and, its difference with sigmoid being concave on [l, 0], on [l, 0]
+    exactly when it is above sigmoid(l); that holds for t >= t* and the tangent through
+    (l, sigmoid(l)) touches at t*, found by ``steps`` bisection steps that keep a t known
+    to pass. If even t = u fails, the chord is valid instead (its slope is then below
+    sigmoid' on [0, u]). The intercept is raised by BOUND_ROUNDING (1 + |l| + |u|).
+    """
+    slack = BOUND_ROUNDING * (1.0 + abs(l) + abs(u))
+    s_l = sigmoid(l)
+    s_u = sigmoid(u)
+    if not u > l:
+        return 0.0, s_u + slack  # a point: sigmoid is increasing
+    if l >= 0.0:
+        t = 0.5 * (l + u)
+        a = sigmoid_slope(t)
+        return a, sigmoid(t) - a * t + slack
+    if u > 0.0:
+        a = sigmoid_slope(u)
+        if s_u + a * (l - u) >= s_l:
+            low = 0.0
+            high = u
+            for _ in range(steps):
+                t = 0.5 * (low + high)
+                a = sigmoid_slope(t)
+                if sigmoid(t) + a * (l - t) >= s_l:
+                    high = t
+                else:
+                    low = t
+            a = sigmoid_slope(high)
+            return a, sigmoid(high) - a * high + slack
+    a = (s_u - s_l) / (u - l)  # the chord
+    return a, s_u - a * u + slack
+
+
+@njit(cache=True, error_model="numpy")
+def sigmoid_lower_line(l, u, steps):
+    """Slope a and intercept b with a z + b <= sigmoid(z) for every z in [l, u].
+
+    By symmetry, sigmoid(z) = 1 - sigmoid(-z): the upper line of [-u, -l], reflected.
+    """
+    a, b = sigmoid_upper_line(-u, -l, steps)
+    return a, 1.0 - b
+
+
+@njit(cache=True, error_model="numpy")
+def bound_constants(W1):
+    """Per-network constants of ``margin_bound_block``.
+
+    Returns (|W1| (d, H), column L1 norms (H,), column L2 norms (H,)).
+    """
+    d, H = W1.shape
+    W1_abs = np.abs(W1)
+    col1 = np.zeros(H)
+    col2 = np.zeros(H)
+    for i in range(d):
+        for j in range(H):
+            col1[j] += W1_abs[i, j]
+            col2[j] += W1[i, j] * W1[i, j]
+    for j in range(H):
+        col2[j] = math.sqrt(col2[j])
+    return W1_abs, col1, col2
+
+
+@njit(cache=True, error_model="numpy")
+def bound_workspace(n_rows, W1, W2):
+    """Scratch arrays of ``margin_bound_block`` for blocks of ``n_rows`` rows (float64)."""
+    d, H = W1.shape
+    C = W2.shape[1]
+    return (
+        np.empty((n_rows, d)),  # centre of the input box
+        np.empty((n_rows, d)),  # half-widths of the input box
+        np.empty((n_rows, H)),  # L2: pre-activations of the rows
+        np.empty((n_rows, H)),  # centre pre-activations, then sigmoid of the lower bounds
+        np.empty((n_rows, H)),  # pre-activation half-widths, then sigmoid of the upper ones
+        np.empty((n_rows, H)),  # lower pre-activation bounds l
+        np.empty((n_rows, H)),  # upper pre-activation bounds u
+        np.empty((n_rows * C, H)),  # CROWN: coefficients of the pre-activations, per class
+        np.empty((n_rows * C, d)),  # CROWN: coefficients of the input, per class
+        np.empty(n_rows * C),  # constant terms, per row and class
+        np.empty(n_rows * C),  # magnitude of the terms (rounding allowance)
+        np.empty(n_rows * C),  # interval bounds, per row and class
+        np.empty(n_rows),  # 1.0 when the row lies inside the clip box
+        np.empty((n_rows, H)),  # CROWN: slopes of the lower lines
+        np.empty((n_rows, H)),  # CROWN: intercepts of the lower lines
+        np.empty((n_rows, H)),  # CROWN: slopes of the upper lines
+        np.empty((n_rows, H)),  # CROWN: intercepts of the upper lines
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def margin_bound_block(
+    X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, constants, crown, steps, work, worst
+):
+    """Lower bound of min over k != y of z_y - z_k over each row's region, serial.
+
+    Parameters
+    ----------
+    X : (B, d) float64, labels : (B,) int64, eps : (B,) float64 radius per row
+    p : float, np.inf or 2.0
+    x_min, x_max : float, the clip box (may be infinite)
+    W1, b1, W2, b2 : the network in float64
+    constants : ``bound_constants(W1)``
+    crown : bool, also use the CROWN bound (the larger of the two lower bounds is kept)
+    steps : int, bisection steps of the sigmoid tangent lines
+    work : ``bound_workspace(B, W1, W2)``
+    worst : (B,) float64, output; > 0 certifies the row at its eps
+    """
+    W1_abs, col1, col2 = constants
+    Cen, Rad, Z0, Z, ZR, ZL, ZU, LamT, GT, const, mag, ibp, inside, AL, BL, AU, BU = work
+    B, d = X.shape
+    H = W1.shape[1]
+    C = W2.shape[1]
+    for n in range(B):
+        e = eps[n]
+        inside[n] = 1.0
+        for i in range(d):
+            x = X[n, i]
+            if not (x >= x_min and x <= x_max):
+                inside[n] = 0.0
+            lo = min(x, clip(x - e, x_min, x_max))
+            hi = max(x, clip(x + e, x_min, x_max))
+            Cen[n, i] = 0.5 * (lo + hi)
+            Rad[n, i] = 0.5 * (hi - lo) + BOUND_ROUNDING * (abs(lo) + abs(hi))
+    np.dot(Cen, W1, Z)
+    np.dot(Rad, W1_abs, ZR)
+    if p != np.inf:
+        np.dot(X, W1, Z0)
+    for n in range(B):
+        scale = 0.0
+        for i in range(d):
+            scale = max(scale, abs(Cen[n, i]) + Rad[n, i])
+        for j in range(H):
+            r = ZR[n, j]
+            z = Z[n, j] + b1[j]
+            slack = BOUND_ROUNDING * (scale * col1[j] + abs(b1[j]) + r)
+            lo = z - r - slack
+            hi = z + r + slack
+            if p != np.inf and inside[n] > 0.0:  # the ball too
+                r = eps[n] * col2[j]
+                z = Z0[n, j] + b1[j]
+                slack = BOUND_ROUNDING * (scale * col1[j] + abs(b1[j]) + r)
+                lo = max(lo, z - r - slack)
+                hi = min(hi, z + r + slack)
+            ZL[n, j] = lo
+            ZU[n, j] = hi
+            Z[n, j] = sigmoid(lo)
+            ZR[n, j] = sigmoid(hi)
+    # interval bounds: each activation anywhere in [sigmoid(l), sigmoid(u)]
+    for n in range(B):
+        y = labels[n]
+        for k in range(C):
+            bias = b2[y] - b2[k]
+            total = bias
+            size = abs(bias)
+            for j in range(H):
+                c = W2[j, y] - W2[j, k]
+                total += min(c * Z[n, j], c * ZR[n, j])
+                size += abs(c)
+            ibp[n * C + k] = total - BOUND_ROUNDING * size
+    if crown:
+        # c_j sigmoid(z_j) >= c_j (a_j z_j + b_j) with the lower line where c_j >= 0 and
+        # the upper one where c_j < 0; then z = x W1 + b1 gives a bound linear in x
+        for n in range(B):
+            for j in range(H):
+                a, b = sigmoid_lower_line(ZL[n, j], ZU[n, j], steps)
+                AL[n, j] = a
+                BL[n, j] = b
+                a, b = sigmoid_upper_line(ZL[n, j], ZU[n, j], steps)
+                AU[n, j] = a
+                BU[n, j] = b
+        for n in range(B):
+            y = labels[n]
+            scale = 0.0
+            for i in range(d):
+                scale = max(scale, abs(Cen[n, i]) + Rad[n, i] + eps[n])
+            for k in range(C):
+                row = n * C + k
+                bias = b2[y] - b2[k]
+                total = bias
+                size = abs(bias)
+                for j in range(H):
+                    c = W2[j, y] - W2[j, k]
+                    a = AL[n, j] if c >= 0.0 else AU[n, j]
+                    b = BL[n, j] if c >= 0.0 else BU[n, j]
+                    lam = c * a
+                    LamT[row, j] = lam
+                    total += c * b + lam * b1[j]
+                    size += abs(c * b) + abs(lam * b1[j]) + scale * col1[j] * abs(lam)
+                const[row] = total
+                mag[row] = size
+        np.dot(LamT, W1.T, GT)
+    for n in range(B):
+        y = labels[n]
+        lowest = np.inf
+        for k in range(C):
+            if k == y:
+                continue
+            row = n * C + k
+            bound = ibp[row]
+            if crown:
+                value = 0.0
+                size = mag[row]
+                for i in range(d):
+                    g = GT[row, i]
+                    value += g * Cen[n, i] - abs(g) * Rad[n, i]
+                    size += abs(g) * (abs(Cen[n, i]) + Rad[n, i])
+                if p != np.inf and inside[n] > 0.0:  # the ball: x g - eps ||g||_2
+                    ball_value = 0.0
+                    square = 0.0
+                    for i in range(d):
+                        g = GT[row, i]
+                        ball_value += g * X[n, i]
+                        square += g * g
+                    length = math.sqrt(square)
+                    value = max(value, ball_value - eps[n] * length)
+                    size += eps[n] * length
+                bound = max(bound, value + const[row] - BOUND_ROUNDING * size)
+            lowest = min(lowest, bound)
+        worst[n] = lowest
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def margin_bounds_into(X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, crown, steps, worst):
+    """Certified lower bound of the worst class margin of every row over its region.
+
+    Parameters
+    ----------
+    X : (N, d) float64, the rows (centres of the regions)
+    labels : (N,) int64, the class each row must keep
+    eps : (N,) float64, the radius of each row's ball
+    p : float, np.inf or 2.0
+    x_min, x_max : float, the clip range (infinite values: none); the region is every
+        clip(x + delta) with ||delta||_p <= eps, and x itself
+    W1, b1, W2, b2 : the network in float64
+    crown : bool, CROWN-style linear bounds (kept where larger than the interval bounds)
+    steps : int, bisection steps of the sigmoid tangent lines (e.g. 20)
+    worst : (N,) float64, output: lower bound of min over k != y of z_y - z_k over the
+        region; > 0 proves that every point of the region is classified as labels[n]
+    """
+    N = X.shape[0]
+    constants = bound_constants(W1)
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        margin_bound_block(
+            X[start:stop],
+            labels[start:stop],
+            eps[start:stop],
+            p,
+            x_min,
+            x_max,
+            W1,
+            b1,
+            W2,
+            b2,
+            constants,
+            crown,
+            steps,
+            bound_workspace(stop - start, W1, W2),
+            worst[start:stop],
+        )
+
+
+@njit(cache=True, error_model="numpy")
+def certified_radius_block(
+    X,
+    labels,
+    eps_grid,
+    p,
+    x_min,
+    x_max,
+    W1,
+    b1,
+    W2,
+    b2,
+    constants,
+    crown,
+    steps,
+    tolerance,
+    radius,
+    certified,
+):
+    """Certified radii of a block of rows, serial (see ``certified_radius_into``)."""
+    B = X.shape[0]
+    E = eps_grid.shape[0]
+    work = bound_workspace(B, W1, W2)
+    eps = np.zeros(B)
+    worst = np.empty(B)
+    passed = np.empty((B, E), dtype=np.bool_)
+    low = np.zeros(B)
+    high = np.full(B, np.inf)
+    margin_bound_block(
+        X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, constants, crown, steps, work, worst
+    )
+    clean = worst > 0.0
+    for g in range(E):
+        eps[:] = eps_grid[g]
+        margin_bound_block(
+            X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, constants, crown, steps, work, worst
+        )
+        for n in range(B):
+            passed[n, g] = clean[n] and worst[n] > 0.0
+            if passed[n, g]:
+                low[n] = max(low[n], eps_grid[g])
+    for n in range(B):
+        for g in range(E):
+            if eps_grid[g] > low[n] and not passed[n, g]:
+                high[n] = min(high[n], eps_grid[g])
+        if not clean[n] or high[n] == np.inf:
+            high[n] = low[n]  # not certified even at 0, or certified on the whole grid
+    for _ in range(200):
+        active = False
+        for n in range(B):
+            open_interval = high[n] - low[n] > tolerance
+            eps[n] = 0.5 * (low[n] + high[n]) if open_interval else low[n]
+            active = active or open_interval
+        if not active:
+            break
+        margin_bound_block(
+            X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, constants, crown, steps, work, worst
+        )
+        for n in range(B):
+            if high[n] - low[n] > tolerance:
+                if worst[n] > 0.0:
+                    low[n] = eps[n]
+                else:
+                    high[n] = eps[n]
+    for n in range(B):
+        radius[n] = low[n]
+        for g in range(E):
+            certified[n, g] = clean[n] and low[n] >= eps_grid[g]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def certified_radius_into(
+    X, labels, eps_grid, p, x_min, x_max, W1, b1, W2, b2, crown, steps, tolerance, radius, certified
+):
+    """Certified radius of every row: bisection on eps over ``margin_bound_block``.
+
+    The bound is evaluated at eps = 0 (a row whose bound fails there gets radius 0 and no
+    certificate), at every eps of ``eps_grid``, then bisected between the largest
+    certified grid value and the smallest larger failing one until they are within
+    ``tolerance``. The radius is the largest eps whose bound was verified (the region of a
+    larger eps contains the smaller ones, so every eps up to it is certified too).
+
+    Parameters
+    ----------
+    X, labels, p, x_min, x_max, W1, b1, W2, b2, crown, steps : as in ``margin_bounds_into``
+    eps_grid : (E,) float64, ascending, >= 0; its largest value bounds the search
+    tolerance : float > 0
+    radius : (N,) float64, output
+    certified : (N, E) bool, output: the row is certified at eps_grid[g] (radius >= it
+        and the clean bound holds)
+    """
+    N = X.shape[0]
+    constants = bound_constants(W1)
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        certified_radius_block(
+            X[start:stop],
+            labels[start:stop],
+            eps_grid,
+            p,
+            x_min,
+            x_max,
+            W1,
+            b1,
+            W2,
+            b2,
+            constants,
+            crown,
+            steps,
+            tolerance,
+            radius[start:stop],
+            certified[start:stop],
+        )

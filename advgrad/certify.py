@@ -1,0 +1,582 @@
+"""Certified robustness: provable per-row radii, next to what the strongest attack finds.
+
+A row x is *certified* at eps when x and every input an attack can reach from it,
+clip(x + delta, x_min, x_max) with ||delta|| <= eps in the L-inf or L2 norm (for x inside
+the clip box: the ball intersected with the box), are classified as its label.
+Two bounds on the class margins z_y - z_k prove it (kernels: ``advgrad.kernels.cpu``,
+section "certified bounds"):
+
+- ``"ibp"``: interval bounds. Each pre-activation z_j = x W1[:, j] + b1[j] is bounded
+  exactly over the region (z_j +- eps ||W1[:, j]||_1 for L-inf, +- eps ||W1[:, j]||_2 for
+  L2, with the clip box), the sigmoid is monotone, and each margin is minimised exactly
+  over the resulting box of activations.
+- ``"crown"``: each sigmoid is relaxed between two lines valid over its pre-activation
+  interval (chords and tangents by the curvature region, tangents through an end point
+  found by bisection where the interval spans 0, as in CROWN, Zhang et al. 2018), which
+  makes a margin lower bound linear in x, minimised exactly over the region (dual norm).
+  Per margin the larger of this bound and the interval bound is kept, so it is never
+  looser than ``"ibp"``.
+
+The certified radius of a row is found by bisection on eps to ``tolerance``: it is the
+largest eps whose bound was verified, so the row is certified at every eps up to it.
+
+Certificates are about the network in exact arithmetic with its stored weights: bounds are
+computed in float64 and loosened to cover float64 rounding. A float32 model's own
+inference rounds its logits (to about 1e-6); a row whose certified margin is smaller than
+that could in principle still flip under float32 inference.
+
+The empirical side brackets each radius from above: PGD with restarts at every eps, and
+the smallest adversarial eps that ``advgrad.attacks.minimal_eps`` finds with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+import advgrad
+from advgrad.attacks import Attack, as_rows, attack_labels, label_matrix, minimal_eps, perturb
+from advgrad.backend import blas_threads, get_backend
+from advgrad.batch import aligned_batch_size, clip_range
+from advgrad.errors import InputFileError
+from advgrad.io import AdversarialWriter, load_model, open_dataset, sha256_file
+from advgrad.kernels import cpu
+from advgrad.model import Model
+
+NORMS = ("inf", "2")
+METHODS = ("crown", "ibp")
+DEFAULT_EPS = (0.01, 0.02, 0.05, 0.1)
+DEFAULT_TOLERANCE = 1e-3
+DEFAULT_ATTACK = Attack("pgd", steps=50, restarts=5)
+"""The empirical side: PGD (step 2.5 eps / steps), 50 steps, 5 random restarts."""
+LINE_STEPS = 20
+"""Bisection steps of the sigmoid tangent lines that CROWN uses on intervals spanning 0."""
+
+
+@dataclass(frozen=True)
+class Bracket:
+    """Medians over the correctly classified rows of the per-row bracket
+    [certified radius, smallest adversarial eps found]; inf where more than half of the
+    rows had no adversarial example found up to eps_max. ``found`` is the fraction of those
+    rows where one was found."""
+
+    rows: int
+    median_lower: float
+    median_upper: float
+    median_gap: float
+    found: float
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    """Result of ``certify``.
+
+    Attributes
+    ----------
+    norm : "inf" or "2"
+    method : "crown" or "ibp"
+    eps_values : the eps the accuracies are given at, ascending
+    eps_max, tolerance : the radius search range [0, eps_max] and its bisection tolerance
+    clip : (x_min, x_max) of the region (infinite: none)
+    labels : (N,) int64, the classes certified (the labels, or the clean predictions)
+    predicted : (N,) int64, the clean predictions
+    radius : (N,) float64, certified radius (0 where not even the clean row is certified)
+    certified : (N, E) bool, certified at each eps
+    attack : the attack of the empirical side, or None when none ran
+    attack_eps : (N,) float64 or None, the smallest eps at which the attack found an
+        adversarial example (0 for misclassified rows, inf when none up to eps_max)
+    robust : (N, E) bool or None, classified correctly and no adversarial example found
+        within eps (empirical robustness, an upper bound of the true robust accuracy)
+    certify_seconds, attack_seconds : time spent on bounds and on attacks
+    output : the file written by ``certify_file``, else None
+    label_source : "labels" (given or the dataset's /y) or "predictions"
+    """
+
+    norm: str
+    method: str
+    eps_values: tuple[float, ...]
+    eps_max: float
+    tolerance: float
+    clip: tuple[float, float]
+    labels: np.ndarray
+    predicted: np.ndarray
+    radius: np.ndarray
+    certified: np.ndarray
+    attack: Attack | None = None
+    attack_eps: np.ndarray | None = None
+    robust: np.ndarray | None = None
+    certify_seconds: float = 0.0
+    attack_seconds: float = 0.0
+    output: Path | None = None
+    label_source: str = "labels"
+
+    @property
+    def n_rows(self) -> int:
+        """N."""
+        return len(self.radius)
+
+    @property
+    def clean_accuracy(self) -> float:
+        """Fraction of rows whose clean prediction is the label."""
+        return float(np.mean(self.predicted == self.labels)) if self.n_rows else 0.0
+
+    @property
+    def certified_accuracy(self) -> tuple[float, ...]:
+        """Per eps, the fraction of rows certified."""
+        return tuple(float(v) for v in self.certified.mean(axis=0)) if self.n_rows else ()
+
+    @property
+    def robust_accuracy(self) -> tuple[float, ...] | None:
+        """Per eps, the fraction of rows the attack failed on (None without attack)."""
+        if self.robust is None:
+            return None
+        return tuple(float(v) for v in self.robust.mean(axis=0)) if self.n_rows else ()
+
+    @property
+    def contradictions(self) -> int:
+        """Rows certified at an eps where the attack succeeded: 0 unless a bound is wrong."""
+        if self.robust is None:
+            return 0
+        return int((self.certified & ~self.robust).any(axis=1).sum())
+
+    @property
+    def seconds_per_row(self) -> float:
+        """Certification time per row (attacks excluded)."""
+        return self.certify_seconds / max(self.n_rows, 1)
+
+    def bracket(self) -> Bracket | None:
+        """Medians of the per-row brackets (None without attack or correct rows)."""
+        correct = self.predicted == self.labels
+        if self.attack_eps is None or not correct.any():
+            return None
+        lower = self.radius[correct]
+        upper = self.attack_eps[correct]
+        gap = upper - lower
+        return Bracket(
+            rows=int(correct.sum()),
+            median_lower=float(np.quantile(lower, 0.5, method="lower")),
+            median_upper=float(np.quantile(upper, 0.5, method="lower")),
+            median_gap=float(np.quantile(gap, 0.5, method="lower")),
+            found=float(np.isfinite(upper).mean()),
+        )
+
+
+def _check_norm(norm) -> str:
+    norm = str(norm).removesuffix(".0")
+    if norm not in NORMS:
+        raise ValueError(f"certification supports the norms {' and '.join(NORMS)}, got {norm!r}")
+    return norm
+
+
+def _check_options(method: str, eps_values, tolerance: float, clip) -> tuple:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    values = sorted({float(e) for e in eps_values})
+    if not all(math.isfinite(e) and e >= 0.0 for e in values):
+        raise ValueError(f"eps values must be finite and >= 0, got {list(eps_values)}")
+    if not (math.isfinite(tolerance) and tolerance > 0.0):
+        raise ValueError(f"the tolerance must be > 0, got {tolerance}")
+    x_min, x_max = (-math.inf, math.inf) if clip is None else (float(clip[0]), float(clip[1]))
+    if not x_min < x_max:
+        raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
+    return tuple(values), (x_min, x_max)
+
+
+def default_eps_max(norm: str, clip: tuple[float, float], n_inputs: int, eps_values) -> float:
+    """The top of the radius search: the whole clip box (its width for L-inf, times
+    sqrt(d) for L2), else 4 times the largest eps (1 when they are all 0)."""
+    width = clip[1] - clip[0]
+    if math.isfinite(width):
+        return width if norm == "inf" else width * math.sqrt(n_inputs)
+    return 4.0 * max(eps_values, default=0.0) or 1.0
+
+
+def _kernel_arguments(model: Model, rows: np.ndarray, classes: np.ndarray, norm: str):
+    """Rows, classes, the network (all float64) and p, as the bound kernels take them."""
+    network = (model.W1, model.b1, model.W2, model.b2)
+    return (
+        np.ascontiguousarray(rows, dtype=np.float64),
+        np.ascontiguousarray(classes, dtype=np.int64),
+        tuple(np.ascontiguousarray(a, dtype=np.float64) for a in network),
+        np.inf if norm == "inf" else 2.0,
+    )
+
+
+def _run(kernel, n_rows: int, *args) -> None:
+    # np.dot inside prange needs a single-threaded BLAS (see advgrad.backend.blas_threads)
+    if n_rows > cpu.ROWS_PER_BLOCK:
+        with blas_threads(1):
+            kernel(*args)
+    else:
+        kernel(*args)
+
+
+def _classes(model: Model, rows: np.ndarray, y) -> np.ndarray:
+    if y is None:
+        return get_backend().forward(model, rows, label_matrix(model, None, len(rows)))[2]
+    return np.argmax(label_matrix(model, y, len(rows)), axis=1).astype(np.int64)
+
+
+def margin_bounds(
+    model: Model,
+    X,
+    y=None,
+    *,
+    eps,
+    norm="inf",
+    method: str = "crown",
+    clip: tuple[float, float] | None = (0.0, 1.0),
+) -> np.ndarray:
+    """Certified lower bounds of each row's worst class margin over its eps-region.
+
+    Parameters
+    ----------
+    model : Model
+    X : (N, ...) array, trailing dimensions flatten to d
+    y : (N,) int labels, (N, C) soft labels (their argmax), or None for the predictions
+    eps : float or (N,) floats >= 0, the radius per row
+    norm : "inf" or "2"
+    method : "crown" or "ibp"
+    clip : (x_min, x_max) or None
+
+    Returns
+    -------
+    (N,) float64: a lower bound of min over k != y of z_y - z_k over the region; > 0 proves
+    that every input of the region is classified as y.
+    """
+    norm = _check_norm(norm)
+    _, clip = _check_options(method, (), 1.0, clip)
+    rows = as_rows(model, X)
+    radius = np.ascontiguousarray(np.broadcast_to(np.asarray(eps, np.float64), len(rows)))
+    if not (np.isfinite(radius).all() and (radius >= 0).all()):
+        raise ValueError("eps must be finite and >= 0")
+    X64, classes, network, p = _kernel_arguments(model, rows, _classes(model, rows, y), norm)
+    worst = np.empty(len(rows))
+    _run(
+        cpu.margin_bounds_into,
+        len(rows),
+        *(X64, classes, radius, p, *clip, *network, method == "crown", LINE_STEPS, worst),
+    )
+    return worst
+
+
+def certified_radius(
+    model: Model,
+    rows: np.ndarray,
+    classes: np.ndarray,
+    *,
+    norm: str,
+    eps_grid: Sequence[float],
+    method: str,
+    tolerance: float,
+    clip: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Certified radius (N,) float64 and certificates (N, E) bool at ``eps_grid``.
+
+    ``rows`` (N, d) and ``classes`` (N,) int64 are prepared; ``eps_grid`` ascending, its
+    largest value the top of the search (see ``cpu.certified_radius_into``).
+    """
+    X64, labels, network, p = _kernel_arguments(model, rows, classes, norm)
+    grid = np.ascontiguousarray(eps_grid, dtype=np.float64)
+    radius = np.empty(len(rows))
+    certified = np.empty((len(rows), len(grid)), dtype=np.bool_)
+    _run(
+        cpu.certified_radius_into,
+        len(rows),
+        *(X64, labels, grid, p, *clip, *network, method == "crown", LINE_STEPS, tolerance),
+        *(radius, certified),
+    )
+    return radius, certified
+
+
+@dataclass(frozen=True)
+class _Settings:
+    norm: str
+    method: str
+    eps_values: tuple[float, ...]
+    eps_max: float
+    tolerance: float
+    clip: tuple[float, float]
+    attack: Attack | None
+
+
+@dataclass(frozen=True)
+class _BlockResult:
+    classes: np.ndarray
+    predicted: np.ndarray
+    radius: np.ndarray
+    certified: np.ndarray
+    attack_eps: np.ndarray | None
+    robust: np.ndarray | None
+    X_adv: np.ndarray | None  # the attack at the largest eps
+    predicted_adv: np.ndarray | None
+    certify_seconds: float
+    attack_seconds: float
+
+
+def _certify_block(model: Model, rows, y, settings: _Settings, first_row: int) -> _BlockResult:
+    backend = get_backend()
+    predicted = backend.forward(model, rows, label_matrix(model, None, len(rows)))[2]
+    classes = predicted if y is None else _classes(model, rows, y)
+    grid = sorted({*settings.eps_values, settings.eps_max})
+    started = time.perf_counter()
+    radius, certified = certified_radius(
+        model,
+        rows,
+        classes,
+        norm=settings.norm,
+        eps_grid=grid,
+        method=settings.method,
+        tolerance=settings.tolerance,
+        clip=settings.clip,
+    )
+    certify_seconds = time.perf_counter() - started
+    certified = certified[:, [grid.index(e) for e in settings.eps_values]]
+    if settings.attack is None:
+        return _BlockResult(
+            classes, predicted, radius, certified, None, None, None, None, certify_seconds, 0.0
+        )
+    started = time.perf_counter()
+    attack = replace(settings.attack, norm=settings.norm, eps=settings.eps_max, target=None)
+    labels = attack_labels(model, rows, classes, attack, first_row, backend)
+    hits = np.empty((len(rows), len(settings.eps_values)), dtype=bool)
+    X_adv = predicted_adv = None
+    for column, eps in enumerate(settings.eps_values):
+        X_adv = perturb(
+            model,
+            rows,
+            labels,
+            attack,
+            settings.clip,
+            eps=eps,
+            first_row=first_row,
+            backend=backend,
+        )
+        predicted_adv = backend.forward(model, X_adv, labels.Y[:0])[2]
+        hits[:, column] = predicted_adv != classes
+    attack_eps = minimal_eps(
+        model,
+        rows,
+        labels,
+        attack,
+        settings.clip,
+        eps_max=settings.eps_max,
+        tolerance=settings.tolerance,
+        first_row=first_row,
+        backend=backend,
+    )
+    # an adversarial example at a listed eps also bounds the row's radius from above
+    values = np.asarray(settings.eps_values)
+    found_at = np.where(hits, values[None, :], np.inf).min(axis=1, initial=np.inf)
+    attack_eps = np.minimum(attack_eps, found_at)
+    robust = ~hits & (attack_eps[:, None] > values[None, :]) & (predicted == classes)[:, None]
+    return _BlockResult(
+        classes,
+        predicted,
+        radius,
+        certified,
+        attack_eps,
+        robust,
+        X_adv,
+        predicted_adv,
+        certify_seconds,
+        time.perf_counter() - started,
+    )
+
+
+def _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack) -> _Settings:
+    norm = _check_norm(norm)
+    eps_values, clip = _check_options(method, eps_values, tolerance, clip)
+    if not eps_values:
+        raise ValueError("give at least one eps value")
+    if eps_max is None:
+        eps_max = default_eps_max(norm, clip, model.n_inputs, eps_values)
+    if not (math.isfinite(eps_max) and eps_max > 0.0):
+        raise ValueError(f"eps_max must be > 0 and finite, got {eps_max}")
+    if attack is not None and attack.method != "pgd":
+        raise ValueError(f"the empirical side runs pgd, got {attack.method!r}")
+    return _Settings(norm, method, eps_values, float(eps_max), float(tolerance), clip, attack)
+
+
+def _combine(
+    parts: Sequence[_BlockResult], settings: _Settings, label_source: str, output=None
+) -> CertifyResult:
+    def joined(name, shape):
+        values = [getattr(part, name) for part in parts]
+        if any(value is None for value in values):
+            return None
+        return np.concatenate(values) if values else np.empty(shape)
+
+    E = len(settings.eps_values)
+    return CertifyResult(
+        norm=settings.norm,
+        method=settings.method,
+        eps_values=settings.eps_values,
+        eps_max=settings.eps_max,
+        tolerance=settings.tolerance,
+        clip=settings.clip,
+        labels=joined("classes", 0).astype(np.int64),
+        predicted=joined("predicted", 0).astype(np.int64),
+        radius=joined("radius", 0),
+        certified=joined("certified", (0, E)).astype(bool),
+        attack=settings.attack,
+        attack_eps=joined("attack_eps", 0),
+        robust=None if settings.attack is None else joined("robust", (0, E)).astype(bool),
+        certify_seconds=sum(part.certify_seconds for part in parts),
+        attack_seconds=sum(part.attack_seconds for part in parts),
+        output=output,
+        label_source=label_source,
+    )
+
+
+def certify(
+    model: Model,
+    X,
+    y=None,
+    *,
+    norm="inf",
+    eps_values: Sequence[float] = DEFAULT_EPS,
+    method: str = "crown",
+    tolerance: float = DEFAULT_TOLERANCE,
+    clip: tuple[float, float] | None = (0.0, 1.0),
+    eps_max: float | None = None,
+    attack: Attack | None = None,
+    first_row: int = 0,
+) -> CertifyResult:
+    """Certified radii and accuracies of X, optionally next to an attack's.
+
+    Parameters
+    ----------
+    model : Model (float32 or float64; bounds are computed in float64)
+    X : (N, ...) array, trailing dimensions flatten to d
+    y : (N,) int labels, (N, C) soft labels (their argmax), or None to certify the
+        model's own predictions
+    norm : "inf" or "2"
+    eps_values : radii at which to report certified (and robust) accuracy
+    method : "crown" (CROWN-style linear bounds, never looser than ibp) or "ibp"
+    tolerance : bisection tolerance of the certified radius (and of the attack's minimal eps)
+    clip : (x_min, x_max), the valid input box, or None
+    eps_max : top of the radius search; default ``default_eps_max``
+    attack : None, or a pgd ``Attack`` (e.g. ``DEFAULT_ATTACK``; its eps, norm and target
+        are ignored) run at every eps and bisected for each row's minimal adversarial eps
+    first_row : absolute index of X's first row (seeds the attack's random starts)
+
+    Returns
+    -------
+    CertifyResult
+    """
+    settings = _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
+    rows = as_rows(model, X)
+    part = _certify_block(model, rows, y, settings, first_row)
+    return _combine([part], settings, "predictions" if y is None else "labels")
+
+
+def default_output_name(data_path: str | os.PathLike, norm: str) -> Path:
+    """``<data stem>-certify-l<norm>.h5`` in the current folder."""
+    return Path(f"{Path(data_path).stem}-certify-l{_check_norm(norm)}.h5")
+
+
+def certify_file(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    norm="inf",
+    eps_values: Sequence[float] = DEFAULT_EPS,
+    method: str = "crown",
+    tolerance: float = DEFAULT_TOLERANCE,
+    clip: tuple[float, float] | None = None,
+    eps_max: float | None = None,
+    attack: Attack = DEFAULT_ATTACK,
+    use_labels: bool = True,
+    batch_size: int = 8192,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CertifyResult:
+    """Certify every row of a dataset file and write the per-row results.
+
+    Rows stream in blocks of ``aligned_batch_size(batch_size)``. ``clip`` defaults to the
+    dataset's (else the model's) x_min/x_max, else none; labels are the dataset's ``/y``
+    (``use_labels``, when it has one) or the clean predictions. The output is written
+    crash-safely as an adversarial dataset (DESIGN.md section 3): ``/X`` holds the attack's
+    examples at the largest eps with ``/pred_clean``, ``/pred_adv`` and ``/y``, and the
+    columns ``/radius`` (N,) (certified radius) and ``/attack_eps`` (N,) (smallest
+    adversarial eps found, inf: none up to eps_max), so that a row is certified at eps > 0
+    exactly when its radius is >= eps; the settings are root attributes.
+    ``progress(rows_done, n_rows)`` is called after each block.
+    """
+    if attack is None:
+        raise ValueError("certify_file needs the attack whose examples it writes as /X")
+    rows_per_block = aligned_batch_size(batch_size)
+    model = load_model(model_path)
+    with open_dataset(data_path, n_classes=model.n_classes) as reader:
+        if math.prod(reader.row_shape) != model.n_inputs:
+            raise InputFileError(
+                data_path,
+                "/X",
+                f"rows have {math.prod(reader.row_shape)} features; "
+                f"the model expects {model.n_inputs}",
+            )
+        model = model.astype(reader.dtype)
+        labelled = use_labels and reader.has_labels
+        clip = clip_range(clip, reader, model)
+        settings = _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
+        attrs = {
+            "certify_method": settings.method,
+            "norm": settings.norm,
+            "eps": np.asarray(settings.eps_values),
+            "eps_max": settings.eps_max,
+            "tolerance": settings.tolerance,
+            "x_min": clip[0] if math.isfinite(clip[0]) else None,
+            "x_max": clip[1] if math.isfinite(clip[1]) else None,
+            "labels": "labels" if labelled else "predictions",
+            "attack": attack.method,
+            "attack_eps": max(settings.eps_values),  # the eps of /X
+            "steps": attack.steps,
+            "restarts": attack.restarts,
+            "step_size_ratio": attack.alpha / attack.eps if attack.eps > 0 else None,
+            "seed": attack.seed,
+            "targeted": False,
+            "model_sha256": sha256_file(model_path),
+            "data_sha256": sha256_file(data_path),
+            "model_file": Path(model_path).name,
+            "data_file": Path(data_path).name,
+            "advgrad_version": advgrad.__version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        parts = []
+        with AdversarialWriter(
+            out_path,
+            n_rows=reader.n_rows,
+            row_shape=reader.row_shape,
+            dtype=reader.dtype,
+            y_template=reader.y_template,
+            attrs=attrs,
+            rows_per_chunk=min(rows_per_block, max(reader.n_rows, 1)),
+            overwrite=overwrite,
+            inputs=(model_path, data_path),
+            columns={"radius": np.float64, "attack_eps": np.float64},
+        ) as writer:
+            for start, X, y in reader.chunks(rows_per_block):
+                rows = np.ascontiguousarray(X.reshape(len(X), -1))
+                part = _certify_block(model, rows, y if labelled else None, settings, start)
+                writer.write(
+                    start,
+                    part.X_adv.reshape(X.shape),
+                    y,
+                    part.predicted,
+                    part.predicted_adv,
+                    radius=part.radius,
+                    attack_eps=part.attack_eps,
+                )
+                parts.append(part)
+                if progress is not None:
+                    progress(start + len(rows), reader.n_rows)
+    return _combine(parts, settings, attrs["labels"], Path(out_path))

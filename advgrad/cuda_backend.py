@@ -1,0 +1,173 @@
+"""The CUDA backend: ``advgrad.kernels.cuda`` behind the same methods as ``CpuBackend``.
+
+Importing this module imports numba.cuda, so ``advgrad.backend`` imports it only when the
+``"cuda"`` device is asked for; ``cuda_available`` says whether that can work here.
+
+Host numpy arrays go in and come out. The model's weights stay on the GPU between calls (one
+copy per ``Model`` object, freed with it); batches stream through the GPU in chunks of at most
+``chunk_rows`` rows, reusing one set of device buffers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import weakref
+
+import numpy as np
+
+from advgrad.model import Model
+
+DEFAULT_CHUNK_ROWS = 65536
+
+
+def cuda_available() -> tuple[bool, str]:
+    """Whether the CUDA backend can run here, and why not (one line); never raises.
+
+    Returns
+    -------
+    available : bool
+    reason : str, what is missing when not available, else the device's name
+    """
+    if importlib.util.find_spec("numba_cuda") is None:
+        return False, "numba-cuda is not installed (pip install numba-cuda)"
+    try:
+        from advgrad.kernels import cuda as kernels  # first: it makes numba.cuda importable
+    except Exception as error:  # a broken install fails in many ways
+        return False, f"numba-cuda cannot be imported: {_one_line(error)}"
+    cuda = kernels.cuda
+    try:
+        if cuda.is_available():
+            return True, _device_name(cuda.get_current_device())
+        from numba.cuda.cudadrv.driver import driver
+
+        if driver.get_device_count() == 0:
+            return False, "the CUDA driver sees no GPU"
+        return False, "numba-cuda supports none of the GPUs the driver sees"
+    except Exception as error:  # CudaSupportError and friends, from the driver
+        return False, f"no usable CUDA driver: {_one_line(error)}"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()).rstrip(" :") or type(error).__name__
+
+
+def _device_name(device) -> str:
+    name = getattr(device, "name", "CUDA simulator")
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_session: dict = {}
+
+
+def device_weights(model: Model) -> tuple:
+    """``(W1, b1, W2, b2)`` of ``model`` as device arrays, uploaded once per model object."""
+    weights = _weights.get(model)
+    if weights is None:
+        from advgrad.kernels import cuda as kernels
+
+        to_device = kernels.cuda.to_device
+        weights = tuple(to_device(w) for w in (model.W1, model.b1, model.W2, model.b2))
+        _weights[model] = weights
+    return weights
+
+
+class CudaBackend:
+    """Runs the numba.cuda kernels (``advgrad.kernels.cuda``) on the current GPU.
+
+    Parameters
+    ----------
+    chunk_rows : int
+        Largest number of rows sent to the GPU at once; larger batches stream through.
+    """
+
+    name = "cuda"
+
+    def __init__(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+        self.chunk_rows = int(chunk_rows)
+
+    def input_gradient(self, model: Model, X: np.ndarray, Y: np.ndarray):
+        """G (N, d) and predicted classes (N,) int64; Y (N, C) or 0 rows for predictions."""
+        from advgrad.kernels import cuda as kernels
+
+        G = np.empty_like(X)
+        predicted = np.empty(X.shape[0], dtype=np.int64)
+
+        def launch(weights, X_d, Y_d, outputs, stream, workspace):
+            kernels.input_gradient_into(
+                X_d, *weights, Y_d, *outputs, stream=stream, workspace=workspace
+            )
+
+        self._stream(model, X, Y, (G, predicted), launch)
+        return G, predicted
+
+    def fgm_step(self, model: Model, X, Y, eps: float, p: float, x_min: float, x_max: float):
+        """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64."""
+        from advgrad.kernels import cuda as kernels
+
+        X_adv = np.empty_like(X)
+        predicted = np.empty(X.shape[0], dtype=np.int64)
+
+        def launch(weights, X_d, Y_d, outputs, stream, workspace):
+            kernels.fgm_step_into(
+                X_d,
+                *weights,
+                Y_d,
+                eps,
+                p,
+                x_min,
+                x_max,
+                *outputs,
+                stream=stream,
+                workspace=workspace,
+            )
+
+        self._stream(model, X, Y, (X_adv, predicted), launch)
+        return X_adv, predicted
+
+    def forward(self, model: Model, X: np.ndarray, Y: np.ndarray):
+        """Probabilities P (N, C), per-row losses (N,) and predictions (N,) int64."""
+        from advgrad.kernels import cuda as kernels
+
+        n_rows = X.shape[0]
+        P = np.empty((n_rows, model.n_classes), dtype=X.dtype)
+        losses = np.empty(n_rows, dtype=X.dtype)
+        predicted = np.empty(n_rows, dtype=np.int64)
+
+        def launch(weights, X_d, Y_d, outputs, stream, workspace):
+            A = workspace.array("A", (X_d.shape[0], model.n_hidden), X_d.dtype)
+            kernels.forward_into(
+                X_d, *weights, Y_d, A, *outputs, stream=stream, workspace=workspace
+            )
+
+        self._stream(model, X, Y, (P, losses, predicted), launch)
+        return P, losses, predicted
+
+    def _stream(self, model: Model, X: np.ndarray, Y: np.ndarray, outputs, launch) -> None:
+        """Run ``launch`` on each chunk of rows, copying X, Y in and ``outputs`` out."""
+        from advgrad.kernels import cuda as kernels
+
+        with _lock:
+            if not _session:
+                _session.update(stream=kernels.cuda.stream(), workspace=kernels.Workspace())
+            stream, workspace = _session["stream"], _session["workspace"]
+            weights = device_weights(model)
+            for start in range(0, X.shape[0], self.chunk_rows):
+                stop = min(start + self.chunk_rows, X.shape[0])
+                X_d = workspace.array("X", (stop - start, X.shape[1]), X.dtype)
+                X_d.copy_to_device(X[start:stop], stream=stream)
+                Y_d = workspace.array("Y", (len(Y[start:stop]), Y.shape[1]), Y.dtype)
+                if len(Y_d):
+                    Y_d.copy_to_device(Y[start:stop], stream=stream)
+                outputs_d = [
+                    workspace.array(f"out{i}", (stop - start, *out.shape[1:]), out.dtype)
+                    for i, out in enumerate(outputs)
+                ]
+                launch(weights, X_d, Y_d, outputs_d, stream, workspace)
+                for out, out_d in zip(outputs, outputs_d, strict=True):
+                    out_d.copy_to_host(out[start:stop], stream=stream)
+            stream.synchronize()

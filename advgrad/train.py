@@ -1,0 +1,444 @@
+"""Training of the two-layer sigmoid network: mini-batches, Adam or SGD with momentum, weight
+decay, early stopping on a validation split, and adversarial training (Goodfellow et al. 2015).
+
+The objective of one mini-batch of B rows is the *mean* cross-entropy
+
+    alpha * (1/B) sum_n J(x_n, y_n) + (1 - alpha) * (1/B) sum_n J(x'_n, y_n)
+        + weight_decay / 2 * (||W1||^2 + ||W2||^2)
+
+with x' = clip(x + eps * sign(dJ/dx)) (FGSM, or PGD from ``advgrad.attacks``); plain training
+is eps = 0 (alpha = 1). Gradients come from ``advgrad.kernels.cpu.parameter_gradient_into``,
+which fuses the FGSM step into the clean backward pass.
+
+Randomness (initial weights, the validation split, the order of the rows in every epoch, PGD
+starts) comes from ``seed`` alone, and the kernels add up their row blocks in a fixed order
+with BLAS on one thread: the same data, configuration and seed give bitwise the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+import advgrad
+from advgrad.attacks import Attack, Labels, as_rows, label_matrix, perturb, predict
+from advgrad.backend import blas_threads, get_backend
+from advgrad.errors import InputFileError
+from advgrad.io import open_dataset, save_model, sha256_file
+from advgrad.kernels import cpu
+from advgrad.model import FLOAT_DTYPES, Model
+
+OPTIMIZERS = ("adam", "sgd")
+ADVERSARIAL_METHODS = ("fgsm", "pgd")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of ``train``.
+
+    Attributes
+    ----------
+    hidden : H, the number of hidden units
+    epochs : the most passes over the training rows
+    batch_size : rows per mini-batch (the last batch of an epoch may be smaller)
+    lr : learning rate; None: 0.01 for adam, 0.1 for sgd
+    optimizer : "adam" or "sgd" (with momentum)
+    momentum : sgd's momentum
+    weight_decay : L2 penalty on W1 and W2 (not the biases), added to the mean loss as
+        weight_decay / 2 * ||W||^2
+    seed : seeds every random choice
+    validation_fraction : share of the rows held out for early stopping (0: none, train
+        for ``epochs`` and keep the last weights)
+    patience : stop after this many epochs without a lower validation loss, and keep the
+        weights of the best epoch
+    adv_eps : L-inf radius of adversarial training; 0 trains on clean rows only
+    adv_alpha : weight alpha of the clean loss in the adversarial objective
+    adv_method : "fgsm" (the paper) or "pgd" (Madry et al.; ``adv_steps`` steps, one start)
+    adv_steps : PGD's number of steps
+    dtype : the compute dtype, "float32" or "float64"
+    """
+
+    hidden: int = 64
+    epochs: int = 300
+    batch_size: int = 32
+    lr: float | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    validation_fraction: float = 0.1
+    patience: int = 30
+    adv_eps: float = 0.0
+    adv_alpha: float = 0.5
+    adv_method: str = "fgsm"
+    adv_steps: int = 10
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("hidden, epochs, batch_size and patience must be at least 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
+            )
+        if not (math.isfinite(self.adv_eps) and self.adv_eps >= 0.0):
+            raise ValueError(f"adv_eps must be >= 0, got {self.adv_eps}")
+        if not 0.0 <= self.adv_alpha <= 1.0:
+            raise ValueError(f"adv_alpha must be in [0, 1], got {self.adv_alpha}")
+        if self.adv_method not in ADVERSARIAL_METHODS:
+            raise ValueError(f"adv_method must be fgsm or pgd, got {self.adv_method!r}")
+        if self.adv_steps < 1:
+            raise ValueError(f"adv_steps must be at least 1, got {self.adv_steps}")
+        if np.dtype(self.dtype) not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the optimizer's default."""
+        if self.lr is not None:
+            return self.lr
+        return 0.01 if self.optimizer == "adam" else 0.1
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the objective has an adversarial term."""
+        return self.adv_eps > 0.0 and self.adv_alpha < 1.0
+
+    def describe(self) -> dict:
+        """The settings as model-file attributes (``lr`` resolved; unused ones left out)."""
+        out = asdict(self) | {"lr": self.learning_rate}
+        if self.optimizer != "sgd":
+            del out["momentum"]
+        if not self.adversarial:
+            for name in ("adv_alpha", "adv_method", "adv_steps"):
+                del out[name]
+        elif self.adv_method != "pgd":
+            del out["adv_steps"]
+        return out
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Loss and accuracy after one epoch (clean rows; validation: None without a split)."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    validation_loss: float | None
+    validation_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` returns.
+
+    ``model`` holds the weights of ``best_epoch`` (the last epoch without a validation split)
+    and, in ``metadata``, the configuration, the training data's hash and the final metrics.
+    """
+
+    model: Model
+    history: tuple[EpochStats, ...]
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+
+
+class _Parameters:
+    """W1, W2, b1, b2 as views of one flat vector (weights first, for the weight decay)."""
+
+    def __init__(self, d: int, H: int, C: int, dtype: np.dtype) -> None:
+        self.flat = np.zeros(d * H + H * C + H + C, dtype=dtype)
+        self.n_weights = d * H + H * C
+        self.W1 = self.flat[: d * H].reshape(d, H)
+        self.W2 = self.flat[d * H : self.n_weights].reshape(H, C)
+        self.b1 = self.flat[self.n_weights : self.n_weights + H]
+        self.b2 = self.flat[self.n_weights + H :]
+
+    @property
+    def network(self) -> tuple[np.ndarray, ...]:
+        """(W1, b1, W2, b2), the argument order of the kernels."""
+        return self.W1, self.b1, self.W2, self.b2
+
+
+def _evaluate(params: _Parameters, rows: np.ndarray, Y: np.ndarray) -> tuple[float, float]:
+    """Mean loss and accuracy of rows (N, d) against labels Y (N, C)."""
+    _, losses, predicted = get_backend().forward(Model(*params.network), rows, Y)
+    accuracy = float(np.mean(predicted == np.argmax(Y, axis=1)))
+    return float(np.mean(losses, dtype=np.float64)), accuracy
+
+
+def _n_classes(y: np.ndarray, n_classes: int | None) -> int:
+    if n_classes is not None:
+        return int(n_classes)
+    if y.ndim == 2:
+        return y.shape[1]
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) == 0:
+        raise ValueError(f"y must be (N,) integer labels or (N, C) soft labels, got {y.shape}")
+    return max(int(y.max()) + 1, 2)
+
+
+def data_sha256(X: np.ndarray, y: np.ndarray) -> str:
+    """SHA-256 of the bytes of X (as given, C order) followed by those of y."""
+    digest = hashlib.sha256(np.ascontiguousarray(X).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    return digest.hexdigest()
+
+
+def _split(n_rows: int, fraction: float, rng: np.random.Generator):
+    """Sorted row indices (training, validation): a random ``fraction`` held out."""
+    order = rng.permutation(n_rows)
+    n_validation = round(fraction * n_rows)
+    if n_rows - n_validation < 1:
+        raise ValueError(f"{n_rows} rows leave none to train on")
+    return np.sort(order[n_validation:]), np.sort(order[:n_validation])
+
+
+def _batch_gradient(params, grad, X, Y, config: TrainConfig, clip, first_row: int) -> None:
+    """grad = gradient of the batch objective (module docstring) without the weight decay."""
+    x_min, x_max = clip
+    weight = 1.0 / len(X)
+    alpha = config.adv_alpha if config.adversarial else 1.0
+    fused = config.adversarial and config.adv_method == "fgsm"
+    grad.flat[:] = 0.0
+    cpu.parameter_gradient_into(
+        *(X, *params.network, Y, alpha * weight, (1.0 - alpha) * weight if fused else 0.0),
+        *(config.adv_eps, x_min, x_max, *grad.network),
+    )
+    if config.adversarial and not fused:
+        attack = Attack("pgd", eps=config.adv_eps, steps=config.adv_steps, seed=config.seed)
+        classes = np.argmax(Y, axis=1)
+        X_adv = perturb(
+            Model(*params.network),
+            X,
+            Labels(Y, classes, classes),
+            attack,
+            clip,
+            first_row=first_row,
+        )
+        cpu.parameter_gradient_into(
+            *(X_adv, *params.network, Y, (1.0 - alpha) * weight, 0.0),
+            *(0.0, x_min, x_max, *grad.network),
+        )
+
+
+def train(
+    X,
+    y,
+    config: TrainConfig = TrainConfig(),
+    *,
+    n_classes: int | None = None,
+    clip: tuple[float, float] | None = None,
+    progress: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Train a two-layer sigmoid network on labelled rows, by mini-batches.
+
+    Weights start Glorot-uniform (biases at 0); a random ``validation_fraction`` of the rows
+    is held out; every epoch visits the other rows in a new random order.
+
+    Parameters
+    ----------
+    X : (N, ...) float array, trailing dimensions flatten to d
+    y : (N,) int labels in [0, C), or (N, C) float soft labels
+    config : TrainConfig
+    n_classes : int, optional
+        C; default: the number of columns of soft labels, else max(y) + 1.
+    clip : (x_min, x_max), optional
+        The valid input range: adversarial rows are clipped to it. None: no clipping.
+    progress : callable, optional
+        Called with each epoch's ``EpochStats``.
+
+    Returns
+    -------
+    TrainResult
+        The model is in ``config.dtype``; its metadata holds the hyper-parameters
+        (``TrainConfig.describe``), ``training_data_sha256`` (``data_sha256(X, y)``), the
+        row counts, ``epochs_run``, ``best_epoch``, and the loss and accuracy on the
+        training and validation rows at the best epoch.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes or labels, or training diverged (non-finite weights).
+    """
+    started = time.perf_counter()
+    dtype = np.dtype(config.dtype)
+    y = np.asarray(y)
+    C = _n_classes(y, n_classes)
+    d = math.prod(np.shape(X)[1:])
+    H = config.hidden
+    params, grad = _Parameters(d, H, C, dtype), _Parameters(d, H, C, dtype)
+    rows = as_rows(Model(*params.network), X)
+    Y = label_matrix(Model(*params.network), y, len(rows))
+    clip = (-math.inf, math.inf) if clip is None else (float(clip[0]), float(clip[1]))
+    rng = np.random.default_rng(config.seed)
+    training, validation = _split(len(rows), config.validation_fraction, rng)
+    X_train, Y_train, X_val, Y_val = rows[training], Y[training], rows[validation], Y[validation]
+    params.W1[...] = rng.uniform(-1.0, 1.0, (d, H)) * math.sqrt(6.0 / (d + H))
+    params.W2[...] = rng.uniform(-1.0, 1.0, (H, C)) * math.sqrt(6.0 / (H + C))
+    moments = [np.zeros_like(params.flat) for _ in range(2)]
+
+    best = params.flat.copy()
+    best_loss, best_epoch, step = math.inf, 0, 0
+    history: list[EpochStats] = []
+    with blas_threads(1):
+        for epoch in range(1, config.epochs + 1):
+            shuffled = rng.permutation(len(training))
+            for first in range(0, len(training), config.batch_size):
+                batch = np.sort(shuffled[first : first + config.batch_size])
+                _batch_gradient(
+                    params,
+                    grad,
+                    X_train[batch],
+                    Y_train[batch],
+                    config,
+                    clip,
+                    step * config.batch_size,
+                )
+                step += 1
+                if config.optimizer == "adam":
+                    cpu.adam_update(
+                        *(params.flat, grad.flat, *moments, step, config.learning_rate),
+                        *(*ADAM_BETAS, ADAM_EPSILON, config.weight_decay, params.n_weights),
+                    )
+                else:
+                    cpu.momentum_update(
+                        *(params.flat, grad.flat, moments[0], config.learning_rate),
+                        *(config.momentum, config.weight_decay, params.n_weights),
+                    )
+            if not np.isfinite(params.flat).all():
+                raise ValueError(f"training diverged in epoch {epoch}; lower the learning rate")
+            validation_stats = _evaluate(params, X_val, Y_val) if len(validation) else (None, None)
+            stats = EpochStats(epoch, *_evaluate(params, X_train, Y_train), *validation_stats)
+            history.append(stats)
+            if progress is not None:
+                progress(stats)
+            if not len(validation) or stats.validation_loss < best_loss:
+                best[:] = params.flat
+                best_loss = stats.validation_loss if len(validation) else math.inf
+                best_epoch = epoch
+            elif epoch - best_epoch >= config.patience:
+                break
+    params.flat[:] = best
+    final = history[best_epoch - 1]
+    metrics = {
+        "train_loss": final.train_loss,
+        "train_accuracy": final.train_accuracy,
+        "validation_loss": final.validation_loss,
+        "validation_accuracy": final.validation_accuracy,
+    }
+    metadata = {
+        "trained_with": f"advgrad {advgrad.__version__} train",
+        **config.describe(),
+        "training_rows": len(training),
+        "validation_rows": len(validation),
+        "training_data_sha256": data_sha256(X, y),
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        **{name: value for name, value in metrics.items() if value is not None},
+    }
+    model = Model(*params.network, metadata=metadata)
+    seconds = time.perf_counter() - started
+    return TrainResult(model, tuple(history), best_epoch, len(history) < config.epochs, seconds)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What ``train_file`` did: the result, the output file, and the test accuracy (None
+    without a test set)."""
+
+    result: TrainResult
+    output: Path
+    n_rows: int
+    test_rows: int | None
+    test_accuracy: float | None
+
+
+def train_file(
+    data_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    config: TrainConfig = TrainConfig(),
+    *,
+    test_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: Callable[[EpochStats], None] | None = None,
+) -> TrainReport:
+    """Train on a labelled dataset file and write the model file.
+
+    The model takes the dataset's ``input_shape`` (else the trailing shape of ``/X``),
+    ``class_names``, ``x_min`` and ``x_max`` (also the clip range of adversarial rows).
+    Its attributes add to ``train``'s metadata the file names and SHA-256 hashes of the
+    training (and test) files, and ``test_accuracy`` on ``test_path``.
+
+    Raises
+    ------
+    InputFileError
+        ``out_path`` exists (without ``overwrite``) or is an input; a dataset is refused or
+        has no labels; the test set's rows do not fit the model.
+    """
+    out = Path(out_path)
+    inputs = [Path(p) for p in (data_path, test_path) if p is not None]
+    for source in inputs:
+        if out.resolve() == source.resolve():
+            raise InputFileError(out, None, f"is the input file {source}; choose another path")
+    if out.exists() and not overwrite:
+        raise InputFileError(out, None, "exists; pass --overwrite")
+    with open_dataset(data_path) as reader:
+        if not reader.has_labels:
+            raise InputFileError(data_path, "/y", "is missing; training needs labels")
+        info = reader.info
+        X, y = reader.read(0, reader.n_rows)
+    n_classes = len(info.class_names) if info.class_names is not None else None
+    clip = None if info.x_min is None or info.x_max is None else (info.x_min, info.x_max)
+    result = train(X, y, config, n_classes=n_classes, clip=clip, progress=progress)
+    metadata = {
+        **result.model.metadata,
+        "training_data": Path(data_path).name,
+        "training_file_sha256": sha256_file(data_path),
+    }
+    test_rows = test_accuracy = None
+    if test_path is not None:
+        with open_dataset(test_path, n_classes=result.model.n_classes) as reader:
+            if not reader.has_labels:
+                raise InputFileError(test_path, "/y", "is missing; the test set needs labels")
+            if math.prod(reader.row_shape) != result.model.n_inputs:
+                raise InputFileError(
+                    test_path,
+                    "/X",
+                    f"rows do not have the {result.model.n_inputs} features of the training set",
+                )
+            X_test, y_test = reader.read(0, reader.n_rows)
+        classes = y_test if y_test.ndim == 1 else np.argmax(y_test, axis=1)
+        test_rows = len(X_test)
+        test_accuracy = float(np.mean(predict(result.model, X_test) == classes))
+        metadata |= {
+            "test_data": Path(test_path).name,
+            "test_file_sha256": sha256_file(test_path),
+            "test_accuracy": test_accuracy,
+        }
+    model = replace(
+        result.model,
+        input_shape=info.input_shape or X.shape[1:],
+        class_names=info.class_names,
+        x_min=info.x_min,
+        x_max=info.x_max,
+        metadata=metadata,
+    )
+    save_model(model, out)
+    return TrainReport(replace(result, model=model), out, len(X), test_rows, test_accuracy)

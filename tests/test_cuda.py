@@ -1,0 +1,456 @@
+"""CUDA kernels and backend against the CPU kernels and ``tests/reference.py``.
+
+On a machine with a GPU these tests run on it. Without one they run on numba's CUDA simulator,
+which must be switched on before numba is imported: ``test_kernels_on_simulator`` runs this
+file again in a subprocess with ``NUMBA_ENABLE_CUDASIM=1``.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference
+
+from advgrad.backend import CpuBackend
+from advgrad.cuda_backend import CudaBackend, cuda_available, device_weights
+from advgrad.kernels import cpu
+from advgrad.model import Model
+
+pytestmark = [
+    pytest.mark.cuda,
+    # numba-cuda 0.30 makes generic-unit timedelta64 values, which numpy 2.5 deprecates
+    pytest.mark.filterwarnings("ignore:The 'generic' unit for NumPy timedelta:DeprecationWarning"),
+]
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if SIMULATOR:
+    # The simulator runs each CUDA thread as a Python thread and polls them at every barrier:
+    # switching threads more often than every 5 ms makes it several times faster.
+    sys.setswitchinterval(1e-4)
+AVAILABLE, REASON = cuda_available()
+needs_cuda = pytest.mark.skipif(
+    not AVAILABLE, reason=f"{REASON}; test_kernels_on_simulator runs these on the simulator"
+)
+not_on_simulator = pytest.mark.skipif(SIMULATOR, reason="too slow on the CUDA simulator")
+
+DTYPES = [np.float32, np.float64]
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+NORMS = [np.inf, 2.0, 1.0]
+# (N, d, H, C): N = 1; at and past SKINNY_ROWS; d and H not multiples of the small tiles
+SHAPES = [(1, 37, 13, 3), (4, 19, 9, 4), (21, 23, 17, 3)]
+LABELS = ["one-hot", "soft", "predicted"]
+
+
+def test_cuda_available_answers_in_one_line():
+    available, reason = cuda_available()
+    assert isinstance(available, bool)
+    assert reason
+    assert "\n" not in reason
+
+
+def test_import_advgrad_does_not_import_numba_cuda():
+    code = (
+        "import sys, advgrad, advgrad.kernels.cpu, advgrad.backend, advgrad.attacks\n"
+        "assert 'numba.cuda' not in sys.modules, 'numba.cuda was imported'\n"
+        "assert 'advgrad.kernels.cuda' not in sys.modules, 'advgrad.kernels.cuda was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(SIMULATOR or AVAILABLE, reason="the CUDA tests run in this process")
+@pytest.mark.skipif(
+    importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed"
+)
+def test_kernels_on_simulator():
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Tiny blocks and tiles, so that small problems span many blocks and split the depth."""
+    from advgrad.kernels import cuda as kernels
+
+    monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(kernels, "WIDE_TILE", kernels.Tile(8, 8, 4, 2, 2))
+    monkeypatch.setattr(kernels, "SKINNY_TILE", kernels.Tile(4, 8, 4, 2, 2))
+    monkeypatch.setattr(kernels, "SKINNY_ROWS", 4)
+    monkeypatch.setattr(kernels, "BLOCKS_PER_MULTIPROCESSOR", 8)
+    monkeypatch.setattr(kernels, "MIN_SPLIT_STEPS", 1)
+
+
+def network(shape, dtype, seed=0, logit_scale=1.0):
+    """Random X (N, d) in [0, 1), weights, and one-hot labels, all of ``dtype``."""
+    N, d, H, C = shape
+    rng = np.random.default_rng(seed)
+    X = rng.random((N, d))
+    W1 = rng.normal(size=(d, H)) / np.sqrt(d) * 3.0
+    b1 = rng.normal(size=H)
+    W2 = rng.normal(size=(H, C)) * logit_scale
+    b2 = rng.normal(size=C)
+    Y = np.eye(C)[rng.integers(0, C, N)]
+    return tuple(np.ascontiguousarray(a, dtype=dtype) for a in (X, W1, b1, W2, b2, Y))
+
+
+def labels(kind, Y, seed=1):
+    """One-hot Y, soft labels of its shape, or 0 rows (use the predictions)."""
+    if kind == "one-hot":
+        return Y
+    if kind == "soft":
+        soft = np.random.default_rng(seed).dirichlet(np.ones(Y.shape[1]), size=Y.shape[0])
+        return soft.astype(Y.dtype)
+    return Y[:0]
+
+
+def reference_labels(Y, X, W1, b1, W2, b2):
+    """Y itself, or the one-hot predictions when Y has 0 rows."""
+    if len(Y):
+        return Y
+    _, Z2, _ = reference.forward(X, W1, b1, W2, b2)
+    return np.eye(W2.shape[1])[Z2.argmax(axis=1)]
+
+
+def to_device(*arrays):
+    from numba import cuda
+
+    return [cuda.to_device(a) for a in arrays]
+
+
+def assert_close(actual, expected, dtype):
+    """Element-wise within rtol of the largest |expected| (rtol 1e-5 float32, 1e-12 float64)."""
+    rtol = RTOL[dtype]
+    scale = np.abs(expected).max(initial=0.0)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def assert_fgm_close(actual, expected, G, p, dtype):
+    """FGM outputs agree; for p = inf only where sign(G) is not within rounding of zero."""
+    if p == np.inf:
+        robust = np.abs(G) > 100 * RTOL[dtype] * np.abs(G).max(initial=0.0)
+        actual, expected = actual[robust], expected[robust]
+    assert_close(actual, expected, dtype)
+
+
+def predictions(X, W1, b1, W2, b2):
+    _, Z2, _ = reference.forward(X, W1, b1, W2, b2)
+    return Z2.argmax(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels against the CPU kernels and the reference
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", LABELS)
+def test_input_gradient_matches_cpu_and_reference(dtype, shape, kind):
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(shape, dtype)
+    Y = labels(kind, Y)
+    net = (X, W1, b1, W2, b2)
+    G = np.full_like(X, np.nan)
+    predicted = np.full(len(X), -1)
+    G_d, predicted_d = to_device(G, predicted)
+    kernels.input_gradient_into(*to_device(*net, Y), G_d, predicted_d)
+    G, predicted = G_d.copy_to_host(), predicted_d.copy_to_host()
+
+    G_cpu = np.empty_like(X)
+    cpu.input_gradient_into(*net, Y, G_cpu, np.empty(len(X), dtype=np.int64))
+    G_ref = reference.input_gradient(*net, reference_labels(Y, *net))
+    assert G.dtype == dtype
+    assert_close(G, G_ref, dtype)
+    assert_close(G, G_cpu, dtype)
+    np.testing.assert_array_equal(predicted, predictions(*net))
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("p", "eps"), [(np.inf, 0.05), (np.inf, -0.05), (2.0, 0.05), (1.0, -0.05)])
+def test_fgm_step_matches_cpu_and_reference(dtype, shape, p, eps):
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(shape, dtype, seed=2)
+    net = (X, W1, b1, W2, b2)
+    X_adv = kernels.fgm_step(*to_device(*net, Y), eps, p, 0.0, 1.0).copy_to_host()
+
+    X_cpu = cpu.fgm_step(*net, Y, eps, p, 0.0, 1.0)
+    X_ref = reference.fgm_step(*net, Y, eps, p, 0.0, 1.0)
+    G_ref = reference.input_gradient(*net, Y)
+    assert X_adv.dtype == dtype
+    assert_fgm_close(X_adv, X_ref, G_ref, p, dtype)
+    assert_fgm_close(X_adv, X_cpu, G_ref, p, dtype)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+def test_fgm_step_with_predicted_labels(dtype, p):
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(SHAPES[2], dtype, seed=3)
+    net = (X, W1, b1, W2, b2)
+    X_adv = np.empty_like(X)
+    predicted = np.empty(len(X), dtype=np.int64)
+    X_adv_d, predicted_d = to_device(X_adv, predicted)
+    kernels.fgm_step_into(*to_device(*net, Y[:0]), 0.1, p, 0.0, 1.0, X_adv_d, predicted_d)
+
+    Y_pred = reference_labels(Y[:0], *net)
+    X_ref = reference.fgm_step(*net, Y_pred, 0.1, p, 0.0, 1.0)
+    G_ref = reference.input_gradient(*net, Y_pred)
+    assert_fgm_close(X_adv_d.copy_to_host(), X_ref, G_ref, p, dtype)
+    np.testing.assert_array_equal(predicted_d.copy_to_host(), predictions(*net))
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", LABELS)
+def test_forward_matches_cpu_and_reference(dtype, shape, kind):
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(shape, dtype, seed=4)
+    Y = labels(kind, Y)
+    net = (X, W1, b1, W2, b2)
+    N, H, C = len(X), W1.shape[1], W2.shape[1]
+    outputs = [np.empty((N, H), dtype), np.empty((N, C), dtype), np.empty(N, dtype)]
+    outputs_d = to_device(*outputs, np.empty(N, dtype=np.int64))
+    kernels.forward_into(*to_device(*net, Y), *outputs_d)
+    A, P, losses, predicted = (a.copy_to_host() for a in outputs_d)
+
+    A_ref, _, P_ref = reference.forward(*net)
+    losses_ref = reference.loss(*net, reference_labels(Y, *net))
+    A_cpu, P_cpu, losses_cpu = (np.empty_like(a) for a in outputs)
+    cpu.forward_into(*net, Y, A_cpu, P_cpu, losses_cpu, np.empty(N, dtype=np.int64))
+    for actual, expected, computed_on_cpu in [
+        (A, A_ref, A_cpu),
+        (P, P_ref, P_cpu),
+        (losses, losses_ref, losses_cpu),
+    ]:
+        assert_close(actual, expected, dtype)
+        assert_close(actual, computed_on_cpu, dtype)
+    np.testing.assert_array_equal(predicted, predictions(*net))
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_allocating_kernels(dtype):
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(SHAPES[1], dtype, seed=5)
+    net = (X, W1, b1, W2, b2)
+    net_d = to_device(*net)
+    Y_d = to_device(Y)[0]
+    assert_close(
+        kernels.input_gradient(*net_d, Y_d).copy_to_host(),
+        reference.input_gradient(*net, Y),
+        dtype,
+    )
+    G_ref = reference.input_gradient(*net, Y)
+    assert_fgm_close(
+        kernels.fgsm_step(*net_d, Y_d, 0.1, 0.0, 1.0).copy_to_host(),
+        reference.fgm_step(*net, Y, 0.1, np.inf, 0.0, 1.0),
+        G_ref,
+        np.inf,
+        dtype,
+    )
+    A, P, predicted = (a.copy_to_host() for a in kernels.forward(*net_d))
+    A_ref, _, P_ref = reference.forward(*net)
+    assert_close(A, A_ref, dtype)
+    assert_close(P, P_ref, dtype)
+    np.testing.assert_array_equal(predicted, predictions(*net))
+    assert_close(kernels.loss(*net_d, Y_d).copy_to_host(), reference.loss(*net, Y), dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [(np.float64, (3, 20, 12, 3)), (np.float32, (40, 20, 12, 3))]
+)
+def test_default_blocks(dtype, shape):
+    """The shipped tile sizes, skinny (3 rows) and wide (40 rows)."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(shape, dtype, seed=6)
+    net = (X, W1, b1, W2, b2)
+    net_d = to_device(*net, Y)
+    G_ref = reference.input_gradient(*net, Y)
+    assert_close(kernels.input_gradient(*net_d).copy_to_host(), G_ref, dtype)
+    X_adv = kernels.fgm_step(*net_d, 0.1, np.inf, 0.0, 1.0).copy_to_host()
+    assert_fgm_close(
+        X_adv, reference.fgm_step(*net, Y, 0.1, np.inf, 0.0, 1.0), G_ref, np.inf, dtype
+    )
+
+
+@needs_cuda
+@not_on_simulator
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rows", [1, 32, 33, 600])
+@pytest.mark.parametrize("p", NORMS)
+def test_full_size_network(dtype, n_rows, p):
+    """A digits-sized network (d = 784, H = 256, C = 10) with the shipped tiles, on the GPU."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network((n_rows, 784, 256, 10), dtype, seed=7)
+    net = (X, W1, b1, W2, b2)
+    net_d = to_device(*net, Y)
+    G_ref = reference.input_gradient(*net, Y)
+    assert_close(kernels.input_gradient(*net_d).copy_to_host(), G_ref, dtype)
+    X_adv = kernels.fgm_step(*net_d, 0.03, p, 0.0, 1.0).copy_to_host()
+    assert_fgm_close(X_adv, reference.fgm_step(*net, Y, 0.03, p, 0.0, 1.0), G_ref, p, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+def test_zero_gradient_rows_stay_put(dtype, p):
+    """Row 0 saturates every hidden unit (A is exactly 1), so its gradient is exactly 0."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(SHAPES[1], dtype, seed=8)
+    W1[0] = 1.0
+    X[0] = 0.0
+    X[0, 0] = 1e5
+    net = (X, W1, b1, W2, b2)
+    G = kernels.input_gradient(*to_device(*net, Y)).copy_to_host()
+    X_adv = kernels.fgm_step(*to_device(*net, Y), 0.1, p, -1e6, 1e6).copy_to_host()
+    assert np.all(G[0] == 0.0)
+    assert np.all(np.isfinite(X_adv))
+    np.testing.assert_array_equal(X_adv[0], X[0])
+    assert np.all(np.any(X_adv[1:] != X[1:], axis=1))
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+def test_zero_weights_give_an_unperturbed_batch(dtype, p):
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(SHAPES[0], dtype, seed=9)
+    W1[:] = 0.0
+    X_adv = kernels.fgm_step(*to_device(X, W1, b1, W2, b2, Y), 0.1, p, 0.0, 1.0)
+    np.testing.assert_array_equal(X_adv.copy_to_host(), X)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_logits_stay_finite(dtype):
+    """Logits of about +-1e4: softmax saturates, yet P, losses and G stay finite and right."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(SHAPES[1], dtype, seed=10, logit_scale=1e4)
+    net = (X, W1, b1, W2, b2)
+    assert np.abs(reference.forward(*net)[1]).max() > 1e3
+    net_d = to_device(*net, Y)
+    losses = kernels.loss(*net_d).copy_to_host()
+    _, P, _ = (a.copy_to_host() for a in kernels.forward(*net_d[:5]))
+    G = kernels.input_gradient(*net_d).copy_to_host()
+    for values in (losses, P, G):
+        assert np.all(np.isfinite(values))
+    assert_close(losses, reference.loss(*net, Y), dtype)
+    np.testing.assert_allclose(P.sum(axis=1), 1.0, rtol=RTOL[dtype])
+    assert_close(G, reference.input_gradient(*net, Y), dtype)
+
+
+@needs_cuda
+def test_empty_batch():
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network((0, 5, 4, 3), np.float32)
+    assert kernels.fgm_step(*to_device(X, W1, b1, W2, b2, Y), 0.1, 2.0, 0.0, 1.0).shape == (0, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+
+
+def model_of(dtype, shape=(0, 23, 17, 3), seed=11):
+    _, W1, b1, W2, b2, _ = network(shape, dtype, seed=seed)
+    return Model(W1, b1, W2, b2)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize(
+    ("dtype", "kind"), [(np.float32, "one-hot"), (np.float64, "soft"), (np.float32, "predicted")]
+)
+def test_backend_matches_cpu_backend(dtype, kind):
+    model = model_of(dtype)
+    X, *_, Y = network((9, 23, 17, 3), dtype, seed=12)
+    Y = labels(kind, Y)
+    gpu, host = CudaBackend(chunk_rows=5), CpuBackend()
+    assert gpu.name == "cuda"
+
+    (G, predicted), (G_cpu, predicted_cpu) = (b.input_gradient(model, X, Y) for b in (gpu, host))
+    assert G.dtype == dtype
+    assert predicted.dtype == np.int64
+    assert_close(G, G_cpu, dtype)
+    np.testing.assert_array_equal(predicted, predicted_cpu)
+
+    for p in NORMS:
+        (X_adv, predicted), (X_cpu, _) = (
+            b.fgm_step(model, X, Y, 0.05, p, 0.0, 1.0) for b in (gpu, host)
+        )
+        assert_fgm_close(X_adv, X_cpu, G_cpu, p, dtype)
+        np.testing.assert_array_equal(predicted, predicted_cpu)
+
+    outputs, outputs_cpu = (b.forward(model, X, Y) for b in (gpu, host))
+    for actual, expected in zip(outputs, outputs_cpu, strict=True):
+        assert actual.dtype == expected.dtype
+        assert_close(actual, expected, dtype)
+
+
+@needs_cuda
+def test_backend_keeps_weights_on_device_per_model():
+    from advgrad import cuda_backend
+
+    model = model_of(np.float32)
+    X, *_, Y = network((3, 23, 17, 3), np.float32)
+    CudaBackend().input_gradient(model, X, Y)
+    cached = device_weights(model)
+    CudaBackend().fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0)
+    assert all(a is b for a, b in zip(device_weights(model), cached, strict=True))
+    count = len(cuda_backend._weights)
+    del model
+    gc.collect()
+    assert len(cuda_backend._weights) == count - 1
+
+
+def test_backend_rejects_empty_chunks():
+    with pytest.raises(ValueError, match="chunk_rows"):
+        CudaBackend(chunk_rows=0)

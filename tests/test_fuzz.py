@@ -1,0 +1,622 @@
+"""Fuzzing the readers of untrusted files: every input gives valid data or one InputFileError.
+
+Two kinds of fuzzing:
+
+- hypothesis strategies over what a file can hold (arrays with NaN/inf, odd dtypes and byte
+  orders, zero-size and huge shapes; attributes of every kind; the threats of SECURITY.md);
+- a mutation fuzzer over small valid model and dataset files (bit flips, overwritten words,
+  truncation, moved bytes, spliced headers). The mutated files are loaded in child processes,
+  many cases per child, one result line per case, so that a crash (a segfault inside HDF5), a
+  hang or a memory spike is caught and pinned to its case instead of killing the test run.
+  ``python tests/test_fuzz.py CASE...`` loads the mutated files of the given cases in-process,
+  to debug one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from test_security import MODEL_ATTRS, THREATS, make_model_file
+
+from advgrad.errors import InputFileError
+from advgrad.io import (
+    AdversarialWriter,
+    load_dataset,
+    load_model,
+    open_dataset,
+    safe,
+    save_dataset,
+    save_model,
+)
+from advgrad.io.files import SOFT_LABEL_TOL
+from advgrad.model import Model
+
+N_CLASSES = 3
+"""Classes of every seed file (labels lie in [0, 3))."""
+DEFAULT_CASES = 400
+"""Mutated files loaded in the default run."""
+SLOW_CASES = 10_000
+"""Mutated files loaded in the slow run (``-m slow``), split over the CPUs."""
+CASE_TIMEOUT_S = 20.0
+"""A case that gives no result in this time is reported as a hang."""
+CASE_MEMORY_BYTES = 256 * 2**20
+"""A case that raises the child's peak memory use by more than this is a failure."""
+KNOWN_ISSUE = "known HDF5 issue"
+"""Outcome prefix of a case that uses too much memory only because of SECURITY.md's known
+issue: a mutation landed on the stored length of a variable-length string attribute, and HDF5
+allocates and zeroes that many bytes before it finds the string corrupt (advgrad then leaves
+the attribute out). test_security.py::test_corrupt_string_length_costs_no_memory shows it."""
+
+# --------------------------------------------------------------------------- the loaders
+
+
+def loads_or_refuses(load: Callable[[], object]) -> object | None:
+    """What ``load()`` returns, or None when it raises InputFileError; anything else fails."""
+    try:
+        return load()
+    except InputFileError:
+        return None
+
+
+def check_dataset_values(X: np.ndarray, y: np.ndarray | None, *, allow_nonfinite: bool) -> None:
+    """Assert what the dataset reader promises of the arrays it returns."""
+    assert X.dtype in (np.float32, np.float64) and X.dtype.isnative
+    assert X.ndim >= 2
+    assert allow_nonfinite or np.isfinite(X).all()
+    if y is None:
+        return
+    assert len(y) == len(X)
+    if y.dtype == np.int64:
+        assert y.ndim == 1 and ((y >= 0) & (y < N_CLASSES)).all()
+    else:
+        assert y.dtype in (np.float32, np.float64) and y.shape[1:] == (N_CLASSES,)
+        assert np.isfinite(y).all() and (y >= 0).all()
+        assert (np.abs(y.sum(axis=1, dtype=np.float64) - 1.0) <= SOFT_LABEL_TOL).all()
+
+
+def load_everything(path: Path) -> str:
+    """Load ``path`` as a model and as a dataset (whole and streamed), checking what comes back.
+
+    Returns
+    -------
+    str
+        ``"model"``, ``"dataset"`` or ``"refused"`` (every loader raised InputFileError).
+    """
+    model = loads_or_refuses(lambda: load_model(path))
+    if model is not None:
+        assert isinstance(model, Model)
+        return "model"
+    loaded = loads_or_refuses(lambda: load_dataset(path, n_classes=N_CLASSES))
+    if loaded is not None:
+        check_dataset_values(*loaded, allow_nonfinite=False)
+        return "dataset"
+    try:
+        with open_dataset(path, n_classes=N_CLASSES, allow_nonfinite=True) as reader:
+            for _, X, y in reader.chunks(3):
+                check_dataset_values(X, y, allow_nonfinite=True)
+    except InputFileError:
+        pass
+    return "refused"
+
+
+# --------------------------------------------------------------------------- hypothesis: arrays
+
+FLOAT_DTYPES = (np.dtype("f4"), np.dtype("f8"))
+ODD_DTYPES = (
+    *(np.dtype(t).newbyteorder() for t in ("f4", "f8", "f2", "i8")),
+    *(np.dtype(t) for t in ("f2", "i1", "i4", "u1", "u8", "?", "c8", "S3")),
+)
+"""Every dtype here is refused for /X; the integers are valid labels (in native byte order)."""
+
+
+@st.composite
+def stored_arrays(draw, dtypes=FLOAT_DTYPES + ODD_DTYPES) -> np.ndarray:
+    """Arrays of any of ``dtypes``, zero-size axes included, floats with NaN and inf."""
+    dtype = draw(st.sampled_from(dtypes))
+    shape = draw(st.lists(st.integers(0, 4), min_size=1, max_size=4).map(tuple))
+    return draw(arrays(dtype, shape))
+
+
+def write_dataset(path: Path, X: np.ndarray, y: np.ndarray | None, layout: dict) -> Path:
+    with h5py.File(path, "w") as f:
+        for name, data in (("X", X), ("y", y)):
+            if data is None:
+                continue
+            chunked = layout and data.ndim and data.size
+            options = layout if chunked else {}
+            f.create_dataset(name, data=data, **options)
+    return path
+
+
+LAYOUTS = st.sampled_from(
+    [
+        {},
+        {"chunks": True},
+        {"chunks": True, "compression": "gzip", "shuffle": True},
+        {"chunks": True, "compression": "lzf", "fletcher32": True},
+    ]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(X=stored_arrays(), layout=LAYOUTS, allow_nonfinite=st.booleans())
+def test_any_array_as_X_gives_valid_data_or_one_error(tmp_path_factory, X, layout, allow_nonfinite):
+    path = write_dataset(tmp_path_factory.mktemp("x") / "d.h5", X, None, layout)
+    loaded = loads_or_refuses(lambda: load_dataset(path, allow_nonfinite=allow_nonfinite))
+    acceptable = (
+        X.dtype in FLOAT_DTYPES and X.ndim >= 2 and (allow_nonfinite or np.isfinite(X).all())
+    )
+    assert (loaded is not None) == acceptable
+    if loaded is not None:
+        X_back, y_back = loaded
+        assert y_back is None
+        assert X_back.dtype == X.dtype and X_back.tobytes() == X.tobytes()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    y=stored_arrays((*FLOAT_DTYPES, *ODD_DTYPES, *map(np.dtype, ("i8", "u4", "i2")))),
+    layout=LAYOUTS,
+)
+def test_any_array_as_y_gives_valid_labels_or_one_error(tmp_path_factory, y, layout):
+    X = np.zeros((y.shape[0], 2), np.float32)
+    path = write_dataset(tmp_path_factory.mktemp("y") / "d.h5", X, y, layout)
+    loaded = loads_or_refuses(lambda: load_dataset(path, n_classes=N_CLASSES))
+    if y.dtype.kind in "iu" and y.dtype.isnative:
+        acceptable = y.ndim == 1 and ((y >= 0) & (y < N_CLASSES)).all()
+    elif y.dtype in FLOAT_DTYPES:
+        sums = y.sum(axis=-1, dtype=np.float64)
+        acceptable = (
+            y.shape[1:] == (N_CLASSES,)
+            and np.isfinite(y).all()
+            and (y >= 0).all()
+            and (np.abs(sums - 1.0) <= SOFT_LABEL_TOL).all()
+        )
+    else:
+        acceptable = False
+    assert (loaded is not None) == acceptable
+    if loaded is not None:
+        check_dataset_values(*loaded, allow_nonfinite=False)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(1, 2**40), min_size=2, max_size=9)
+    .map(tuple)
+    .filter(lambda shape: math.prod(shape) < 2**62),
+    chunk_rows=st.integers(1, 64),
+    written_rows=st.integers(0, 2),
+)
+def test_huge_declared_shapes_are_refused_from_metadata(
+    tmp_path_factory, shape, chunk_rows, written_rows
+):
+    path = tmp_path_factory.mktemp("huge") / "d.h5"
+    chunks = (min(chunk_rows, shape[0]), *(1,) * (len(shape) - 1))
+    rows = range(min(written_rows, shape[0]))
+    with h5py.File(path, "w") as f:
+        dset = f.create_dataset("X", shape=shape, dtype="f4", chunks=chunks)
+        for row in rows:
+            dset[(row, *(0,) * (len(shape) - 1))] = 1.0
+    stored = len({row // chunks[0] for row in rows}) * math.prod(chunks) * 4
+    acceptable = (
+        len(shape) <= safe.MAX_NDIM
+        and max(shape) <= safe.MAX_DIM
+        and math.prod(shape) <= safe.MAX_ELEMENTS
+        and math.prod(shape) * 4 <= safe.MAX_COMPRESSION_RATIO * stored
+    )
+    loaded = loads_or_refuses(lambda: load_dataset(path))
+    assert (loaded is not None) == acceptable
+
+
+# --------------------------------------------------------------------------- hypothesis: attributes
+
+ATTR_VALUES = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    # h5py cannot store str attributes with NUL characters; bytes cover those
+    st.text(st.characters(exclude_characters="\x00", codec="utf-8"), max_size=20),
+    st.binary(max_size=20).map(np.bytes_),
+    stored_arrays(),
+    st.sampled_from(
+        [
+            h5py.Empty("f8"),
+            np.zeros(2, "f4,i4"),
+            np.array([1, 2], ">i4"),
+            np.zeros((2, 2), "S2"),
+            np.zeros(3, np.float16),
+            1j,
+        ]
+    ),
+)
+SPECIAL_ATTRS = {
+    "reference": lambda f, name: f.attrs.create(name, f.ref, dtype=h5py.ref_dtype),
+    "region reference": lambda f, name: f.attrs.create(
+        name, f["W1"].regionref[0:1], dtype=h5py.regionref_dtype
+    ),
+    "vlen ints": lambda f, name: f.attrs.create(
+        name, np.array([np.arange(3), np.arange(2)], dtype=object), dtype=h5py.vlen_dtype("i4")
+    ),
+    "enum": lambda f, name: f.attrs.create(
+        name, 1, dtype=h5py.enum_dtype({"a": 0, "b": 1}, basetype="i1")
+    ),
+    "vlen strings": lambda f, name: f.attrs.create(
+        name, ["ab", "c" * 1000], dtype=h5py.string_dtype()
+    ),
+}
+
+
+ATTR_NAMES = st.text(
+    st.characters(exclude_characters="\x00", codec="utf-8"), min_size=1, max_size=8
+)
+"""Names HDF5 can store (UTF-8, no NUL)."""
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plain=st.dictionaries(ATTR_NAMES, ATTR_VALUES, max_size=6),
+    special=st.lists(st.sampled_from(sorted(SPECIAL_ATTRS)), unique=True),
+    common=st.dictionaries(
+        st.sampled_from(["x_min", "x_max", "input_shape", "class_names"]), ATTR_VALUES
+    ),
+)
+def test_any_attributes_give_a_model_or_one_error(tmp_path_factory, plain, special, common):
+    path = make_model_file(tmp_path_factory.mktemp("attrs") / "m.h5", libver="latest")
+    with h5py.File(path, "a") as f:
+        for name, value in {**plain, **common}.items():
+            if name not in MODEL_ATTRS:
+                f.attrs[name] = value
+        for kind in special:
+            SPECIAL_ATTRS[kind](f, f"special {kind}")
+    with safe.open_input(path) as f:
+        values = safe.read_attrs(f, path=path)
+    assert {name for name in values if name.startswith("special")} <= {"special vlen strings"}
+    for value in values.values():
+        assert isinstance(value, int | float | bool | str | tuple | np.ndarray)
+        if isinstance(value, np.ndarray):
+            assert value.dtype.kind in "biuf" and value.dtype.isnative
+    model = loads_or_refuses(lambda: load_model(path))
+    if not {*plain, *common} & {"x_min", "x_max", "input_shape", "class_names"}:
+        assert model is not None  # only those four are checked; any other attribute is kept
+
+
+# --------------------------------------------------------------------------- hypothesis: threats
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(threat=st.sampled_from(sorted(THREATS)), data=st.data())
+def test_every_threat_is_one_error_naming_file_and_dataset(tmp_path_factory, threat, data):
+    build = THREATS[threat]
+    target = data.draw(st.sampled_from(build.targets), label="target")
+    path = tmp_path_factory.mktemp("threat") / "t.h5"
+    build.write(path, target)
+    with pytest.raises(InputFileError) as error:
+        build.load(path, target)
+    assert (error.value.path, error.value.dataset) == (str(path), target)
+    assert error.value.reason
+
+
+# --------------------------------------------------------------------------- mutation fuzzer
+
+
+def write_seeds(directory: Path) -> list[Path]:
+    """Small valid model and dataset files, in every layout and chunk index the reader meets.
+
+    The same bytes on every run (no timestamps, fixed random numbers), so that a case number
+    names one mutated file for good.
+    """
+    rng = np.random.default_rng(0)
+    W1, b1, W2, b2 = (rng.standard_normal(s) for s in ((4, 3), (3,), (3, N_CLASSES), N_CLASSES))
+    X = rng.random((12, 2, 2))
+    y = np.arange(12) % N_CLASSES
+    soft = np.full((12, N_CLASSES), 1 / N_CLASSES)
+    directory.mkdir(parents=True, exist_ok=True)
+    seeds = {}
+
+    def raw(name: str, libver: str | None = None, **datasets: tuple[np.ndarray, dict]) -> None:
+        seeds[name] = directory / f"{name}.h5"
+        with h5py.File(seeds[name], "w", libver=libver) as f:
+            for key, (data, options) in datasets.items():
+                f.create_dataset(key, data=data, **options)
+            if "W1" in datasets:
+                f.attrs.update(MODEL_ATTRS)
+            f.attrs["x_min"], f.attrs["x_max"] = 0.0, 1.0
+            f.attrs["class_names"] = ["a", "b", "c"]
+
+    seeds["model"] = directory / "model.h5"
+    model = Model(W1.astype("f4"), b1.astype("f4"), W2.astype("f4"), b2.astype("f4"))
+    save_model(model, seeds["model"])
+    chunked = {"chunks": True, "maxshape": (None, None)}
+    raw("model-latest", "latest", W1=(W1, chunked), b1=(b1, {}), W2=(W2, chunked), b2=(b2, {}))
+    seeds["dataset"] = directory / "dataset.h5"
+    save_dataset(seeds["dataset"], X.astype("f4"), y, attrs={"input_shape": (2, 2)})
+    gzip = {"chunks": (4, 2, 2), "compression": "gzip", "shuffle": True}
+    lzf = {"chunks": (5, 3), "compression": "lzf", "fletcher32": True}
+    raw("dataset-gzip", X=(X, gzip), y=(y.astype("u1"), {"chunks": (4,), "fletcher32": True}))
+    raw("dataset-soft-lzf", "latest", X=(X.reshape(12, 4), {"chunks": (5, 4)}), y=(soft, lzf))
+    extensible = {"chunks": (4, 2, 2), "maxshape": (None, 2, 2), "compression": "gzip"}
+    raw("dataset-latest", "latest", X=(X.astype("f4"), extensible), y=(y, {"chunks": (12,)}))
+    raw("dataset-earliest", "earliest", X=(X, {}), y=(y.astype("i2"), {}))
+    seeds["adversarial"] = directory / "adversarial.h5"
+    with AdversarialWriter(
+        seeds["adversarial"],
+        n_rows=12,
+        row_shape=(2, 2),
+        dtype=np.float32,
+        y_template=((), np.int64),
+        attrs={"attack": "fgsm", "eps": 0.1},
+        rows_per_chunk=5,
+        compression="lzf",
+        overwrite=True,
+    ) as writer:
+        writer.write(0, X.astype("f4"), y, y, y)
+    return seed_files(directory)
+
+
+def seed_files(directory: Path) -> list[Path]:
+    """The seed files in ``directory``, in the order that case numbers index."""
+    return sorted(directory.glob("*.h5"))
+
+
+INTERESTING = [0, 1, 2, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 2**31 - 1, 2**31, 2**32 - 1, 2**63]
+
+
+def mutate(data: bytes, donor: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """``data`` with one to three random mutations; and what they were, in words."""
+    data = bytearray(data)
+    done = []
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        kind = rng.choice(("flip", "flip", "word", "word", "truncate", "splice", "header", "move"))
+        at = rng.randrange(len(data) or 1)
+        if kind == "flip":
+            bits = [rng.randrange(8 * len(data)) for _ in range(rng.randint(1, 8))]
+            for bit in bits:
+                data[bit // 8] ^= 1 << bit % 8
+            done.append(f"flip bits {bits}")
+        elif kind == "word":
+            width = rng.choice((1, 2, 4, 8))
+            at -= at % width
+            value = rng.choice([*INTERESTING, len(data), rng.getrandbits(8 * width)])
+            value = (value + rng.choice((0, 0, -1, 1))) % 2 ** (8 * width)
+            data[at : at + width] = value.to_bytes(width, "little")[: len(data) - at]
+            done.append(f"word {value:#x} ({width} bytes) at {at}")
+        elif kind == "truncate":
+            del data[at:]
+            done.append(f"truncate to {at}")
+        elif kind in ("splice", "header"):
+            start = 0 if kind == "header" else rng.randrange(len(donor))
+            length = rng.randint(1, 512)
+            data[at : at + length] = donor[start : start + length]
+            done.append(f"{kind}: donor[{start}:{start + length}] at {at}")
+        else:
+            length = rng.randint(1, 64)
+            piece = data[at : at + length]
+            del data[at : at + length]
+            target = rng.randrange(len(data) + 1)
+            data[target:target] = piece
+            done.append(f"move {length} bytes from {at} to {target}")
+    return bytes(data), "; ".join(done)
+
+
+def mutated_case(seeds: list[Path], case: int) -> tuple[bytes, str]:
+    """The mutated file of case number ``case``: its bytes and how it was made."""
+    rng = random.Random(case)
+    seed = seeds[case % len(seeds)]
+    donor = seeds[rng.randrange(len(seeds))]
+    data, how = mutate(seed.read_bytes(), donor.read_bytes(), rng)
+    return data, f"{seed.name} (donor {donor.name}): {how}"
+
+
+def memory_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split(f"{field}:", 1)[1].split()[0])
+
+
+def costly_string_attribute(path: Path) -> str | None:
+    """The root attribute of ``path``, a variable-length string, whose reading alone fails and
+    takes more than ``CASE_MEMORY_BYTES`` (SECURITY.md's known HDF5 issue); or None."""
+    try:
+        with safe.open_input(path) as f:
+            names = [n for n in f.attrs if h5py.check_string_dtype(f.attrs.get_id(n).dtype)]
+            for name in names:
+                Path("/proc/self/clear_refs").write_text("5")
+                before = memory_kib("VmRSS")
+                try:
+                    f.attrs[name]
+                except (OSError, ValueError):
+                    if (memory_kib("VmHWM") - before) << 10 > CASE_MEMORY_BYTES:
+                        return name
+    except (InputFileError, OSError, KeyError, RuntimeError, ValueError, TypeError):
+        pass
+    return None
+
+
+def child(seeds_dir: Path, work_dir: Path, first: int, stop: int) -> None:
+    """Load cases ``first:stop``, printing ``<case> <outcome>`` for each as it finishes."""
+    seeds = seed_files(seeds_dir)
+    path = work_dir / f"case-{os.getpid()}.h5"
+    for case in range(first, stop):
+        path.write_bytes(mutated_case(seeds, case)[0])
+        if os.environ.get("ADVGRAD_FUZZ_CRASH") == str(case):
+            os.kill(os.getpid(), signal.SIGSEGV)  # the harness test: a crash must be caught
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) drops to the current use
+        before = memory_kib("VmRSS")
+        try:
+            outcome = load_everything(path)
+        except Exception as exc:
+            outcome = f"BUG {type(exc).__name__}: {exc}"
+        grown = (memory_kib("VmHWM") - before) >> 10
+        if grown > CASE_MEMORY_BYTES >> 20:
+            cause = costly_string_attribute(path)
+            outcome = (
+                f"{KNOWN_ISSUE}: string attribute {cause!r} ({outcome})"
+                if cause
+                else f"BUG memory: {grown} MiB more at the peak ({outcome})"
+            )
+        print(case, outcome.replace("\n", " "), flush=True)
+    path.unlink(missing_ok=True)
+
+
+@dataclass
+class FuzzRun:
+    """Outcome of every case: "model", "dataset", "refused", SECURITY.md's known HDF5 issue
+    (``KNOWN_ISSUE``), or a failure ("BUG ...", "crash ...", "hang"); ``how``: how each
+    failing case's file was made."""
+
+    outcomes: dict[int, str]
+    how: dict[int, str]
+
+    @property
+    def failures(self) -> dict[int, str]:
+        return {
+            case: outcome
+            for case, outcome in self.outcomes.items()
+            if outcome not in ("model", "dataset", "refused")
+            and not outcome.startswith(KNOWN_ISSUE)
+        }
+
+    def report(self) -> str:
+        return "\n".join(
+            f"case {case}: {outcome}\n    file: {self.how[case]}"
+            for case, outcome in sorted(self.failures.items())
+        )
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    """Put each line of ``stream`` into ``lines``, then None."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def run_children(
+    seeds_dir: Path, work_dir: Path, cases: range, timeout_s: float, env: dict | None = None
+) -> dict[int, str]:
+    """Load ``cases`` in child processes, a new child after each crash or hang."""
+    outcomes: dict[int, str] = {}
+    first, stop = cases.start, cases.stop
+    while first < stop:
+        stderr_path = work_dir / f"stderr-{first}.txt"
+        with stderr_path.open("w") as stderr:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    *map(str, (seeds_dir, work_dir, first, stop)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env={**os.environ, **(env or {})},
+            )
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines)).start()
+        next_case = first
+        while True:
+            try:
+                line = lines.get(timeout=timeout_s)
+            except queue.Empty:
+                proc.kill()
+                outcomes[next_case] = "hang"
+                break
+            if line is None:
+                break
+            case, outcome = line.rstrip("\n").split(" ", 1)
+            outcomes[int(case)] = outcome
+            next_case = int(case) + 1
+        returncode = proc.wait()
+        proc.stdout.close()
+        if next_case not in outcomes and next_case < stop:
+            tail = stderr_path.read_text()[-300:].strip()
+            outcomes[next_case] = f"crash (exit code {returncode}) {tail}"
+        first = next_case + 1 if next_case in outcomes else next_case
+    return outcomes
+
+
+def fuzz(tmp_path: Path, cases: range, timeout_s: float = CASE_TIMEOUT_S, env=None) -> FuzzRun:
+    """Run ``cases``, split over up to 4 CPUs; write each failing case's file into ``tmp_path``."""
+    seeds = write_seeds(tmp_path / "seeds")
+    workers = min(os.cpu_count() or 1, 4)
+    step = -(-len(cases) // workers)
+    parts = [range(start, min(start + step, cases.stop)) for start in cases[::step]]
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(
+            lambda part: run_children(tmp_path / "seeds", tmp_path, part, timeout_s, env), parts
+        )
+        run = FuzzRun({case: o for part in results for case, o in part.items()}, {})
+    for case in run.failures:
+        data, run.how[case] = mutated_case(seeds, case)
+        (tmp_path / f"failing-case-{case}.h5").write_bytes(data)
+    return run
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="measures memory with Linux's /proc"
+)
+
+
+@needs_proc
+def test_mutated_files_load_or_refuse(tmp_path):
+    run = fuzz(tmp_path, range(DEFAULT_CASES))
+    assert len(run.outcomes) == DEFAULT_CASES
+    assert not run.failures, run.report()
+    assert {"model", "dataset", "refused"} <= set(run.outcomes.values())
+
+
+@pytest.mark.slow
+@needs_proc
+def test_many_mutated_files_load_or_refuse(tmp_path):
+    run = fuzz(tmp_path, range(DEFAULT_CASES, DEFAULT_CASES + SLOW_CASES))
+    assert len(run.outcomes) == SLOW_CASES
+    assert not run.failures, run.report()
+
+
+@needs_proc
+def test_fuzzer_catches_a_crash_and_goes_on(tmp_path):
+    run = fuzz(tmp_path, range(10), env={"ADVGRAD_FUZZ_CRASH": "3"})
+    assert len(run.outcomes) == 10
+    assert list(run.failures) == [3]
+    assert run.failures[3].startswith(f"crash (exit code {-signal.SIGSEGV})")
+    assert (tmp_path / "failing-case-3.h5").read_bytes() == mutated_case(
+        write_seeds(tmp_path / "again"), 3
+    )[0]
+
+
+def test_seeds_are_the_same_bytes_every_time(tmp_path):
+    first, second = write_seeds(tmp_path / "a"), write_seeds(tmp_path / "b")
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert [load_everything(p) for p in first] == ["dataset"] * 6 + ["model"] * 2
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        child(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            seeds = write_seeds(Path(scratch) / "seeds")
+            for number in map(int, sys.argv[1:]):
+                data, how = mutated_case(seeds, number)
+                print(f"case {number}: {how}", flush=True)
+                (Path(scratch) / "case.h5").write_bytes(data)
+                print("   ", load_everything(Path(scratch) / "case.h5"), flush=True)
