@@ -94,6 +94,7 @@ def attack_file(
     compression: str | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> AttackReport:
     """Attack every row of a dataset file and write the adversarial dataset.
@@ -106,13 +107,16 @@ def attack_file(
     (else the model's) x_min/x_max, else no clipping. With ``min_eps_tolerance``, the
     per-row minimal eps in [0, eps_max] is searched too and written as ``/eps_min``
     (eps_max defaults to x_max - x_min, or 10 eps without a clip range). Targeted attacks
-    write their per-row targets as ``/target``. ``progress(rows_done, n_rows)`` is called
+    write their per-row targets as ``/target``. ``allow_nonfinite`` accepts NaN and inf
+    in ``/X`` (they pass through to the output). ``progress(rows_done, n_rows)`` is called
     after each block.
     """
     rows_per_block = aligned_batch_size(batch_size)
     model = load_model(model_path)
     backend = get_backend(device)
-    with open_dataset(data_path, n_classes=model.n_classes) as reader:
+    with open_dataset(
+        data_path, n_classes=model.n_classes, allow_nonfinite=allow_nonfinite
+    ) as reader:
         if math.prod(reader.row_shape) != model.n_inputs:
             raise InputFileError(
                 data_path,

@@ -141,6 +141,15 @@ BatchSizeOption = Annotated[
 ]
 
 
+AllowNonfiniteOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite",
+        help="Accept NaN and inf in the dataset's /X (never in weights or labels).",
+    ),
+]
+
+
 def _clip(clip_min: float | None, clip_max: float | None) -> tuple[float, float] | None:
     if (clip_min is None) != (clip_max is None):
         errors.print(
@@ -266,6 +275,7 @@ def attack(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing output file (never an input).")
     ] = False,
+    allow_nonfinite: AllowNonfiniteOption = False,
 ) -> None:
     """Attack every row of a dataset and write the adversarial dataset.
 
@@ -308,6 +318,7 @@ def attack(
                 eps_max=eps_max,
                 compression=None if compression is Compression.none else compression.value,
                 overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     rows = [("rows", f"{report.n_rows}")]
@@ -601,6 +612,7 @@ def certify(
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(dir_okay=False, help="A model or dataset file (.h5).")],
+    allow_nonfinite: AllowNonfiniteOption = False,
 ) -> None:
     """Show what a model or dataset file holds, and whether advgrad accepts it.
 
@@ -610,7 +622,7 @@ def info(
     with _reported_errors():
         from advgrad.io import describe_file
 
-        description = describe_file(path)
+        description = describe_file(path, allow_nonfinite=allow_nonfinite)
     table = Table(title=f"{path} ({description.kind})", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()

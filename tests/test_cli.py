@@ -227,3 +227,18 @@ def test_installed_console_script_runs_in_a_fresh_process(tmp_path):
     assert completed.returncode == 1
     assert completed.stderr.strip().count("\n") == 0
     assert "exists; pass --overwrite" in completed.stderr
+
+
+def test_allow_nonfinite_lets_nan_rows_through(tmp_path):
+    X = np.random.default_rng(31).uniform(size=(10, 64)).astype(np.float32)
+    X[3, 4] = np.nan
+    with h5py.File(tmp_path / "nan.h5", "w") as f:
+        f["X"] = X
+    args = ("--data", tmp_path / "nan.h5", "--out", tmp_path / "o.h5")
+    assert "non-finite" in error_line(run("attack", *args))
+    assert run("info", tmp_path / "nan.h5").exit_code == 1
+    assert run("info", tmp_path / "nan.h5", "--allow-nonfinite").exit_code == 0
+    assert run("attack", *args, "--allow-nonfinite").exit_code == 0
+    X_adv = advgrad.load_dataset(tmp_path / "o.h5", allow_nonfinite=True)[0]
+    assert np.isnan(X_adv[3]).any()
+    np.testing.assert_array_equal(np.isfinite(X_adv).all(axis=1), np.arange(10) != 3)

@@ -29,7 +29,7 @@ def _text(value) -> str:
     return str(value)
 
 
-def describe_file(path: str | os.PathLike) -> FileDescription:
+def describe_file(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> FileDescription:
     """Describe a model file (root attribute ``advgrad_format``) or a dataset file (``/X``).
 
     A dataset is read block by block (``DESCRIBE_ROWS_PER_BLOCK`` rows), so every value is
@@ -56,12 +56,12 @@ def describe_file(path: str | os.PathLike) -> FileDescription:
         ]
         items += [(key, _text(value)) for key, value in sorted(model.metadata.items())]
     else:
-        with open_dataset(path) as reader:
+        with open_dataset(path, allow_nonfinite=allow_nonfinite) as reader:
             low, high = np.inf, -np.inf
             counts: dict[int, int] = {}
             for _, X, y in reader.chunks(DESCRIBE_ROWS_PER_BLOCK):
                 if X.size:
-                    low, high = min(low, float(X.min())), max(high, float(X.max()))
+                    low, high = min(low, float(np.nanmin(X))), max(high, float(np.nanmax(X)))
                 if y is not None:
                     classes = y if y.ndim == 1 else np.argmax(y, axis=1)
                     for label, count in zip(*np.unique(classes, return_counts=True), strict=True):
