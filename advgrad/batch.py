@@ -6,6 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +81,40 @@ def aligned_batch_size(batch_size: int) -> int:
     return -(-batch_size // ROWS_PER_BLOCK) * ROWS_PER_BLOCK
 
 
+@contextmanager
+def open_for_model(model_path, data_path, *, allow_nonfinite: bool = False):
+    """Load a model and open a dataset it can read; yields (model, reader).
+
+    Refuses data whose rows do not flatten to the model's d; the model comes back in the
+    dataset's dtype, the compute dtype of every file-level job.
+    """
+    model = load_model(model_path)
+    with open_dataset(
+        data_path, n_classes=model.n_classes, allow_nonfinite=allow_nonfinite
+    ) as reader:
+        width = math.prod(reader.row_shape)
+        if width != model.n_inputs:
+            raise InputFileError(
+                data_path,
+                "/X",
+                f"rows have shape {reader.row_shape} ({width} features); "
+                f"the model expects {model.n_inputs}",
+            )
+        yield model.astype(reader.dtype), reader
+
+
+def provenance(model_path, data_path) -> dict:
+    """Output attributes naming the inputs (file names and SHA-256), version and time."""
+    return {
+        "model_sha256": sha256_file(model_path),
+        "data_sha256": sha256_file(data_path),
+        "model_file": Path(model_path).name,
+        "data_file": Path(data_path).name,
+        "advgrad_version": advgrad.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
 def attack_file(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -112,21 +147,13 @@ def attack_file(
     after each block.
     """
     rows_per_block = aligned_batch_size(batch_size)
-    model = load_model(model_path)
     backend = get_backend(device)
-    with open_dataset(
-        data_path, n_classes=model.n_classes, allow_nonfinite=allow_nonfinite
-    ) as reader:
-        if math.prod(reader.row_shape) != model.n_inputs:
-            raise InputFileError(
-                data_path,
-                "/X",
-                f"rows have shape {reader.row_shape} ({math.prod(reader.row_shape)} features); "
-                f"the model expects {model.n_inputs}",
-            )
+    with open_for_model(model_path, data_path, allow_nonfinite=allow_nonfinite) as (
+        model,
+        reader,
+    ):
         if use_labels and not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; attack the predictions instead")
-        model = model.astype(reader.dtype)
         x_min, x_max = clip_range(clip, reader, model)
         if not x_min <= x_max:
             raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
@@ -139,12 +166,7 @@ def attack_file(
             "x_max": x_max if math.isfinite(x_max) else None,
             "min_eps_tolerance": min_eps_tolerance,
             "eps_max": eps_max if min_eps_tolerance is not None else None,
-            "model_sha256": sha256_file(model_path),
-            "data_sha256": sha256_file(data_path),
-            "model_file": Path(model_path).name,
-            "data_file": Path(data_path).name,
-            "advgrad_version": advgrad.__version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **provenance(model_path, data_path),
         }
         columns = {}
         if attack.targeted:

@@ -36,17 +36,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-import advgrad
 from advgrad.attacks import Attack, as_rows, attack_labels, label_matrix, minimal_eps, perturb
 from advgrad.backend import blas_threads, get_backend
-from advgrad.batch import aligned_batch_size, clip_range
-from advgrad.errors import InputFileError
-from advgrad.io import AdversarialWriter, load_model, open_dataset, sha256_file
+from advgrad.batch import aligned_batch_size, clip_range, open_for_model, provenance
+from advgrad.io import AdversarialWriter
 from advgrad.kernels import cpu
 from advgrad.model import Model
 
@@ -515,16 +512,7 @@ def certify_file(
     if attack is None:
         raise ValueError("certify_file needs the attack whose examples it writes as /X")
     rows_per_block = aligned_batch_size(batch_size)
-    model = load_model(model_path)
-    with open_dataset(data_path, n_classes=model.n_classes) as reader:
-        if math.prod(reader.row_shape) != model.n_inputs:
-            raise InputFileError(
-                data_path,
-                "/X",
-                f"rows have {math.prod(reader.row_shape)} features; "
-                f"the model expects {model.n_inputs}",
-            )
-        model = model.astype(reader.dtype)
+    with open_for_model(model_path, data_path) as (model, reader):
         labelled = use_labels and reader.has_labels
         clip = clip_range(clip, reader, model)
         settings = _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
@@ -544,12 +532,7 @@ def certify_file(
             "step_size_ratio": attack.alpha / attack.eps if attack.eps > 0 else None,
             "seed": attack.seed,
             "targeted": False,
-            "model_sha256": sha256_file(model_path),
-            "data_sha256": sha256_file(data_path),
-            "model_file": Path(model_path).name,
-            "data_file": Path(data_path).name,
-            "advgrad_version": advgrad.__version__,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **provenance(model_path, data_path),
         }
         parts = []
         with AdversarialWriter(

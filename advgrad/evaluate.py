@@ -20,9 +20,8 @@ from advgrad.attacks import (
     perturb,
 )
 from advgrad.backend import get_backend
-from advgrad.batch import aligned_batch_size, clip_range
+from advgrad.batch import aligned_batch_size, clip_range, open_for_model
 from advgrad.errors import InputFileError
-from advgrad.io import load_model, open_dataset
 from advgrad.model import Model
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
@@ -217,18 +216,9 @@ def evaluate_file(
     ``clip`` defaults to the dataset's (else the model's) x_min/x_max, else none;
     ``options`` as in ``evaluate_blocks``. Computation runs in the dataset's dtype.
     """
-    model = load_model(model_path)
-    with open_dataset(data_path, n_classes=model.n_classes) as reader:
+    with open_for_model(model_path, data_path) as (model, reader):
         if not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; evaluation needs labels")
-        if math.prod(reader.row_shape) != model.n_inputs:
-            raise InputFileError(
-                data_path,
-                "/X",
-                f"rows have {math.prod(reader.row_shape)} features; "
-                f"the model expects {model.n_inputs}",
-            )
-        model = model.astype(reader.dtype)
         return evaluate_blocks(
             model,
             reader.chunks(aligned_batch_size(batch_size)),
