@@ -171,34 +171,30 @@ DEFAULT_ATTACK = Attack()
 """FGSM (L-inf, eps 0.1), untargeted."""
 
 
-def row_uniforms(seed: int, stream: int, first_row: int, n_rows: int, width: int) -> np.ndarray:
-    """Uniform [0, 1) numbers (n_rows, width) for rows first_row.., a function of row index.
+def row_uniforms(seed: int, stream: int, index: np.ndarray, width: int) -> np.ndarray:
+    """Uniform [0, 1) numbers (len(index), width), one row for each absolute row index.
 
     Rows are drawn in aligned groups of ``RANDOM_GROUP_ROWS`` from generators seeded with
-    (seed, stream, group), so any batching of the rows gives the same numbers.
+    (seed, stream, group), so a row gets the same numbers in any batch and any subset.
     """
-    out = np.empty((n_rows, width))
-    first_group = first_row // RANDOM_GROUP_ROWS
-    last_group = (first_row + n_rows - 1) // RANDOM_GROUP_ROWS
-    for group in range(first_group, last_group + 1):
-        block = np.random.default_rng([seed, stream, group]).random((RANDOM_GROUP_ROWS, width))
-        lo = max(first_row, group * RANDOM_GROUP_ROWS)
-        hi = min(first_row + n_rows, (group + 1) * RANDOM_GROUP_ROWS)
-        out[lo - first_row : hi - first_row] = block[
-            lo - group * RANDOM_GROUP_ROWS : hi - group * RANDOM_GROUP_ROWS
-        ]
+    index = np.asarray(index, dtype=np.int64)
+    out = np.empty((len(index), width))
+    groups = index // RANDOM_GROUP_ROWS
+    for group in np.unique(groups):
+        block = np.random.default_rng([seed, stream, int(group)]).random((RANDOM_GROUP_ROWS, width))
+        mine = groups == group
+        out[mine] = block[index[mine] - group * RANDOM_GROUP_ROWS]
     return out
 
 
-def random_in_ball(
-    seed: int, stream: int, first_row: int, n_rows: int, d: int, p: float
-) -> np.ndarray:
-    """Points uniform in the unit ball of norm p in R^d, one per row, float64 (n_rows, d).
+def random_in_ball(seed: int, stream: int, index: np.ndarray, d: int, p: float) -> np.ndarray:
+    """Points uniform in the unit ball of norm p in R^d, float64 (len(index), d), one for
+    each absolute row index.
 
     inf: uniform coordinates; 2: Gaussian direction, radius u^(1/d); 1: signed Dirichlet(1)
     coordinates (from d + 1 exponentials), which is uniform in the L1 ball.
     """
-    u = row_uniforms(seed, stream, first_row, n_rows, 2 * d + 1)
+    u = row_uniforms(seed, stream, index, 2 * d + 1)
     u = np.clip(u, np.finfo(np.float64).tiny, None)
     if p == np.inf:
         return 2.0 * u[:, :d] - 1.0
@@ -222,7 +218,7 @@ def choose_targets(model: Model, probabilities, reference, target, seed: int, fi
     if target == "least-likely":
         return np.argmin(probabilities, axis=1).astype(np.int64)
     if target == "random":
-        u = row_uniforms(seed, TARGET_STREAM, first_row, n_rows, 1)[:, 0]
+        u = row_uniforms(seed, TARGET_STREAM, np.arange(first_row, first_row + n_rows), 1)[:, 0]
         offset = 1 + np.minimum((u * (C - 1)).astype(np.int64), C - 2)
         return (reference + offset) % C
     target = int(target)
@@ -257,11 +253,12 @@ def attack_labels(model, rows, y, attack: Attack, first_row: int = 0, backend=No
     return Labels(label_matrix(model, targets, len(rows)), targets, predicted)
 
 
-def success_of(labels: Labels, predicted_adv: np.ndarray, targeted: bool) -> np.ndarray:
-    """Per row: the attack reached its target, or moved the prediction off the reference."""
+def success_of(reference: np.ndarray, predicted_adv: np.ndarray, targeted: bool) -> np.ndarray:
+    """Per row: the attack reached its target, or moved the prediction off the reference
+    (``Labels.reference``)."""
     if targeted:
-        return predicted_adv == labels.reference
-    return predicted_adv != labels.reference
+        return predicted_adv == reference
+    return predicted_adv != reference
 
 
 def perturb(
@@ -272,14 +269,15 @@ def perturb(
     clip: tuple[float, float],
     *,
     eps=None,
-    first_row: int = 0,
+    first_row: int | np.ndarray = 0,
     backend=None,
 ) -> np.ndarray:
     """Run ``attack`` on prepared rows (N, d) of the model's dtype; returns X_adv (N, d).
 
     ``eps`` overrides attack.eps, per row (N,) or scalar; iterative step sizes scale with
     it. PGD with restarts keeps, per row, a successful result first, then the highest loss
-    (lowest, targeted).
+    (lowest, targeted). ``first_row`` is the absolute index of the first row, or (N,) int
+    the absolute index of every row: random starts are a function of it.
     """
     backend = backend or get_backend()
     x_min, x_max = clip
@@ -291,6 +289,7 @@ def perturb(
     if attack.method == "fgsm" and eps is None:
         return backend.fgm_step(model, rows, labels.Y, sign * attack.eps, p, x_min, x_max)[0]
     steps = 1 if attack.method == "fgsm" else attack.steps
+    index = np.arange(first_row, first_row + len(rows)) if np.ndim(first_row) == 0 else first_row
     ratio = attack.alpha / attack.eps if attack.eps > 0 else 0.0
     alpha = np.ascontiguousarray(sign * radius * (1.0 if attack.method == "fgsm" else ratio))
     radius = np.ascontiguousarray(radius)
@@ -299,7 +298,7 @@ def perturb(
     for restart in range(attack.restarts if attack.method == "pgd" else 1):
         start = rows
         if attack.method == "pgd":
-            ball = random_in_ball(attack.seed, restart, first_row, len(rows), rows.shape[1], p)
+            ball = random_in_ball(attack.seed, restart, index, rows.shape[1], p)
             start = (rows + radius[:, None] * ball).astype(rows.dtype)
         X_adv = backend.iterate(
             model, rows, labels.Y, start, radius, alpha, steps, p, decay, x_min, x_max
@@ -307,7 +306,8 @@ def perturb(
         if attack.method != "pgd" or attack.restarts == 1:
             return X_adv
         _, losses, predicted = backend.forward(model, X_adv, labels.Y)
-        score = np.where(success_of(labels, predicted, attack.targeted), np.inf, sign * losses)
+        hit = success_of(labels.reference, predicted, attack.targeted)
+        score = np.where(hit, np.inf, sign * losses)
         if best is None:
             best, best_score = X_adv, score
         else:
@@ -342,10 +342,13 @@ def minimal_eps(
     def succeeds(subset, eps):
         sub = Labels(labels.Y[subset], labels.reference[subset], labels.predicted[subset])
         X_adv = perturb(
-            model, rows[subset], sub, attack, clip, eps=eps, first_row=first_row, backend=backend
+            *(model, rows[subset], sub, attack, clip),
+            eps=eps,
+            first_row=first_row + subset,
+            backend=backend,
         )
         predicted = backend.forward(model, X_adv, sub.Y[:0])[2]
-        return success_of(sub, predicted, attack.targeted), X_adv
+        return success_of(sub.reference, predicted, attack.targeted), X_adv
 
     everyone = np.arange(len(rows))
     if attack.method == "deepfool":
@@ -356,7 +359,7 @@ def minimal_eps(
         return np.where(hit, sizes, np.inf)
     low = np.zeros(len(rows))
     high = np.full(len(rows), float(eps_max))
-    already = success_of(labels, labels.predicted, attack.targeted)
+    already = success_of(labels.reference, labels.predicted, attack.targeted)
     high[already] = 0.0
     active = everyone[~already]
     if active.size:

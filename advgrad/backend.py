@@ -80,6 +80,13 @@ class CpuBackend:
         )
         return X_adv, predicted
 
+    def fgm_from_gradient(self, X, G, eps: float, p: float, x_min: float, x_max: float):
+        """X_adv (N, d) after one FGM step of norm p along a gradient G (N, d) from
+        :meth:`input_gradient`; bitwise what :meth:`fgm_step` gives."""
+        X_adv = np.empty_like(X)
+        cpu.fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv)
+        return X_adv
+
     def iterate(self, model: Model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max):
         """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64."""
         X_adv = np.empty_like(X)

@@ -1,12 +1,26 @@
-"""File-to-file attacks: stream a dataset through the kernels into an adversarial dataset."""
+"""File-to-file attacks: stream a dataset through the kernels into adversarial datasets.
+
+One pass over the input serves every output: each block of rows is read once (by a reader thread,
+one block ahead), attacked for each output (outputs that differ only in eps share the labels, and
+FGSM outputs share one gradient), and handed to a writer thread that writes it and checkpoints
+every output, so reading, computing and writing overlap and memory stays bounded by the block
+size. An interrupted job (Ctrl-C, SIGTERM, a kill, a power loss) leaves resumable partial outputs
+(``advgrad.io.AdversarialWriter``); the same job run again continues where they stopped and
+writes the same files as an uninterrupted run. With a Dask scheduler, blocks are attacked as
+tasks on the cluster's workers (the client reads and sends them) and come back in order.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,25 +28,59 @@ from pathlib import Path
 import numpy as np
 
 import advgrad
-from advgrad.attacks import DEFAULT_ATTACK, Attack, attack_labels, minimal_eps, perturb, success_of
+from advgrad.attacks import (
+    DEFAULT_ATTACK,
+    Attack,
+    attack_labels,
+    minimal_eps,
+    norm_order,
+    perturb,
+    success_of,
+)
 from advgrad.backend import get_backend
-from advgrad.errors import InputFileError
-from advgrad.io import AdversarialWriter, load_model, open_dataset, sha256_file
+from advgrad.errors import AdvgradError, InputFileError
+from advgrad.io import AdversarialWriter, load_model, open_dataset, read_column, sha256_file
+from advgrad.io.safe import MAX_READ_BYTES
+from advgrad.kernels import cpu
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
 
 DEFAULT_BATCH_SIZE = 8192
+WRITES_IN_FLIGHT = 2
+"""Blocks handed to the writer thread and not yet written, at most (bounds memory)."""
+TASKS_PER_WORKER_THREAD = 2
+"""With Dask: blocks in flight per worker thread of the cluster."""
+
+
+class Interrupted(AdvgradError):
+    """A file-level job stopped between blocks on request; its partial outputs are kept.
+
+    Attributes
+    ----------
+    rows_done : int
+        Rows of every output safely on disk.
+    n_rows : int
+    """
+
+    def __init__(self, rows_done: int, n_rows: int) -> None:
+        self.rows_done = rows_done
+        self.n_rows = n_rows
+        super().__init__(
+            f"stopped after {rows_done} of {n_rows} rows; the partial output is kept: "
+            "run the same command again to resume"
+        )
 
 
 @dataclass(frozen=True)
 class AttackReport:
-    """What ``attack_file`` did.
+    """What ``attack_file`` did for one output.
 
     ``success_rate`` is the fraction of rows where the attack succeeded: the prediction
     moved off the attacked label (untargeted) or onto the target (targeted). The accuracies
     are None when the dataset has no labels. Perturbation norms are means over rows of
     ||X_adv - X|| on the flattened rows. ``eps_min`` holds the per-row minimal eps when it
-    was searched. ``seconds`` covers reading, attacking and writing the rows (not loading
-    the model or hashing the inputs).
+    was searched. ``seconds`` covers reading, attacking and writing the rows of this run
+    (not loading the model or hashing the inputs); ``resumed_rows`` were done by an
+    interrupted run before it.
     """
 
     output: Path
@@ -47,11 +95,13 @@ class AttackReport:
     mean_l2: float
     seconds: float
     eps_min: np.ndarray | None = None
+    resumed_rows: int = 0
 
     @property
     def rows_per_second(self) -> float:
-        """Rows attacked per second, reading and writing included."""
-        return self.n_rows / self.seconds if self.seconds > 0 else math.inf
+        """Rows attacked per second in this run, reading and writing included."""
+        rows = self.n_rows - self.resumed_rows
+        return rows / self.seconds if self.seconds > 0 else math.inf
 
 
 def default_output_name(data_path: str | os.PathLike, attack: Attack) -> Path:
@@ -86,7 +136,8 @@ def open_for_model(model_path, data_path, *, allow_nonfinite: bool = False):
     """Load a model and open a dataset it can read; yields (model, reader).
 
     Refuses data whose rows do not flatten to the model's d; the model comes back in the
-    dataset's dtype, the compute dtype of every file-level job.
+    dataset's dtype, the compute dtype of every file-level job (a float64 weight beyond
+    float32's range is refused rather than turned into inf).
     """
     model = load_model(model_path)
     with open_dataset(
@@ -100,7 +151,9 @@ def open_for_model(model_path, data_path, *, allow_nonfinite: bool = False):
                 f"rows have shape {reader.row_shape} ({width} features); "
                 f"the model expects {model.n_inputs}",
             )
-        yield model.astype(reader.dtype), reader
+        if model.dtype != reader.dtype:
+            model = load_model(model_path, as_dtype=reader.dtype)
+        yield model, reader
 
 
 def provenance(model_path, data_path) -> dict:
@@ -115,11 +168,173 @@ def provenance(model_path, data_path) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What turns a block of rows into adversarial rows, for each output of a job."""
+
+    attacks: tuple[Attack, ...]
+    use_labels: bool
+    clip: tuple[float, float]
+    min_eps_tolerance: float | None
+    eps_max: tuple[float, ...]
+    device: str
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """One output's share of an attacked block: what its writer stores, and the reference
+    classes success is measured against."""
+
+    X_adv: np.ndarray
+    pred_clean: np.ndarray
+    pred_adv: np.ndarray
+    reference: np.ndarray
+    columns: dict[str, np.ndarray]
+
+    def rows_from(self, offset: int) -> BlockResult:
+        """The result without its first ``offset`` rows."""
+        return BlockResult(
+            self.X_adv[offset:],
+            self.pred_clean[offset:],
+            self.pred_adv[offset:],
+            self.reference[offset:],
+            {name: values[offset:] for name, values in self.columns.items()},
+        )
+
+
+def attack_block(
+    model, rows: np.ndarray, y, plan: Plan, first_row: int, outputs: Sequence[int]
+) -> list[BlockResult | None]:
+    """Attack one block of rows (m, d) for the outputs listed in ``outputs`` (indices into
+    ``plan.attacks``); the others get None. A pure function of its arguments, so it runs
+    the same in this process or on a Dask worker.
+
+    Outputs with the same targets share the labels; FGSM outputs with the same targets share
+    one gradient (``fgm_from_gradient`` steps it bitwise as ``fgm_step`` would).
+    """
+    backend = get_backend(plan.device)
+
+    def labels_key(attack: Attack):
+        return (attack.target, attack.seed) if attack.targeted else None
+
+    labels_of, gradient_of = {}, {}
+    fgsm_sharing = Counter(
+        labels_key(plan.attacks[i]) for i in outputs if plan.attacks[i].method == "fgsm"
+    )
+    results: list[BlockResult | None] = [None] * len(plan.attacks)
+    for i in outputs:
+        attack = plan.attacks[i]
+        key = labels_key(attack)
+        if key not in labels_of:
+            labels_of[key] = attack_labels(
+                model, rows, y if plan.use_labels else None, attack, first_row, backend
+            )
+        labels = labels_of[key]
+        if attack.method == "fgsm" and fgsm_sharing[key] > 1:
+            if key not in gradient_of:
+                gradient_of[key] = backend.input_gradient(model, rows, labels.Y)[0]
+            sign = -1.0 if attack.targeted else 1.0
+            X_adv = backend.fgm_from_gradient(
+                rows, gradient_of[key], sign * attack.eps, norm_order(attack.norm), *plan.clip
+            )
+        else:
+            X_adv = perturb(
+                *(model, rows, labels, attack, plan.clip), first_row=first_row, backend=backend
+            )
+        columns = {}
+        if attack.targeted:
+            columns["target"] = labels.reference
+        if plan.min_eps_tolerance is not None:
+            columns["eps_min"] = minimal_eps(
+                *(model, rows, labels, attack, plan.clip),
+                eps_max=plan.eps_max[i],
+                tolerance=plan.min_eps_tolerance,
+                first_row=first_row,
+                backend=backend,
+            )
+        pred_adv = backend.forward(model, X_adv, labels.Y[:0])[2]
+        results[i] = BlockResult(X_adv, labels.predicted, pred_adv, labels.reference, columns)
+    return results
+
+
+@dataclass
+class _Totals:
+    """Running sums of one output's report; saved in its checkpoints."""
+
+    clean_correct: int = 0
+    adversarial_correct: int = 0
+    succeeded: int = 0
+    linf_total: float = 0.0
+    l2_total: float = 0.0
+
+    def add(self, rows: np.ndarray, result: BlockResult, classes, targeted: bool) -> None:
+        linf, l2 = np.empty(len(rows)), np.empty(len(rows))
+        cpu.perturbation_norms_into(result.X_adv, rows, linf, l2)
+        self.linf_total += float(linf.sum())
+        self.l2_total += float(l2.sum())
+        self.succeeded += int(success_of(result.reference, result.pred_adv, targeted).sum())
+        if classes is not None:
+            self.clean_correct += int((result.pred_clean == classes).sum())
+            self.adversarial_correct += int((result.pred_adv == classes).sum())
+
+
+class _LocalTasks:
+    """Runs block attacks in this process, one at a time (the kernels use every core)."""
+
+    in_flight = 1
+
+    def submit(self, function, model, *args) -> Future:
+        future: Future = Future()
+        future.set_result(function(model, *args))
+        return future
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class _DaskTasks:
+    """Runs block attacks as tasks on a Dask cluster; the model is sent to every worker once."""
+
+    def __init__(self, address: str, model) -> None:
+        try:
+            from dask.distributed import Client
+        except ImportError as exc:
+            raise AdvgradError(
+                "--scheduler needs dask.distributed: pip install 'advgrad[dask]'"
+            ) from exc
+        try:
+            self._client = Client(address, set_as_default=False, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise AdvgradError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+        self._model = self._client.scatter(model, broadcast=True)
+        threads = sum(self._client.nthreads().values())
+        self.in_flight = max(1, TASKS_PER_WORKER_THREAD * threads)
+
+    def submit(self, function, model, *args):
+        return self._client.submit(function, self._model, *args, pure=False)
+
+    def close(self) -> None:
+        self._client.close()
+
+
 def attack_file(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
     out_path: str | os.PathLike,
     attack: Attack = DEFAULT_ATTACK,
+    **options,
+) -> AttackReport:
+    """Attack every row of a dataset file and write the adversarial dataset.
+
+    ``attack_files`` with one output; the options are the same.
+    """
+    return attack_files(model_path, data_path, [(attack, out_path)], **options)[0]
+
+
+def attack_files(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    outputs: Sequence[tuple[Attack, str | os.PathLike]],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     use_labels: bool = False,
@@ -130,116 +345,210 @@ def attack_file(
     overwrite: bool = False,
     device: str = "cpu",
     allow_nonfinite: bool = False,
+    resume: bool | None = None,
+    scheduler: str | None = None,
+    stop: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> AttackReport:
-    """Attack every row of a dataset file and write the adversarial dataset.
+    notice: Callable[[str], None] | None = None,
+) -> list[AttackReport]:
+    """Attack every row of a dataset file once for each ``(attack, output path)``, in one pass.
 
     Rows stream from ``data_path`` in blocks of ``aligned_batch_size(batch_size)``, so
-    memory does not grow with the number of rows; the output is written beside
-    ``out_path`` and renamed into place once complete (DESIGN.md sections 3 and 4).
-    Computation runs in the dataset's dtype. Labels are the model's predictions unless
-    ``use_labels``, which takes the dataset's ``/y``. ``clip`` defaults to the dataset's
-    (else the model's) x_min/x_max, else no clipping. With ``min_eps_tolerance``, the
-    per-row minimal eps in [0, eps_max] is searched too and written as ``/eps_min``
-    (eps_max defaults to x_max - x_min, or 10 eps without a clip range). Targeted attacks
-    write their per-row targets as ``/target``. ``allow_nonfinite`` accepts NaN and inf
-    in ``/X`` (they pass through to the output). ``progress(rows_done, n_rows)`` is called
-    after each block.
+    memory does not grow with the number of rows; each output is written beside its path
+    and renamed into place once complete (DESIGN.md sections 3 and 4). Computation runs in
+    the dataset's dtype. Labels are the model's predictions unless ``use_labels``, which
+    takes the dataset's ``/y``. ``clip`` defaults to the dataset's (else the model's)
+    x_min/x_max, else no clipping. With ``min_eps_tolerance``, the per-row minimal eps in
+    [0, eps_max] is searched too and written as ``/eps_min`` (eps_max defaults to
+    x_max - x_min, or 10 eps without a clip range). Targeted attacks write their per-row
+    targets as ``/target``. ``allow_nonfinite`` accepts NaN and inf in ``/X`` (they pass
+    through to the output).
+
+    Crash safety: every block is checkpointed. ``resume`` None continues the partial outputs
+    of an interrupted run of the same job (same inputs and settings), else starts afresh;
+    True insists on resuming; False discards partial outputs. Setting ``stop`` makes the
+    job stop after the block in progress and raise ``Interrupted`` (partial outputs kept).
+
+    ``scheduler`` is the address of a Dask scheduler: blocks are then attacked on its
+    workers (the output is the same). ``progress(rows_done, n_rows)`` is called after each
+    block; ``notice(message)`` with anything the user should know (a partial output
+    resumed or discarded).
+
+    Returns
+    -------
+    list of AttackReport
+        One per output, in order.
     """
+    if not outputs:
+        raise ValueError("at least one output is needed")
+    paths = [Path(path) for _, path in outputs]
+    if len({path.resolve() for path in paths}) < len(paths):
+        raise ValueError("two outputs have the same path")
     rows_per_block = aligned_batch_size(batch_size)
-    backend = get_backend(device)
-    with open_for_model(model_path, data_path, allow_nonfinite=allow_nonfinite) as (
-        model,
-        reader,
+    get_backend(device)
+    attacks = tuple(attack for attack, _ in outputs)
+    with (
+        open_for_model(model_path, data_path, allow_nonfinite=allow_nonfinite) as (model, reader),
+        ExitStack() as stack,
     ):
         if use_labels and not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; attack the predictions instead")
+        row_bytes = math.prod(reader.row_shape) * reader.dtype.itemsize
+        if rows_per_block * row_bytes > MAX_READ_BYTES:
+            largest = MAX_READ_BYTES // row_bytes // ROWS_PER_BLOCK * ROWS_PER_BLOCK
+            raise ValueError(
+                f"a block of {rows_per_block} rows takes {rows_per_block * row_bytes} bytes, "
+                f"more than the {MAX_READ_BYTES} read at once; use a batch size of at most "
+                f"{largest}"
+            )
         x_min, x_max = clip_range(clip, reader, model)
         if not x_min <= x_max:
             raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
-        if eps_max is None:
-            eps_max = x_max - x_min if math.isfinite(x_max - x_min) else 10 * attack.eps
-        attrs = {
-            **attack.describe(),
+        finite_range = math.isfinite(x_max - x_min)
+        plan = Plan(
+            attacks=attacks,
+            use_labels=use_labels,
+            clip=(x_min, x_max),
+            min_eps_tolerance=min_eps_tolerance,
+            eps_max=tuple(
+                eps_max if eps_max is not None else x_max - x_min if finite_range else 10 * a.eps
+                for a in attacks
+            ),
+            device=device,
+        )
+        shared = {
             "labels": "dataset" if use_labels else "predictions",
             "x_min": x_min if math.isfinite(x_min) else None,  # None: not stored
             "x_max": x_max if math.isfinite(x_max) else None,
             "min_eps_tolerance": min_eps_tolerance,
-            "eps_max": eps_max if min_eps_tolerance is not None else None,
             **provenance(model_path, data_path),
         }
-        columns = {}
-        if attack.targeted:
-            columns["target"] = np.int64
-        if min_eps_tolerance is not None:
-            columns["eps_min"] = np.float64
-        clean_correct = adversarial_correct = succeeded = 0
-        linf_total = l2_total = 0.0
-        eps_min_parts = []
-        with AdversarialWriter(
-            out_path,
-            n_rows=reader.n_rows,
-            row_shape=reader.row_shape,
-            dtype=reader.dtype,
-            y_template=reader.y_template,
-            attrs=attrs,
-            rows_per_chunk=min(rows_per_block, max(reader.n_rows, 1)),
-            compression=compression,
-            overwrite=overwrite,
-            inputs=(model_path, data_path),
-            columns=columns,
-        ) as writer:
-            started = time.perf_counter()
-            for start, X, y in reader.chunks(rows_per_block):
-                rows = np.ascontiguousarray(X.reshape(len(X), -1))
-                labels = attack_labels(
-                    model, rows, y if use_labels else None, attack, start, backend
-                )
-                X_adv = perturb(
-                    model, rows, labels, attack, (x_min, x_max), first_row=start, backend=backend
-                )
-                pred_adv = backend.forward(model, X_adv, labels.Y[:0])[2]
-                extra = {}
-                if attack.targeted:
-                    extra["target"] = labels.reference
-                if min_eps_tolerance is not None:
-                    extra["eps_min"] = minimal_eps(
-                        model,
-                        rows,
-                        labels,
-                        attack,
-                        (x_min, x_max),
-                        eps_max=eps_max,
-                        tolerance=min_eps_tolerance,
-                        first_row=start,
-                        backend=backend,
-                    )
-                    eps_min_parts.append(extra["eps_min"])
-                writer.write(start, X_adv.reshape(X.shape), y, labels.predicted, pred_adv, **extra)
-                delta = (X_adv - rows).astype(np.float64)
-                linf_total += float(np.abs(delta).max(axis=1, initial=0.0).sum())
-                l2_total += float(np.linalg.norm(delta, axis=1).sum())
-                succeeded += int(success_of(labels, pred_adv, attack.targeted).sum())
-                if y is not None:
-                    classes = y if y.ndim == 1 else np.argmax(y, axis=1)
-                    clean_correct += int((labels.predicted == classes).sum())
-                    adversarial_correct += int((pred_adv == classes).sum())
-                if progress is not None:
-                    progress(start + len(rows), reader.n_rows)
-        n_rows = reader.n_rows
-        labelled = reader.has_labels
+        writers = []
+        for attack, path, limit in zip(attacks, paths, plan.eps_max, strict=True):
+            columns = {}
+            if attack.targeted:
+                columns["target"] = np.int64
+            if min_eps_tolerance is not None:
+                columns["eps_min"] = np.float64
+            writer = AdversarialWriter(
+                path,
+                n_rows=reader.n_rows,
+                row_shape=reader.row_shape,
+                dtype=reader.dtype,
+                y_template=reader.y_template,
+                attrs={
+                    **attack.describe(),
+                    **shared,
+                    "eps_max": limit if min_eps_tolerance is not None else None,
+                },
+                rows_per_chunk=min(rows_per_block, max(reader.n_rows, 1)),
+                compression=compression,
+                overwrite=overwrite,
+                inputs=(model_path, data_path),
+                columns=columns,
+                resume=resume,
+            )
+            writers.append(stack.enter_context(writer))
+            if notice is not None and writer.notice:
+                notice(writer.notice)
+            if notice is not None and writer.resumed_rows:
+                notice(f"{path}: resuming after row {writer.resumed_rows} of {reader.n_rows}")
+        tasks = _DaskTasks(scheduler, model) if scheduler else _LocalTasks()
+        stack.callback(tasks.close)
+        started = time.perf_counter()
+        totals = _stream(reader, model, plan, writers, tasks, rows_per_block, stop, progress)
+        seconds = time.perf_counter() - started
+        n_rows, labelled = reader.n_rows, reader.has_labels
     denominator = max(n_rows, 1)
-    return AttackReport(
-        output=Path(out_path),
-        attack=attack,
-        n_rows=n_rows,
-        labels=attrs["labels"],
-        clip=(x_min, x_max),
-        clean_accuracy=clean_correct / denominator if labelled else None,
-        adversarial_accuracy=adversarial_correct / denominator if labelled else None,
-        success_rate=succeeded / denominator,
-        mean_linf=linf_total / denominator,
-        mean_l2=l2_total / denominator,
-        seconds=time.perf_counter() - started,
-        eps_min=np.concatenate(eps_min_parts) if eps_min_parts else None,
-    )
+    reports = []
+    for attack, writer, total in zip(attacks, writers, totals, strict=True):
+        eps_min = read_column(writer.target, "eps_min") if min_eps_tolerance is not None else None
+        reports.append(
+            AttackReport(
+                output=writer.target,
+                attack=attack,
+                n_rows=n_rows,
+                labels=shared["labels"],
+                clip=(x_min, x_max),
+                clean_accuracy=total.clean_correct / denominator if labelled else None,
+                adversarial_accuracy=total.adversarial_correct / denominator if labelled else None,
+                success_rate=total.succeeded / denominator,
+                mean_linf=total.linf_total / denominator,
+                mean_l2=total.l2_total / denominator,
+                seconds=seconds,
+                eps_min=eps_min,
+                resumed_rows=writer.resumed_rows,
+            )
+        )
+    return reports
+
+
+def _stream(reader, model, plan: Plan, writers, tasks, rows_per_block, stop, progress):
+    """Read, attack and write every block not yet in every output; returns the totals.
+
+    A reader thread reads one block ahead; ``tasks`` attack up to ``tasks.in_flight``
+    blocks at once; a writer thread writes and checkpoints, at most ``WRITES_IN_FLIGHT``
+    blocks behind. Raises ``Interrupted`` when ``stop`` is set.
+    """
+    n_rows = reader.n_rows
+    done = [writer.rows_written for writer in writers]
+    totals = [_Totals(**writer.resumed_state) for writer in writers]
+    starts = range(min(done, default=n_rows), n_rows, rows_per_block)
+    attacked: deque = deque()
+    written: deque = deque()
+    with (
+        ThreadPoolExecutor(1, "advgrad-read") as reads,
+        ThreadPoolExecutor(1, "advgrad-write") as writes,
+    ):
+
+        def read(start):
+            return reads.submit(reader.read, start, min(start + rows_per_block, n_rows))
+
+        def finish_oldest_attack():
+            start, rows, y, outputs, future = attacked.popleft()
+            results = future.result()
+            classes = None if y is None else (y if y.ndim == 1 else np.argmax(y, axis=1))
+            for i in outputs:
+                offset = max(done[i] - start, 0)
+                result = results[i].rows_from(offset)
+                part = None if classes is None else classes[offset:]
+                totals[i].add(rows[offset:], result, part, plan.attacks[i].targeted)
+                y_part = None if y is None else y[offset:]
+                state = dataclasses.asdict(totals[i])
+                written.append(
+                    writes.submit(_write_block, writers[i], start + offset, result, y_part, state)
+                )
+                while len(written) > WRITES_IN_FLIGHT * len(writers):
+                    written.popleft().result()
+            if progress is not None:
+                progress(start + len(rows), n_rows)
+
+        next_read = read(starts[0]) if starts else None
+        for k, start in enumerate(starts):
+            X, y = next_read.result()
+            if k + 1 < len(starts):
+                next_read = read(starts[k + 1])
+            rows = np.ascontiguousarray(X.reshape(len(X), -1))
+            outputs = [i for i, rows_done in enumerate(done) if rows_done < start + len(rows)]
+            future = tasks.submit(attack_block, model, rows, y, plan, start, outputs)
+            attacked.append((start, rows, y, outputs, future))
+            if len(attacked) >= tasks.in_flight:
+                finish_oldest_attack()
+            if stop is not None and stop.is_set():
+                break
+        while attacked:
+            finish_oldest_attack()
+        while written:
+            written.popleft().result()
+    if stop is not None and stop.is_set():
+        rows_done = min(writer.rows_written for writer in writers)
+        if rows_done < n_rows:
+            raise Interrupted(rows_done, n_rows)
+    return totals
+
+
+def _write_block(writer: AdversarialWriter, start: int, result: BlockResult, y, state) -> None:
+    """Write one output's rows of a block and checkpoint them (on the writer thread)."""
+    X_adv = result.X_adv.reshape(len(result.X_adv), *writer.row_shape)
+    writer.write(start, X_adv, y, result.pred_clean, result.pred_adv, **result.columns)
+    writer.checkpoint(state)

@@ -72,8 +72,46 @@ def _reported_errors():
         )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        errors.print("[bold red]advgrad: interrupted[/]; no output was written")
+        errors.print(
+            "[bold red]advgrad: interrupted[/]; no complete output was written "
+            "(an interrupted attack keeps its last checkpoint: run it again to resume)"
+        )
         raise typer.Exit(130) from None
+
+
+@contextmanager
+def _stop_on_signals():
+    """Yield an event that SIGINT (Ctrl-C) and SIGTERM set: a file-level job then stops after
+    the block in progress, keeping its partial output, and the command exits 128 + the
+    signal's number. A second signal stops at once (the last checkpoint is kept)."""
+    import signal
+    import threading
+
+    from advgrad.batch import Interrupted
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def handle(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+        errors.print(
+            "advgrad: stopping after the block in progress (Ctrl-C again stops at once)",
+            highlight=False,
+        )
+
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, handle) for signum in watched}
+    try:
+        yield stop
+    except Interrupted as interruption:
+        errors.print(f"[bold red]advgrad: interrupted:[/] {escape(str(interruption))}")
+        raise typer.Exit(128 + received[0]) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _defaults(model: Path | None, data: Path | None) -> tuple[Path, Path]:
@@ -141,6 +179,19 @@ BatchSizeOption = Annotated[
 ]
 
 
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+    auto = "auto"
+
+
+DeviceOption = Annotated[
+    Device,
+    typer.Option(
+        help="cpu; cuda (an NVIDIA GPU, needs the cuda extra: fails with one line without "
+        "one); auto (cuda when usable, else cpu).",
+    ),
+]
 AllowNonfiniteOption = Annotated[
     bool,
     typer.Option(
@@ -206,11 +257,11 @@ def attack(
     model: ModelOption = None,
     data: DataOption = None,
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            dir_okay=False,
-            help="Output file. Default: <data name>-<method>-l<norm>-eps<eps>.h5 in the "
-            "current directory.",
+            help="Output file. With several --eps, a name containing {eps}, e.g. "
+            "adv-{eps}.h5. Default: <data name>-<method>-l<norm>-eps<eps>.h5 in the current "
+            "directory.",
             show_default=False,
         ),
     ] = None,
@@ -223,8 +274,14 @@ def attack(
         ),
     ] = Method.fgsm,
     eps: Annotated[
-        float, typer.Option(min=0.0, help="Radius of the perturbation, in input units.")
-    ] = 0.1,
+        list[float] | None,
+        typer.Option(
+            min=0.0,
+            help="Radius of the perturbation, in input units. Repeat it (--eps 0.05 --eps 0.1) "
+            "to write one output per eps in one pass over the data. Default: 0.1.",
+            show_default=False,
+        ),
+    ] = None,
     norm: NormOption = Norm.inf,
     steps: StepsOption = 10,
     step_size: StepSizeOption = None,
@@ -275,6 +332,25 @@ def attack(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing output file (never an input).")
     ] = False,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--restart",
+            help="An interrupted run leaves a partial output (.<out>.partial.h5); running the "
+            "same command again resumes it. --resume insists on resuming; --restart "
+            "discards it and starts afresh.",
+            show_default=False,
+        ),
+    ] = None,
+    device: DeviceOption = Device.cpu,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of a Dask scheduler (tcp://host:8786): attack the blocks on its "
+            "workers; this process reads and writes. Needs the dask extra.",
+            show_default=False,
+        ),
+    ] = None,
     allow_nonfinite: AllowNonfiniteOption = False,
 ) -> None:
     """Attack every row of a dataset and write the adversarial dataset.
@@ -282,35 +358,52 @@ def attack(
     With no --model/--data it attacks the bundled digits test set with the bundled network
     using FGSM. The output holds /X (perturbed, same shape and dtype), /y, /pred_clean,
     /pred_adv (plus /target and /eps_min when asked) and the attack's settings as
-    attributes; it appears only once complete.
+    attributes; it appears only once complete. Rows stream through in blocks, so memory
+    does not grow with the dataset. Ctrl-C (or SIGTERM) stops after the block in progress
+    and keeps what is done; the same command resumes it.
     """
     clip = _clip(clip_min, clip_max)
-    with _reported_errors():
+    radii = eps or [0.1]
+    with _reported_errors(), _stop_on_signals() as stop:
         from advgrad.attacks import Attack
-        from advgrad.batch import attack_file, default_output_name
+        from advgrad.batch import attack_files, default_output_name
 
-        config = Attack(
-            method.value,
-            eps=eps,
-            norm=norm.value,
-            steps=steps,
-            step_size=step_size,
-            restarts=restarts,
-            decay=decay,
-            overshoot=overshoot,
-            max_iter=max_iter,
-            target=_parse_target(target),
-            seed=seed,
-        )
+        configs = [
+            Attack(
+                method.value,
+                eps=radius,
+                norm=norm.value,
+                steps=steps,
+                step_size=step_size,
+                restarts=restarts,
+                decay=decay,
+                overshoot=overshoot,
+                max_iter=max_iter,
+                target=_parse_target(target),
+                seed=seed,
+            )
+            for radius in dict.fromkeys(radii)
+        ]
+        if method is Method.deepfool:
+            configs = configs[:1]
         model_path, data_path = _defaults(model, data)
-        out_path = out or default_output_name(data_path, config)
+        if out is not None and len(configs) > 1 and "{eps}" not in out:
+            raise ValueError("with several --eps, --out must contain {eps}, e.g. adv-{eps}.h5")
+        outputs = [
+            (
+                config,
+                Path(out.replace("{eps}", f"{config.eps:g}"))
+                if out is not None
+                else default_output_name(data_path, config),
+            )
+            for config in configs
+        ]
         with _progress_bar("attacking rows") as bar:
             task = bar.add_task("", total=None)
-            report = attack_file(
+            reports = attack_files(
                 model_path,
                 data_path,
-                out_path,
-                config,
+                outputs,
                 batch_size=batch_size,
                 use_labels=labels,
                 clip=clip,
@@ -318,9 +411,31 @@ def attack(
                 eps_max=eps_max,
                 compression=None if compression is Compression.none else compression.value,
                 overwrite=overwrite,
+                device=device.value,
                 allow_nonfinite=allow_nonfinite,
+                resume=resume,
+                scheduler=scheduler,
+                stop=stop,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                notice=lambda message: errors.print(f"advgrad: {escape(message)}"),
             )
+    config = reports[0].attack
+    title = f"{config.method} attack, L{config.norm}"
+    if len(reports) == 1:
+        console.print(_summary_table(title, _attack_report_rows(reports[0])))
+        return
+    table = Table(title=title, title_justify="left")
+    columns = [dict(_attack_report_rows(report)) for report in reports]
+    table.add_column(style="bold", no_wrap=True)
+    for column in columns:
+        table.add_column(f"eps {column.pop('eps')}", justify="right", overflow="fold")
+    for name in columns[0]:
+        table.add_row(name, *(column[name] for column in columns))
+    console.print(table)
+
+
+def _attack_report_rows(report) -> list[tuple[str, str]]:
+    config = report.attack
     rows = [("rows", f"{report.n_rows}")]
     if config.method != "deepfool":
         rows.append(("eps", f"{config.eps:g}"))
@@ -336,11 +451,13 @@ def attack(
     ]
     if report.eps_min is not None:
         rows.append(("minimal eps", _quartiles(report.eps_min)))
+    if report.resumed_rows:
+        rows.append(("resumed after row", f"{report.resumed_rows}"))
     rows += [
         ("rows per second", f"{report.rows_per_second:,.0f}"),
         ("output", str(report.output)),
     ]
-    console.print(_summary_table(f"{config.method} attack, L{config.norm}", rows))
+    return rows
 
 
 @app.command()
@@ -379,6 +496,7 @@ def evaluate(
     clip_min: ClipMinOption = None,
     clip_max: ClipMaxOption = None,
     batch_size: BatchSizeOption = 8192,
+    device: DeviceOption = Device.cpu,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", dir_okay=False, help="Write the results as JSON here."),
@@ -437,6 +555,7 @@ def evaluate(
                 min_eps_tolerance=min_eps or None,
                 clip=clip,
                 batch_size=batch_size,
+                device=device.value,
                 progress=lambda done: bar.update(task, completed=done),
             )
         if json_path is not None:

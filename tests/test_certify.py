@@ -42,7 +42,7 @@ def sample_region(rng, x, radius, norm, clip, count):
     """Points of the radius-ball around x (corners and surface included), in the clip box."""
     d = len(x)
     p = np.inf if norm == "inf" else 2.0
-    inside = random_in_ball(int(rng.integers(2**31)), 0, 0, count, d, p)
+    inside = random_in_ball(int(rng.integers(2**31)), 0, np.arange(count), d, p)
     if norm == "inf":
         edge = np.sign(rng.uniform(-1, 1, size=(count, d)))
     else:

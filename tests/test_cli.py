@@ -242,3 +242,28 @@ def test_allow_nonfinite_lets_nan_rows_through(tmp_path):
     X_adv = advgrad.load_dataset(tmp_path / "o.h5", allow_nonfinite=True)[0]
     assert np.isnan(X_adv[3]).any()
     np.testing.assert_array_equal(np.isfinite(X_adv).all(axis=1), np.arange(10) != 3)
+
+
+@pytest.mark.parametrize("command", ["attack", "evaluate", "certify"])
+def test_float64_weights_overflowing_float32_data_are_refused(tmp_path, command):
+    W1, b1, W2, b2 = random_network(np.random.default_rng(1), d=6, H=4, C=3)
+    W1[2, 1] = 1e39  # finite in float64, inf in float32
+    model_path = tmp_path / "model.h5"
+    advgrad.save_model(advgrad.Model(W1, b1, W2, b2), model_path)
+    data_path = tmp_path / "data.h5"
+    advgrad.save_dataset(data_path, np.random.default_rng(0).random((20, 6), dtype=np.float32))
+    result = run(command, "--model", model_path, "--data", data_path, cwd=tmp_path)
+    assert result.exit_code == 1, result.output
+    assert "/W1: 1 values that overflow float32" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5", "model.h5"]
+
+
+def test_a_block_larger_than_a_read_is_refused_with_the_batch_size_to_use(tmp_path, monkeypatch):
+    import advgrad.batch
+
+    monkeypatch.setattr(advgrad.batch, "MAX_READ_BYTES", 64 * 256 * 4 * 3)
+    result = run("attack", "--batch-size", "1024", cwd=tmp_path)
+    assert result.exit_code == 1, result.output
+    assert "use a batch size of at most 768" in result.output
+    assert list(tmp_path.iterdir()) == []

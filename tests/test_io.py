@@ -690,7 +690,7 @@ def test_too_many_attributes(tmp_path):
 
 
 def partial_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob(".*.partial-*.h5"))
+    return sorted(directory.glob(".*.partial*"))
 
 
 def writer_for(target: Path, labels: bool = True, **options) -> AdversarialWriter:
@@ -720,7 +720,7 @@ def test_adversarial_writer_commits_only_on_success(tmp_path, compression):
             writer.write(start, *adv_block(start, min(start + 4, 10)))
             assert not target.exists()
             (partial,) = partial_files(tmp_path)
-        assert partial.name.startswith(".adv.h5.partial-")
+        assert partial.name == ".adv.h5.partial.h5"
         with h5py.File(partial, "r") as f:
             assert not f.attrs["complete"]
     assert partial_files(tmp_path) == []
@@ -881,6 +881,91 @@ def test_writer_refuses_bad_arguments(tmp_path):
     with refused(tmp_path / "no" / "a.h5", None, "cannot create"):
         writer_for(tmp_path / "no" / "a.h5")
     assert list(tmp_path.iterdir()) == []
+
+
+def file_contents(path: Path) -> dict:
+    """Every dataset's bytes, dtype and shape, and every root attribute."""
+    with h5py.File(path, "r") as f:
+        datasets = {name: (f[name].dtype, f[name].shape, f[name][()].tobytes()) for name in f}
+        return {"datasets": datasets, "attrs": dict(f.attrs)}
+
+
+def write_blocks(writer: AdversarialWriter, starts, size: int = 4, checkpoint: bool = True):
+    for start in starts:
+        writer.write(start, *adv_block(start, min(start + size, 10)))
+        if checkpoint:
+            writer.checkpoint({"rows": writer.rows_written})
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_suspended_writer_resumes_to_the_same_file(tmp_path, compression):
+    reference = tmp_path / "reference.h5"
+    with writer_for(reference, compression=compression) as writer:
+        write_blocks(writer, range(0, 10, 4))
+    target = tmp_path / "adv.h5"
+    with pytest.raises(KeyboardInterrupt), writer_for(target, compression=compression) as writer:
+        write_blocks(writer, [0, 4])
+        writer.write(8, *adv_block(8, 10))  # written, never checkpointed: redone on resume
+        raise KeyboardInterrupt
+    assert not target.exists()
+    assert [p.name for p in partial_files(tmp_path)] == [
+        ".adv.h5.partial.h5",
+        ".adv.h5.partial.json",
+    ]
+    with writer_for(target, compression=compression) as writer:
+        assert (writer.resumed_rows, writer.rows_written) == (8, 8)
+        assert writer.resumed_state == {"rows": 8}
+        assert writer.notice is None
+        write_blocks(writer, [8])
+    assert partial_files(tmp_path) == []
+    assert list(tmp_path.glob(".*.lock")) == []
+    assert file_contents(target) == file_contents(reference)
+
+
+def test_partial_of_another_job_is_refused_until_restart(tmp_path):
+    target = tmp_path / "adv.h5"
+    with pytest.raises(KeyboardInterrupt), writer_for(target) as writer:
+        write_blocks(writer, [0])
+        raise KeyboardInterrupt
+    with refused(target, None, "holds an interrupted run with other settings .*--restart"):
+        writer_for(target, compression="gzip")
+    with refused(tmp_path / "fresh.h5", None, "has no interrupted run to resume"):
+        writer_for(tmp_path / "fresh.h5", resume=True)
+    with writer_for(target, compression="gzip", resume=False) as writer:
+        assert writer.resumed_rows == 0
+        write_blocks(writer, range(0, 10, 4))
+    assert load_dataset(target)[0].shape == (10, 2, 3)
+
+
+def test_damaged_partial_starts_afresh(tmp_path):
+    reference = tmp_path / "reference.h5"
+    with writer_for(reference) as writer:
+        write_blocks(writer, range(0, 10, 4))
+    target = tmp_path / "adv.h5"
+    with pytest.raises(KeyboardInterrupt), writer_for(target) as writer:
+        write_blocks(writer, [0, 4])
+        raise KeyboardInterrupt
+    checkpoint = tmp_path / ".adv.h5.partial.json"
+    checkpoint.write_text(checkpoint.read_text().replace("[4, 8, ", "[4, 8, 1"))
+    with writer_for(target) as writer:
+        assert writer.resumed_rows == 0
+        assert "cannot be resumed (rows 4:8 do not match their checksum)" in writer.notice
+        write_blocks(writer, range(0, 10, 4))
+    assert file_contents(target) == file_contents(reference)
+
+
+def test_locked_output_is_refused(tmp_path):
+    from advgrad.io.checkpoint import OutputLock
+
+    target = tmp_path / "adv.h5"
+    lock = OutputLock(target)
+    with refused(target, None, "another advgrad run is writing it"):
+        writer_for(target)
+    assert [p.name for p in tmp_path.iterdir()] == [".adv.h5.lock"]
+    lock.release()
+    with writer_for(target) as writer:
+        write_blocks(writer, range(0, 10, 4), checkpoint=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.h5"]
 
 
 # --------------------------------------------------------------------------- sha256

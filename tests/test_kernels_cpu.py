@@ -281,3 +281,19 @@ def test_confident_rows_keep_their_gradient_to_full_precision(digits_model, digi
     scale = np.abs(expected).max(axis=1, keepdims=True)
     assert (np.abs(G - expected) <= 1e-12 * scale).all()
     assert (others / E.sum(axis=1) < 1e-8).sum() > 50  # it covers confident rows (84 here)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_perturbation_norms_match_numpy(dtype):
+    rng = np.random.default_rng(5)
+    X = rng.random((700, 33)).astype(dtype)
+    X_adv = (X + rng.normal(0.0, 0.2, X.shape)).astype(dtype)
+    X_adv[3] = X[3]
+    X_adv[9, 4] = np.nan
+    linf, l2 = np.empty(len(X)), np.empty(len(X))
+    cpu.perturbation_norms_into(X_adv, X, linf, l2)
+    delta = X_adv.astype(np.float64) - X.astype(np.float64)
+    np.testing.assert_allclose(linf, np.abs(delta).max(axis=1), rtol=0, atol=0)
+    np.testing.assert_allclose(l2, np.linalg.norm(delta, axis=1), rtol=1e-14)
+    assert (linf[3], l2[3]) == (0.0, 0.0)
+    assert np.isnan(linf[9]) and np.isnan(l2[9])

@@ -170,6 +170,7 @@ def test_minimal_eps_brackets_the_success(digits_model, digits_test, method):
             attack,
             (0.0, 1.0),
             eps=eps,
+            first_row=finite,
         )
         return advgrad.predict(digits_model, X_adv) != labels.reference[finite]
 

@@ -25,6 +25,14 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from advgrad.errors import InputFileError
+from advgrad.io.checkpoint import (
+    Checkpoint,
+    OutputLock,
+    block_crc,
+    fingerprint,
+    fsync_directory,
+    partial_path,
+)
 from advgrad.io.safe import (
     MAX_CHUNK_BYTES,
     MAX_READ_BYTES,
@@ -88,45 +96,59 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
+def _storable(name: str, value: Any) -> Any:
+    """``value`` as it is stored as an attribute: str, numbers, bools, or 1-D arrays of them."""
+    if isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
+        return value
+    array = np.asarray(value)
+    if array.dtype.kind == "U" and array.ndim == 1:
+        return array.tolist()
+    if array.dtype.kind in "biuf":
+        return _native(array)
+    raise TypeError(
+        f"attribute {name!r}: cannot store {type(value).__name__} {value!r:.80}; "
+        "use str, numbers, or 1-D arrays of them"
+    )
+
+
 def _write_attrs(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
     """Store str, numbers, bools and arrays of them as attributes; None values are skipped."""
     for name, value in values.items():
         if value is None:
             continue
-        if isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
-            obj.attrs[name] = value
-            continue
-        array = np.asarray(value)
-        if array.dtype.kind == "U" and array.ndim == 1:
-            obj.attrs.create(name, array.tolist(), dtype=h5py.string_dtype())
-        elif array.dtype.kind in "biuf":
-            obj.attrs[name] = _native(array)
+        stored = _storable(name, value)
+        if isinstance(stored, list):
+            obj.attrs.create(name, stored, dtype=h5py.string_dtype())
         else:
-            raise TypeError(
-                f"attribute {name!r}: cannot store {type(value).__name__} {value!r:.80}; "
-                "use str, numbers, or 1-D arrays of them"
-            )
+            obj.attrs[name] = stored
 
 
 # --------------------------------------------------------------------------- crash-safe writing
 
 
 class _PartialFile:
-    """A new HDF5 file ``.<name>.partial-<16 hex digits>.h5`` beside ``target``.
+    """An HDF5 file ``temp`` beside ``target``, renamed onto it by :meth:`commit`.
 
-    Created exclusively (mode ``"x"``), so it never clobbers anything; renamed onto the target by
-    :meth:`commit`, or deleted by :meth:`discard`.
+    ``temp`` defaults to a new ``.<name>.partial-<16 hex digits>.h5``. The file is created
+    exclusively (mode ``"x"``), so it never clobbers anything, unless ``existing``, which opens
+    ``temp`` read-write to go on with it. :meth:`discard` deletes it; :meth:`close` keeps it.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, temp: Path | None = None, *, existing: bool = False) -> None:
         if target.is_dir():
             raise InputFileError(target, None, "is a directory")
         self.target = target
-        self.temp = target.with_name(f".{target.name}.partial-{secrets.token_hex(8)}.h5")
+        self.temp = temp or target.with_name(f".{target.name}.partial-{secrets.token_hex(8)}.h5")
         try:
-            self.file = h5py.File(self.temp, "x")
+            self.file = h5py.File(self.temp, "r+" if existing else "x")
         except OSError as exc:
             raise InputFileError(target, None, f"cannot create {self.temp}: {exc}") from exc
+
+    def sync(self) -> None:
+        """Flush HDF5's buffers and fsync the file: what was written survives a crash."""
+        self.file.flush()
+        with self.temp.open("rb") as handle:
+            os.fsync(handle.fileno())
 
     def commit(self, *, overwrite: bool) -> None:
         """Close, fsync, rename onto the target, fsync the directory."""
@@ -143,11 +165,11 @@ class _PartialFile:
         except BaseException:
             self.discard()
             raise
-        directory = os.open(self.target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_directory(self.target.parent)
+
+    def close(self) -> None:
+        """Close the file and keep it."""
+        self.file.close()
 
     def discard(self) -> None:
         """Close and delete the temporary file; the target is untouched."""
@@ -178,10 +200,17 @@ def _create_rows(
     dtype: np.dtype,
     rows_per_chunk: int,
     compression: str | None,
+    *,
+    final_rows: int | None = None,
 ) -> h5py.Dataset:
-    """A dataset chunked by whole rows, at most ``MAX_CHUNK_BYTES`` a chunk."""
+    """A dataset chunked by whole rows, at most ``MAX_CHUNK_BYTES`` a chunk.
+
+    ``final_rows`` is the row count the dataset will grow to (default ``shape[0]``): chunks
+    hold no more rows than that.
+    """
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    rows = max(1, min(rows_per_chunk, MAX_CHUNK_BYTES // row_bytes, shape[0]))
+    final_rows = shape[0] if final_rows is None else final_rows
+    rows = max(1, min(rows_per_chunk, MAX_CHUNK_BYTES // row_bytes, final_rows))
     return f.create_dataset(
         name,
         shape=shape,
@@ -700,14 +729,25 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 class AdversarialWriter:
-    """Crash-safe writer of an adversarial dataset (DESIGN.md section 3).
+    """Crash-safe, resumable writer of an adversarial dataset (DESIGN.md sections 3 and 4).
 
-    Rows go into ``.<name>.partial-<16 hex digits>.h5`` beside ``target`` holding ``/X``,
-    ``/y`` (when labelled), ``/pred_clean``, ``/pred_adv``, chunked by rows, and the root
-    attributes with ``complete = False``. :meth:`close` (or leaving a ``with`` block normally)
-    checks every row was written, sets ``complete = True``, fsyncs, renames the file onto
-    ``target`` and fsyncs the directory. An exception inside the ``with`` block, or
-    :meth:`discard`, deletes the partial file and leaves ``target`` untouched.
+    Rows go into ``.<name>.partial.h5`` beside ``target`` holding ``/X``, ``/y`` (when
+    labelled), ``/pred_clean``, ``/pred_adv`` and the extra ``columns``, chunked by rows and
+    grown as rows arrive, with the root attributes and ``complete = False``. While it is open
+    the writer holds ``.<name>.lock``, so two jobs never write the same output.
+
+    :meth:`checkpoint` makes the rows so far durable (flush, fsync, then an atomic
+    ``.<name>.partial.json`` naming the job, the rows and a CRC-32 of each block).
+    :meth:`close` (or leaving a ``with`` block normally) checks every row was written, sets
+    ``complete = True``, fsyncs, renames the file onto ``target`` and fsyncs the directory.
+
+    An interrupted writer keeps its partial output when it has a checkpoint (leaving the
+    ``with`` block by any exception but a refusal of the input, ``InputFileError`` or
+    ``ValueError``, or calling :meth:`suspend`). A later writer of the same job (same
+    ``attrs`` except ``created``, same layout) resumes it: it re-checks each checkpointed
+    block's CRC, drops anything written after the checkpoint, and starts at
+    :attr:`rows_written` with the saved :attr:`resumed_state`. Rows written the same way
+    give the same final datasets and attributes as an uninterrupted run.
 
     Parameters
     ----------
@@ -732,12 +772,28 @@ class AdversarialWriter:
         Input files; ``target`` may not be any of them, even with ``overwrite``.
     columns : mapping of name to dtype, optional
         Extra per-row datasets (N,), e.g. ``{"eps_min": "float64", "target": "int64"}``.
+    resume : bool or None
+        None: resume a partial output of this job when there is one, else start afresh.
+        True: resume, and refuse when there is nothing to resume. False: delete any partial
+        output and start afresh.
+
+    Attributes
+    ----------
+    rows_written : int
+        Rows in the output so far (the resumed rows included).
+    resumed_rows : int
+        Rows taken over from an interrupted run (0 when starting afresh).
+    resumed_state : dict
+        The ``state`` of the checkpoint resumed from ({} when starting afresh).
+    notice : str or None
+        Why a partial output found beside ``target`` was deleted instead of resumed.
 
     Raises
     ------
     InputFileError
         ``target`` exists (without ``overwrite``), is an input, is a directory, or cannot be
-        created.
+        created; another job holds the lock; a partial output of a different job is in the way
+        (unless ``resume=False``); ``resume=True`` with nothing to resume.
     ValueError
         Bad shapes, dtypes or compression.
     """
@@ -756,6 +812,7 @@ class AdversarialWriter:
         overwrite: bool = False,
         inputs: Sequence[str | os.PathLike] = (),
         columns: Mapping[str, DTypeLike] | None = None,
+        resume: bool | None = None,
     ) -> None:
         _check_compression(compression)
         self.target = Path(target)
@@ -765,14 +822,18 @@ class AdversarialWriter:
         _check_rows_layout("X", (self.n_rows, *self.row_shape), self.dtype)
         if rows_per_chunk < 1:
             raise ValueError(f"rows_per_chunk must be at least 1, got {rows_per_chunk}")
-        self._y_tail = None
+        layout = {"X": (self.row_shape, self.dtype)}
         if y_template is not None:
-            self._y_tail, y_dtype = tuple(y_template[0]), np.dtype(y_template[1])
-            problem = _label_layout_problem(
-                (self.n_rows, *self._y_tail), y_dtype, self.n_rows, None
-            )
+            y_tail, y_dtype = tuple(int(s) for s in y_template[0]), np.dtype(y_template[1])
+            problem = _label_layout_problem((self.n_rows, *y_tail), y_dtype, self.n_rows, None)
             if problem:
                 raise ValueError(f"y_template {problem}")
+            layout["y"] = (y_tail, y_dtype)
+        layout["pred_clean"] = layout["pred_adv"] = ((), np.dtype(np.int64))
+        self._column_names = tuple(columns or {})
+        for name, column_dtype in (columns or {}).items():
+            layout[name] = ((), np.dtype(column_dtype))
+        self._layout = layout
         for source in inputs:
             if _same_file(self.target, Path(source)):
                 raise InputFileError(
@@ -780,34 +841,117 @@ class AdversarialWriter:
                 )
         if self.target.exists() and not overwrite:
             raise InputFileError(target, None, "exists; pass --overwrite")
+        if self.target.is_dir():
+            raise InputFileError(target, None, "is a directory")
         self._overwrite = overwrite
-        self._partial = _PartialFile(self.target)
         try:
-            f = self._partial.file
-            _write_attrs(f, {**attrs, "complete": False})
-            shape = (self.n_rows, *self.row_shape)
-            self._X = _create_rows(f, "X", shape, self.dtype, rows_per_chunk, compression)
-            self._y = None
-            if self._y_tail is not None:
-                shape = (self.n_rows, *self._y_tail)
-                self._y = _create_rows(f, "y", shape, y_dtype, rows_per_chunk, compression)
-            self._preds = [
-                _create_rows(
-                    f, name, (self.n_rows,), np.dtype(np.int64), rows_per_chunk, compression
-                )
-                for name in ("pred_clean", "pred_adv")
-            ]
-            self._columns = {
-                name: _create_rows(
-                    f, name, (self.n_rows,), np.dtype(dtype), rows_per_chunk, compression
-                )
-                for name, dtype in (columns or {}).items()
-            }
-        except BaseException:
-            self._partial.discard()
+            self._lock = OutputLock(self.target)
+        except InputFileError as exc:
+            if not self.target.parent.is_dir():
+                raise InputFileError(target, None, f"cannot create it: {exc.reason}") from exc
             raise
-        self.rows_written = 0
+        try:
+            job = {
+                "attrs": {
+                    name: _storable(name, value)
+                    for name, value in attrs.items()
+                    if name != "created" and value is not None
+                },
+                "n_rows": self.n_rows,
+                "layout": {name: [list(tail), str(dt)] for name, (tail, dt) in layout.items()},
+                "compression": compression,
+            }
+            self._checkpoint = Checkpoint(fingerprint(job))
+            self.resumed_state: dict[str, Any] = {}
+            self.notice: str | None = None
+            self._partial = self._resumed(resume) or self._created(
+                attrs, rows_per_chunk, compression
+            )
+        except BaseException:
+            self._lock.release()
+            raise
+        self._datasets = {name: self._partial.file[name] for name in layout}
+        self.rows_written = self._checkpoint.rows
+        self.resumed_rows = self.rows_written
         self._open = True
+
+    def _created(
+        self, attrs: Mapping[str, Any], rows_per_chunk: int, compression: str | None
+    ) -> _PartialFile:
+        partial = _PartialFile(self.target, partial_path(self.target))
+        try:
+            _write_attrs(partial.file, {**attrs, "complete": False})
+            for name, (tail, dtype) in self._layout.items():
+                _create_rows(
+                    *(partial.file, name, (0, *tail), dtype, rows_per_chunk, compression),
+                    final_rows=self.n_rows,
+                )
+        except BaseException:
+            partial.discard()
+            raise
+        return partial
+
+    def _resumed(self, resume: bool | None) -> _PartialFile | None:
+        """The partial output of an interrupted run of this job, opened to go on; else None."""
+        temp = partial_path(self.target)
+        if not temp.exists():
+            Checkpoint.remove(self.target)
+            if resume:
+                raise InputFileError(self.target, None, "has no interrupted run to resume")
+            return None
+        previous = Checkpoint.load(self.target)
+        if resume is False or previous is None or previous.rows == 0:
+            if resume and previous is None:
+                self.notice = f"{temp.name} has no checkpoint; starting afresh"
+            self._remove_partial()
+            return None
+        if previous.job != self._checkpoint.job:
+            raise InputFileError(
+                self.target,
+                None,
+                f"{temp.name} holds an interrupted run with other settings "
+                f"({previous.rows} of its rows done); run the same command again to resume it, "
+                "or pass --restart to discard it",
+            )
+        problem = self._verify(temp, previous)
+        if problem:
+            self.notice = f"{temp.name} cannot be resumed ({problem}); starting afresh"
+            self._remove_partial()
+            return None
+        partial = _PartialFile(self.target, temp, existing=True)
+        for name, (tail, _) in self._layout.items():
+            partial.file[name].resize((previous.rows, *tail))
+        self._checkpoint = previous
+        self.resumed_state = dict(previous.state)
+        return partial
+
+    def _verify(self, temp: Path, checkpoint: Checkpoint) -> str | None:
+        """Why the partial file does not hold the checkpoint's rows, or None when it does."""
+        try:
+            with open_input(temp) as f:
+                datasets = []
+                for name, (tail, dtype) in self._layout.items():
+                    kind = "float" if name == "X" else "label"
+                    dset = checked_dataset(f, f"/{name}", kind=kind)
+                    if dset.dtype != dtype or dset.shape[1:] != tail:
+                        return f"/{name} has the wrong layout"
+                    if dset.shape[0] < checkpoint.rows:
+                        return f"/{name} has {dset.shape[0]} rows, {checkpoint.rows} expected"
+                    datasets.append(dset)
+                for start, stop, crc in checkpoint.blocks:
+                    arrays = [
+                        read_rows(dset, start, stop, path=temp, allow_nonfinite=True)
+                        for dset in datasets
+                    ]
+                    if block_crc(arrays) != crc:
+                        return f"rows {start}:{stop} do not match their checksum"
+        except InputFileError as exc:
+            return exc.reason
+        return None
+
+    def _remove_partial(self) -> None:
+        partial_path(self.target).unlink(missing_ok=True)
+        Checkpoint.remove(self.target)
 
     def __enter__(self) -> AdversarialWriter:
         return self
@@ -815,8 +959,10 @@ class AdversarialWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if exc_type is None:
             self.close()
-        else:
+        elif issubclass(exc_type, InputFileError | ValueError):
             self.discard()
+        else:
+            self.suspend()
 
     def write(
         self,
@@ -842,34 +988,52 @@ class AdversarialWriter:
             raise ValueError(f"rows must be written in order: expected start {self.rows_written}")
         X_adv = np.asarray(X_adv)
         m = len(X_adv)
-        if X_adv.shape != (m, *self.row_shape) or X_adv.dtype != self._X.dtype:
+        if X_adv.shape != (m, *self.row_shape) or X_adv.dtype != self.dtype:
             raise ValueError(
-                f"X_adv must be (m, *{self.row_shape}) {self._X.dtype}, "
+                f"X_adv must be (m, *{self.row_shape}) {self.dtype}, "
                 f"got {X_adv.shape} {X_adv.dtype}"
             )
         if start + m > self.n_rows:
             raise ValueError(f"rows {start}:{start + m} go past n_rows {self.n_rows}")
-        if (y is None) != (self._y is None):
+        if (y is None) != ("y" not in self._layout):
             raise ValueError("y must be given exactly when the writer has labels")
-        if y is not None and np.shape(y) != (m, *self._y_tail):
-            raise ValueError(f"y must have shape {(m, *self._y_tail)}, got {np.shape(y)}")
+        values = {"X": X_adv}
+        if y is not None:
+            y_tail = self._layout["y"][0]
+            if np.shape(y) != (m, *y_tail):
+                raise ValueError(f"y must have shape {(m, *y_tail)}, got {np.shape(y)}")
+            values["y"] = y
         for name, pred in (("pred_clean", pred_clean), ("pred_adv", pred_adv)):
             pred = np.asarray(pred)
             if pred.shape != (m,) or pred.dtype.kind not in "iu":
                 raise ValueError(f"{name} must be (m,) integers, got {pred.shape} {pred.dtype}")
-        self._X[start : start + m] = X_adv
-        if y is not None:
-            self._y[start : start + m] = y
-        if set(columns) != set(self._columns):
-            raise ValueError(f"columns {sorted(self._columns)} expected, got {sorted(columns)}")
-        for name, values in columns.items():
-            if np.shape(values) != (m,):
-                raise ValueError(f"{name} must have shape ({m},), got {np.shape(values)}")
-        self._preds[0][start : start + m] = pred_clean
-        self._preds[1][start : start + m] = pred_adv
-        for name, values in columns.items():
-            self._columns[name][start : start + m] = values
+            values[name] = pred
+        if set(columns) != set(self._column_names):
+            raise ValueError(
+                f"columns {sorted(self._column_names)} expected, got {sorted(columns)}"
+            )
+        for name in self._column_names:
+            if np.shape(columns[name]) != (m,):
+                raise ValueError(f"{name} must have shape ({m},), got {np.shape(columns[name])}")
+            values[name] = columns[name]
+        stored = [np.asarray(values[name], dtype=self._layout[name][1]) for name in self._layout]
+        for dset, array in zip(self._datasets.values(), stored, strict=True):
+            dset.resize(start + m, axis=0)
+            dset[start : start + m] = array
+        if m:
+            self._checkpoint.blocks.append([start, start + m, block_crc(stored)])
         self.rows_written += m
+
+    def checkpoint(self, state: Mapping[str, Any] | None = None) -> None:
+        """Make every row written so far durable, with the job's running totals ``state``.
+
+        ``state`` must be JSON-serialisable; a resumed writer hands it back as
+        :attr:`resumed_state`.
+        """
+        if state is not None:
+            self._checkpoint.state = dict(state)
+        self._partial.sync()
+        self._checkpoint.save(self.target)
 
     def close(self) -> None:
         """Finish: mark complete, fsync, rename onto the target. No-op once finished.
@@ -884,20 +1048,59 @@ class AdversarialWriter:
         if not self._open:
             return
         self._open = False
-        if self.rows_written != self.n_rows:
-            self._partial.discard()
-            raise RuntimeError(
-                f"only {self.rows_written} of {self.n_rows} rows were written; "
-                f"{self.target} was not created"
-            )
-        self._partial.file.attrs["complete"] = True
-        self._partial.commit(overwrite=self._overwrite)
+        try:
+            if self.rows_written != self.n_rows:
+                self._partial.discard()
+                raise RuntimeError(
+                    f"only {self.rows_written} of {self.n_rows} rows were written; "
+                    f"{self.target} was not created"
+                )
+            self._partial.file.attrs["complete"] = True
+            self._partial.commit(overwrite=self._overwrite)
+        finally:
+            Checkpoint.remove(self.target)
+            self._lock.release()
+
+    def suspend(self) -> None:
+        """Stop, keeping the partial output for a later writer to resume when it has a
+        checkpoint (else deleting it). The target is untouched. No-op once finished."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if Checkpoint.load(self.target) is None:
+                self._partial.discard()
+            else:
+                self._partial.close()
+        finally:
+            self._lock.release()
 
     def discard(self) -> None:
-        """Abandon the output: delete the partial file; the target is untouched."""
-        if self._open:
-            self._open = False
+        """Abandon the output: delete the partial file and its checkpoint; the target is
+        untouched. No-op once finished."""
+        if not self._open:
+            return
+        self._open = False
+        try:
             self._partial.discard()
+            Checkpoint.remove(self.target)
+        finally:
+            self._lock.release()
+
+
+def read_column(path: str | os.PathLike, name: str) -> np.ndarray:
+    """A per-row column (N,) of an advgrad output, e.g. ``/eps_min``, read safely.
+
+    Raises
+    ------
+    InputFileError
+        The file or the column is missing, refused, or not one-dimensional.
+    """
+    with open_input(path) as f:
+        dset = checked_dataset(f, f"/{name}", kind="label")
+        if dset.ndim != 1:
+            raise InputFileError(path, f"/{name}", f"has shape {dset.shape}; expected (N,)")
+        return read_rows(dset, 0, dset.shape[0], path=path, allow_nonfinite=True)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

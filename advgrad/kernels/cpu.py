@@ -239,7 +239,7 @@ def fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
         step_row(X[n], G[n], eps, p, x_min, x_max, X_adv[n])
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted):
     """dJ/dX of the per-sample cross-entropy, for every row.
 
@@ -285,7 +285,7 @@ def input_gradient(X, W1, b1, W2, b2, Y):
     return G
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
     """One fast-gradient step of norm p on every row, gradient fused per block.
 
@@ -324,6 +324,47 @@ def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
         )
 
 
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv):
+    """One fast-gradient step of norm p on every row, from a gradient computed before.
+
+    ``fgm_step_into`` gives bitwise the same X_adv; this one lets several eps (or norms)
+    share one gradient.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64
+    G : (N, d) same dtype, the loss gradient (e.g. from ``input_gradient_into``)
+    eps : float, step length; negative to descend the loss (targeted attacks)
+    p : float, np.inf, 2.0 or 1.0
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) same dtype, output: clip(X + eps * direction(G), x_min, x_max)
+    """
+    for n in prange(X.shape[0]):
+        step_row(X[n], G[n], eps, p, x_min, x_max, X_adv[n])
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def perturbation_norms_into(X_adv, X, linf, l2):
+    """The L-inf and L2 norms of every row of X_adv - X, in float64.
+
+    Parameters
+    ----------
+    X_adv, X : (N, d) float32 or float64
+    linf, l2 : (N,) float64, outputs (NaN where a row holds NaN)
+    """
+    for n in prange(X.shape[0]):
+        largest = 0.0
+        total = 0.0
+        for i in range(X.shape[1]):
+            delta = abs(np.float64(X_adv[n, i]) - np.float64(X[n, i]))
+            if delta > largest or delta != delta:
+                largest = delta if largest == largest else largest
+            total += delta * delta
+        linf[n] = largest
+        l2[n] = math.sqrt(total)
+
+
 @njit(cache=True, error_model="numpy")
 def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max):
     """X_adv = clip(X + eps * direction_p(dJ/dX), x_min, x_max); see ``fgm_step_into``."""
@@ -352,7 +393,7 @@ def fgsm_step(X, W1, b1, W2, b2, Y, eps, x_min, x_max):
     return fgm_step(X, W1, b1, W2, b2, Y, eps, np.inf, x_min, x_max)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
     """Forward pass of every row.
 
@@ -489,7 +530,7 @@ def iterate_block(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_
             project_row(X_adv[n], X[n], eps[n], p, x_min, x_max, scratch)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
     """Iterative fast-gradient attack (BIM, PGD, MI-FGSM) on every row, in one jitted loop.
 
@@ -597,7 +638,7 @@ def deepfool_block(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_ad
         iterations[n] = done
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def deepfool_into(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv, iterations):
     """DeepFool (Moosavi-Dezfooli et al. 2016), multi-class, for every row.
 
@@ -686,7 +727,7 @@ def training_gradient_block(
     )
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def parameter_gradient_into(
     X, W1, b1, W2, b2, Y, clean_weight, adv_weight, eps, x_min, x_max, dW1, db1, dW2, db2
 ):
@@ -1038,7 +1079,7 @@ def margin_bound_block(
         worst[n] = lowest
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def margin_bounds_into(X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, crown, steps, worst):
     """Certified lower bound of the worst class margin of every row over its region.
 
@@ -1149,7 +1190,7 @@ def certified_radius_block(
             certified[n, g] = clean[n] and low[n] >= eps_grid[g]
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def certified_radius_into(
     X, labels, eps_grid, p, x_min, x_max, W1, b1, W2, b2, crown, steps, tolerance, radius, certified
 ):
