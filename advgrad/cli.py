@@ -74,7 +74,8 @@ def _reported_errors():
     except KeyboardInterrupt:
         errors.print(
             "[bold red]advgrad: interrupted[/]; no complete output was written "
-            "(an interrupted attack keeps its last checkpoint: run it again to resume)"
+            "(an interrupted attack keeps its last checkpoint: run it again to resume)",
+            soft_wrap=True,
         )
         raise typer.Exit(130) from None
 
@@ -100,6 +101,7 @@ def _stop_on_signals():
         errors.print(
             "advgrad: stopping after the block in progress (Ctrl-C again stops at once)",
             highlight=False,
+            soft_wrap=True,
         )
 
     watched = (signal.SIGINT, signal.SIGTERM)
@@ -107,7 +109,11 @@ def _stop_on_signals():
     try:
         yield stop
     except Interrupted as interruption:
-        errors.print(f"[bold red]advgrad: interrupted:[/] {escape(str(interruption))}")
+        errors.print(
+            f"[bold red]advgrad: interrupted:[/] {escape(str(interruption))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(128 + received[0]) from None
     finally:
         for signum, handler in previous.items():
@@ -417,7 +423,9 @@ def attack(
                 scheduler=scheduler,
                 stop=stop,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
-                notice=lambda message: errors.print(f"advgrad: {escape(message)}"),
+                notice=lambda message: errors.print(
+                    f"advgrad: {escape(message)}", highlight=False, soft_wrap=True
+                ),
             )
     config = reports[0].attack
     title = f"{config.method} attack, L{config.norm}"

@@ -742,12 +742,12 @@ class AdversarialWriter:
     ``complete = True``, fsyncs, renames the file onto ``target`` and fsyncs the directory.
 
     An interrupted writer keeps its partial output when it has a checkpoint (leaving the
-    ``with`` block by any exception but a refusal of the input, ``InputFileError`` or
-    ``ValueError``, or calling :meth:`suspend`). A later writer of the same job (same
-    ``attrs`` except ``created``, same layout) resumes it: it re-checks each checkpointed
-    block's CRC, drops anything written after the checkpoint, and starts at
-    :attr:`rows_written` with the saved :attr:`resumed_state`. Rows written the same way
-    give the same final datasets and attributes as an uninterrupted run.
+    ``with`` block by any exception, or calling :meth:`suspend`); finished work is never
+    deleted but by :meth:`discard` or a later writer with ``resume=False``. A later writer
+    of the same job (same ``attrs`` except ``created``, same layout) resumes it: it
+    re-checks each checkpointed block's CRC, drops anything written after the checkpoint,
+    and starts at :attr:`rows_written` with the saved :attr:`resumed_state`. Rows written
+    the same way give the same final datasets and attributes as an uninterrupted run.
 
     Parameters
     ----------
@@ -959,8 +959,6 @@ class AdversarialWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if exc_type is None:
             self.close()
-        elif issubclass(exc_type, InputFileError | ValueError):
-            self.discard()
         else:
             self.suspend()
 
