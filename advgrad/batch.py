@@ -49,6 +49,8 @@ WRITES_IN_FLIGHT = 2
 """Blocks handed to the writer thread and not yet written, at most (bounds memory)."""
 TASKS_PER_WORKER_THREAD = 2
 """With Dask: blocks in flight per worker thread of the cluster."""
+SCHEDULER_TIMEOUT_S = 10.0
+"""With Dask: seconds to wait for the scheduler to answer."""
 
 
 class Interrupted(AdvgradError):
@@ -293,28 +295,54 @@ class _LocalTasks:
 
 
 class _DaskTasks:
-    """Runs block attacks as tasks on a Dask cluster; the model is sent to every worker once."""
+    """Runs block attacks as tasks on a Dask cluster; the model is sent to every worker once,
+    and each block goes straight to a worker and back (not through the scheduler)."""
 
     def __init__(self, address: str, model) -> None:
-        try:
-            from dask.distributed import Client
-        except ImportError as exc:
-            raise AdvgradError(
-                "--scheduler needs dask.distributed: pip install 'advgrad[dask]'"
-            ) from exc
-        try:
-            self._client = Client(address, set_as_default=False, timeout="10s")
-        except (OSError, TimeoutError) as exc:
-            raise AdvgradError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+        self._client = _dask_client(address)
         self._model = self._client.scatter(model, broadcast=True)
         threads = sum(self._client.nthreads().values())
         self.in_flight = max(1, TASKS_PER_WORKER_THREAD * threads)
 
-    def submit(self, function, model, *args):
-        return self._client.submit(function, self._model, *args, pure=False)
+    def submit(self, function, model, rows, y, *args):
+        rows, y = (None if a is None else self._client.scatter(a, direct=True) for a in (rows, y))
+        return self._client.submit(function, self._model, rows, y, *args, pure=False)
 
     def close(self) -> None:
         self._client.close()
+
+
+def _dask_client(address: str):
+    """A Dask client of the scheduler at ``address``, or AdvgradError with one line within
+    ``SCHEDULER_TIMEOUT_S`` (a peer that is not a scheduler, or stays silent, included)."""
+    try:
+        from dask.distributed import Client
+    except ImportError as exc:
+        raise AdvgradError(
+            "--scheduler needs dask.distributed: pip install 'advgrad[dask]'"
+        ) from exc
+    outcome: dict = {}
+
+    def connect() -> None:
+        try:
+            outcome["client"] = Client(
+                address, set_as_default=False, timeout=SCHEDULER_TIMEOUT_S, direct_to_workers=True
+            )
+        except Exception as exc:  # distributed raises many kinds on a bad peer
+            outcome["error"] = exc
+
+    # The handshake after connecting has no timeout of its own: wait for it in a thread.
+    thread = threading.Thread(target=connect, name="advgrad-dask-connect", daemon=True)
+    thread.start()
+    thread.join(SCHEDULER_TIMEOUT_S + 1.0)
+    if "client" in outcome:
+        return outcome["client"]
+    if "error" in outcome:
+        error = outcome["error"]
+        reason = " ".join(str(error).split()) or type(error).__name__
+    else:
+        reason = f"no answer within {SCHEDULER_TIMEOUT_S:g} s"
+    raise AdvgradError(f"cannot reach the Dask scheduler at {address}: {reason}")
 
 
 def attack_file(
