@@ -451,6 +451,9 @@ def attack_files(
             "min_eps_tolerance": min_eps_tolerance,
             **provenance(model_path, data_path),
         }
+        # Compressed outputs get chunks of one aligned row group, so that every block writes
+        # whole chunks, compressed in parallel (AdversarialWriter), at any batch size.
+        chunk_rows = ROWS_PER_BLOCK if compression else rows_per_block
         writers = []
         for attack, path, limit in zip(attacks, paths, plan.eps_max, strict=True):
             columns = {}
@@ -469,7 +472,7 @@ def attack_files(
                     **shared,
                     "eps_max": limit if min_eps_tolerance is not None else None,
                 },
-                rows_per_chunk=min(rows_per_block, max(reader.n_rows, 1)),
+                rows_per_chunk=min(chunk_rows, max(reader.n_rows, 1)),
                 compression=compression,
                 overwrite=overwrite,
                 inputs=(model_path, data_path),

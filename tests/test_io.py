@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zlib
 from pathlib import Path
 
 import h5py
@@ -920,6 +921,27 @@ def test_suspended_writer_resumes_to_the_same_file(tmp_path, compression):
     assert partial_files(tmp_path) == []
     assert list(tmp_path.glob(".*.lock")) == []
     assert file_contents(target) == file_contents(reference)
+
+
+@pytest.mark.parametrize("block", [4, 8, 3])
+def test_gzip_chunks_compressed_in_parallel_decode_as_hdf5_filters_do(tmp_path, block):
+    """Blocks of whole chunks (4, 8 rows) are deflated on threads and written raw; others (3)
+    go through HDF5's filters. Both read back exactly, and a raw chunk is shuffle + zlib."""
+    target = tmp_path / "adv.h5"
+    with writer_for(target, compression="gzip") as writer:
+        for start in range(0, 10, block):
+            writer.write(start, *adv_block(start, min(start + block, 10)))
+    expected = adv_block(0, 10)[0]
+    X, _ = load_dataset(target, n_classes=3)
+    assert_bitwise_equal(X, expected)
+    with h5py.File(target, "r") as f:
+        dset = f["X"]
+        assert (dset.chunks, dset.compression, dset.shuffle) == ((4, 2, 3), "gzip", True)
+        _, raw = dset.id.read_direct_chunk((8, 0, 0))
+    last = np.zeros((4, 2, 3), np.float32)  # the edge chunk, padded with the fill value
+    last[:2] = expected[8:]
+    unshuffled = np.frombuffer(zlib.decompress(raw), np.uint8).reshape(4, -1).T.copy()
+    assert_bitwise_equal(unshuffled.view(np.float32).reshape(4, 2, 3), last)
 
 
 def test_partial_of_another_job_is_refused_until_restart(tmp_path):
