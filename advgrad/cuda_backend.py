@@ -97,12 +97,13 @@ class CudaBackend:
         G = np.empty_like(X)
         predicted = np.empty(X.shape[0], dtype=np.int64)
 
-        def launch(weights, X_d, Y_d, outputs, stream, workspace):
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, Y_d = inputs
             kernels.input_gradient_into(
                 X_d, *weights, Y_d, *outputs, stream=stream, workspace=workspace
             )
 
-        self._stream(model, X, Y, (G, predicted), launch)
+        self._stream(model, (X, Y), (G, predicted), launch)
         return G, predicted
 
     def fgm_step(self, model: Model, X, Y, eps: float, p: float, x_min: float, x_max: float):
@@ -112,7 +113,8 @@ class CudaBackend:
         X_adv = np.empty_like(X)
         predicted = np.empty(X.shape[0], dtype=np.int64)
 
-        def launch(weights, X_d, Y_d, outputs, stream, workspace):
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, Y_d = inputs
             kernels.fgm_step_into(
                 X_d,
                 *weights,
@@ -126,8 +128,77 @@ class CudaBackend:
                 workspace=workspace,
             )
 
-        self._stream(model, X, Y, (X_adv, predicted), launch)
+        self._stream(model, (X, Y), (X_adv, predicted), launch)
         return X_adv, predicted
+
+    def fgm_from_gradient(self, X, G, eps: float, p: float, x_min: float, x_max: float):
+        """X_adv (N, d) after one FGM step of norm p along a gradient G (N, d) from
+        :meth:`input_gradient`; bitwise what :meth:`fgm_step` gives."""
+        from advgrad.kernels import cuda as kernels
+
+        X_adv = np.empty_like(X)
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            kernels.fgm_from_gradient_into(*inputs, eps, p, x_min, x_max, *outputs, stream=stream)
+
+        self._stream(None, (X, G), (X_adv,), launch)
+        return X_adv
+
+    def iterate(self, model: Model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max):
+        """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64.
+
+        Each chunk of rows is copied to the GPU once and runs every step there.
+        """
+        from advgrad.kernels import cuda as kernels
+
+        X_adv = np.empty_like(X)
+        eps, alpha = (np.ascontiguousarray(a, dtype=np.float64) for a in (eps, alpha))
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, Y_d, X_start_d, eps_d, alpha_d = inputs
+            kernels.iterate_into(
+                X_d,
+                *weights,
+                Y_d,
+                X_start_d,
+                eps_d,
+                alpha_d,
+                steps,
+                p,
+                decay,
+                x_min,
+                x_max,
+                *outputs,
+                stream=stream,
+                workspace=workspace,
+            )
+
+        self._stream(model, (X, Y, X_start, eps, alpha), (X_adv,), launch)
+        return X_adv
+
+    def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max):
+        """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""
+        from advgrad.kernels import cuda as kernels
+
+        X_adv = np.empty_like(X)
+        iterations = np.empty(X.shape[0], dtype=np.int64)
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            kernels.deepfool_into(
+                inputs[0],
+                *weights,
+                p,
+                overshoot,
+                max_iter,
+                x_min,
+                x_max,
+                *outputs,
+                stream=stream,
+                workspace=workspace,
+            )
+
+        self._stream(model, (X,), (X_adv, iterations), launch)
+        return X_adv, iterations
 
     def forward(self, model: Model, X: np.ndarray, Y: np.ndarray):
         """Probabilities P (N, C), per-row losses (N,) and predictions (N,) int64."""
@@ -138,36 +209,46 @@ class CudaBackend:
         losses = np.empty(n_rows, dtype=X.dtype)
         predicted = np.empty(n_rows, dtype=np.int64)
 
-        def launch(weights, X_d, Y_d, outputs, stream, workspace):
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, Y_d = inputs
             A = workspace.array("A", (X_d.shape[0], model.n_hidden), X_d.dtype)
             kernels.forward_into(
                 X_d, *weights, Y_d, A, *outputs, stream=stream, workspace=workspace
             )
 
-        self._stream(model, X, Y, (P, losses, predicted), launch)
+        self._stream(model, (X, Y), (P, losses, predicted), launch)
         return P, losses, predicted
 
-    def _stream(self, model: Model, X: np.ndarray, Y: np.ndarray, outputs, launch) -> None:
-        """Run ``launch`` on each chunk of rows, copying X, Y in and ``outputs`` out."""
+    def _stream(self, model: Model | None, inputs, outputs, launch) -> None:
+        """Run ``launch`` on each chunk of rows, copying ``inputs`` in and ``outputs`` out.
+
+        ``inputs[0]`` sets the rows; an input with 0 rows (labels Y meaning "the
+        predictions") goes to the device with 0 rows. ``launch(weights, inputs_d, outputs_d,
+        stream, workspace)`` queues the kernels of one chunk on device arrays; weights are
+        the model's on the device (None without a model).
+        """
         from advgrad.kernels import cuda as kernels
 
+        n_rows = inputs[0].shape[0]
         with _lock:
             if not _session:
                 _session.update(stream=kernels.cuda.stream(), workspace=kernels.Workspace())
             stream, workspace = _session["stream"], _session["workspace"]
-            weights = device_weights(model)
-            for start in range(0, X.shape[0], self.chunk_rows):
-                stop = min(start + self.chunk_rows, X.shape[0])
-                X_d = workspace.array("X", (stop - start, X.shape[1]), X.dtype)
-                X_d.copy_to_device(X[start:stop], stream=stream)
-                Y_d = workspace.array("Y", (len(Y[start:stop]), Y.shape[1]), Y.dtype)
-                if len(Y_d):
-                    Y_d.copy_to_device(Y[start:stop], stream=stream)
+            weights = None if model is None else device_weights(model)
+            for start in range(0, n_rows, self.chunk_rows):
+                stop = min(start + self.chunk_rows, n_rows)
+                inputs_d = []
+                for i, host in enumerate(inputs):
+                    part = host[start:stop]
+                    part_d = workspace.array(f"in{i}", part.shape, part.dtype)
+                    if len(part_d):
+                        part_d.copy_to_device(part, stream=stream)
+                    inputs_d.append(part_d)
                 outputs_d = [
                     workspace.array(f"out{i}", (stop - start, *out.shape[1:]), out.dtype)
                     for i, out in enumerate(outputs)
                 ]
-                launch(weights, X_d, Y_d, outputs_d, stream, workspace)
+                launch(weights, inputs_d, outputs_d, stream, workspace)
                 for out, out_d in zip(outputs, outputs_d, strict=True):
                     out_d.copy_to_host(out[start:stop], stream=stream)
             stream.synchronize()

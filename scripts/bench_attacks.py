@@ -4,9 +4,10 @@ On the bundled digits model (d, H, C) = (64, 64, 10), float32, the test set tile
 ``--rows`` rows, it times one FGSM step, PGD-20 (one restart), BIM-20, MI-FGSM-20 and
 DeepFool (L2 and L-inf), all through ``advgrad.attacks.perturb`` (what the CLI runs), and
 prints rows per second and the ratio of PGD-20 to 20 FGSM steps (an iterative attack that
-allocated or re-entered Python per step would show here)::
+allocated or re-entered Python per step would show here). ``--device cuda`` runs them on
+the GPU (``advgrad.cuda_backend``), host arrays in and out as the CLI does::
 
-    python scripts/bench_attacks.py [--rows 16384] [--rounds 5]
+    python scripts/bench_attacks.py [--rows 16384] [--rounds 5] [--device cpu|cuda|auto]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from advgrad import attacks, load_dataset, load_model
 from advgrad.attacks import Attack
-from advgrad.backend import get_backend
+from advgrad.backend import DEVICES, get_backend
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 
 
@@ -36,13 +37,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
     args = parser.parse_args()
     model = load_model(bundled_path(MODEL))
     X, y = load_dataset(bundled_path(TEST_DATA))
     repeat = -(-args.rows // len(X))
     rows = np.ascontiguousarray(np.tile(X.reshape(len(X), -1), (repeat, 1))[: args.rows])
     labels_y = np.tile(y, repeat)[: args.rows]
-    backend = get_backend()
+    backend = get_backend(args.device)
     configs = {
         "fgsm (1 step)": Attack("fgsm"),
         "pgd-20": Attack("pgd", steps=20),
@@ -55,10 +57,15 @@ def main() -> None:
     for name, attack in configs.items():
         labels = attacks.attack_labels(model, rows, labels_y, attack, backend=backend)
         seconds[name] = best_time(
-            lambda a=attack, l=labels: attacks.perturb(model, rows, l, a, (0.0, 1.0)),
+            lambda a=attack, l=labels: attacks.perturb(
+                model, rows, l, a, (0.0, 1.0), backend=backend
+            ),
             args.rounds,
         )
-    print(f"bundled digits model, float32, {args.rows} rows, best of {args.rounds}")
+    print(
+        f"bundled digits model, float32, {args.rows} rows, best of {args.rounds}, "
+        f"device {backend.name}"
+    )
     print(f"{'attack':<16}{'rows/s':>14}{'us/row':>10}")
     for name, value in seconds.items():
         print(f"{name:<16}{args.rows / value:>14,.0f}{1e6 * value / args.rows:>10.3f}")

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One-shot check of advgrad's CUDA backend on a GPU machine, in under 5 minutes, offline.
+# One-shot check of advgrad's CUDA backend on a GPU machine, in under 8 minutes, offline.
 #
 #   bash scripts/gpu_check.sh        # from anywhere; logs go to $OUT (default: ./gpu_check_out)
 #
 # Needs numba, numba-cuda, numpy, torch (and whatever bench_gradient.py imports); the working
 # tree is used in place through PYTHONPATH, not installed. Steps:
-#   1. tests/test_cuda.py on the GPU (the simulator switched off)
+#   1. tests/test_cuda.py on the GPU (the simulator switched off): gradients, FGM, forward,
+#      BIM / PGD / MI-FGSM and DeepFool against the CPU kernels
 #   2. scripts/bench_gradient.py --device cuda --quick
-#   3. FGSM step timing: advgrad.kernels.cuda against torch autograd and against the four
+#   3. scripts/bench_attacks.py --device cuda: FGSM, PGD-20, BIM-20, MI-FGSM-20 and DeepFool
+#      through the CUDA backend, then the same rows on the CPU backend for comparison
+#   4. FGSM step timing: advgrad.kernels.cuda against torch autograd and against the four
 #      cuBLAS products alone (TF32 off), with the targets of the CUDA issue:
 #      N <= 32: >= 10x faster than torch autograd; N >= 16384: >= 0.5x the cuBLAS floor's speed.
 # Exit status: 0 when every step ran and passed.
@@ -41,7 +44,7 @@ print("python", sys.version.split()[0], "numpy", numpy.__version__, "numba", num
 
 "$PYTHON" -c 'from advgrad.cuda_backend import cuda_available; print("cuda_available:", *cuda_available())' \
     2>&1 | tee -a "$OUT/environment.log"
-step tests 150 "$PYTHON" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
+step tests 210 "$PYTHON" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
 
 if [ -f scripts/bench_gradient.py ]; then
     step bench 50 "$PYTHON" scripts/bench_gradient.py --device cuda --quick
@@ -49,6 +52,9 @@ else
     echo "=== bench: scripts/bench_gradient.py is missing" | tee "$OUT/bench.log"
     failed+=(bench)
 fi
+
+step attacks 60 "$PYTHON" scripts/bench_attacks.py --device cuda --rows 16384 --rounds 3
+step attacks-cpu 60 "$PYTHON" scripts/bench_attacks.py --device cpu --rows 16384 --rounds 1
 
 step timing 90 "$PYTHON" - <<'PY'
 """Microseconds per FGSM step: advgrad CUDA kernels, torch autograd, four cuBLAS products."""

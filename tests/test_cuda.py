@@ -12,12 +12,14 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import reference
 
+from advgrad import attacks
 from advgrad.backend import CpuBackend
 from advgrad.cuda_backend import CudaBackend, cuda_available, device_weights
 from advgrad.kernels import cpu
@@ -30,10 +32,43 @@ pytestmark = [
 ]
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def create_simulated_shared_arrays_under_a_lock() -> None:
+    """Make the CUDA simulator share each shared array with every thread of a block.
+
+    The simulator (numba-cuda 0.30) creates a shared array on the first call of
+    ``cuda.shared.array`` from a source line, looking it up in a dict and filling it without
+    a lock: two threads of a launch's first block that both find it missing each get an
+    array of their own, and that block's reductions then read memory no other thread wrote
+    (rare, more so under load; any kernel with shared memory can fail that way). Same
+    lookup, under a lock.
+    """
+    from numba.cuda.simulator import kernelapi
+
+    create = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or refused
+            return create(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            if key not in self._allocations:
+                if isinstance(dtype, kernelapi.types.Type):
+                    dtype = kernelapi.numpy_support.as_dtype(dtype)
+                self._allocations[key] = np.empty(shape, dtype)
+            return self._allocations[key]
+
+    kernelapi.FakeCUDAShared.array = array
+
+
 if SIMULATOR:
     # The simulator runs each CUDA thread as a Python thread and polls them at every barrier:
     # switching threads more often than every 5 ms makes it several times faster.
     sys.setswitchinterval(1e-4)
+    create_simulated_shared_arrays_under_a_lock()
 AVAILABLE, REASON = cuda_available()
 needs_cuda = pytest.mark.skipif(
     not AVAILABLE, reason=f"{REASON}; test_kernels_on_simulator runs these on the simulator"
@@ -94,6 +129,8 @@ def small_blocks(monkeypatch):
     from advgrad.kernels import cuda as kernels
 
     monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(kernels, "ROW_THREADS", 4)  # two rows per block in the row kernels
+    monkeypatch.setattr(kernels, "DEEPFOOL_ELEMENTS", 512)  # DeepFool: several batches
     monkeypatch.setattr(kernels, "WIDE_TILE", kernels.Tile(8, 8, 4, 2, 2))
     monkeypatch.setattr(kernels, "SKINNY_TILE", kernels.Tile(4, 8, 4, 2, 2))
     monkeypatch.setattr(kernels, "SKINNY_ROWS", 4)
@@ -156,6 +193,61 @@ def assert_fgm_close(actual, expected, G, p, dtype):
 def predictions(X, W1, b1, W2, b2):
     _, Z2, _ = reference.forward(X, W1, b1, W2, b2)
     return Z2.argmax(axis=1)
+
+
+# (name, decay, random start): BIM, PGD, MI-FGSM as ``advgrad.attacks`` runs them
+ITERATIVE = [("bim", 0.0, False), ("pgd", 0.0, True), ("mifgsm", 1.0, False)]
+RADIUS = {np.inf: 0.1, 2.0: 0.4, 1.0: 1.5}
+
+
+def iterate_problem(shape, dtype, p, random_start, seed=13):
+    """X, the network, labels Y, X_start, eps and alpha of an iterative attack on ``shape``.
+
+    Every third row is targeted (its label is another class and its alpha is negative), so
+    one batch covers both directions; eps varies per row; the random start is PGD's.
+    """
+    X, W1, b1, W2, b2, Y = network(shape, dtype, seed=seed)
+    N, d = X.shape
+    rng = np.random.default_rng(seed)
+    eps = RADIUS[p] * (0.5 + rng.random(N))
+    targeted = np.arange(N) % 3 == 2
+    Y[targeted] = np.roll(Y[targeted], 1, axis=1)
+    alpha = np.where(targeted, -0.4, 0.4) * eps
+    X_start = X
+    if random_start:
+        ball = attacks.random_in_ball(seed, 0, np.arange(N), d, p)
+        X_start = (X + eps[:, None] * ball).astype(dtype)
+    return (X, W1, b1, W2, b2), Y, X_start, eps, alpha
+
+
+def fragile_rows(net, Y, X_start, eps, alpha, steps, p, decay):
+    """Rows whose L-inf steps may differ between two devices: at some step of the CPU's
+    trajectory a component of the step direction is within rounding of zero, so its sign
+    (and from there the whole row) depends on rounding. No row is fragile for p = 2 or 1."""
+    fragile = np.zeros(len(net[0]), dtype=bool)
+    if p != np.inf:
+        return fragile
+    rtol = RTOL[net[0].dtype.type]
+    momentum = np.zeros(net[0].shape)
+    for step in range(steps):
+        X_step = np.empty_like(net[0])
+        cpu.iterate_into(*net, Y, X_start, eps, alpha, step, p, decay, 0.0, 1.0, X_step)
+        G = np.empty_like(X_step)
+        cpu.input_gradient_into(X_step, *net[1:], Y, G, np.empty(len(G), dtype=np.int64))
+        direction = G.astype(np.float64)
+        if decay > 0.0:
+            total = np.abs(direction).sum(axis=1, keepdims=True)
+            momentum = decay * momentum + direction / np.where(total > 0.0, total, 1.0)
+            direction = momentum
+        scale = np.abs(direction).max(axis=1, keepdims=True)
+        fragile |= np.any(np.abs(direction) <= 100 * rtol * scale, axis=1) & (scale[:, 0] > 0)
+    return fragile
+
+
+def assert_rows_close(actual, expected, fragile, dtype):
+    """``assert_close`` on the rows that are not fragile, which must be most of them."""
+    assert np.count_nonzero(~fragile) >= 0.75 * len(fragile)
+    assert_close(actual[~fragile], expected[~fragile], dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +319,131 @@ def test_fgm_step_with_predicted_labels(dtype, p):
     G_ref = reference.input_gradient(*net, Y_pred)
     assert_fgm_close(X_adv_d.copy_to_host(), X_ref, G_ref, p, dtype)
     np.testing.assert_array_equal(predicted_d.copy_to_host(), predictions(*net))
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+@pytest.mark.parametrize(("method", "decay", "random_start"), ITERATIVE)
+def test_iterate_matches_cpu(dtype, p, method, decay, random_start):
+    """BIM, PGD and MI-FGSM, untargeted and targeted rows in one batch, over many blocks."""
+    from advgrad.kernels import cuda as kernels
+
+    net, Y, X_start, eps, alpha = iterate_problem((12, 23, 17, 3), dtype, p, random_start)
+    steps = 3
+    X_adv_d = to_device(np.full_like(X_start, np.nan))[0]
+    arrays = to_device(*net, Y, X_start, eps, alpha)
+    kernels.iterate_into(*arrays, steps, p, decay, 0.0, 1.0, X_adv_d)
+    X_adv = X_adv_d.copy_to_host()
+
+    X_cpu = np.empty_like(X_adv)
+    cpu.iterate_into(*net, Y, X_start, eps, alpha, steps, p, decay, 0.0, 1.0, X_cpu)
+    assert X_adv.dtype == dtype
+    assert np.all((X_adv >= 0.0) & (X_adv <= 1.0))
+    sizes = np.linalg.norm((X_adv - net[0]).astype(np.float64), ord=p, axis=1)
+    assert np.all(sizes <= eps * (1.0 + 10 * RTOL[dtype]))
+    fragile = fragile_rows(net, Y, X_start, eps, alpha, steps, p, decay)
+    assert_rows_close(X_adv, X_cpu, fragile, dtype)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+def test_iterate_with_predicted_labels_in_place(dtype, p):
+    """Y with 0 rows (the predictions at each iterate) and X_adv the X_start array itself."""
+    from advgrad.kernels import cuda as kernels
+
+    net, Y, X_start, eps, alpha = iterate_problem((6, 19, 9, 4), dtype, p, True, seed=14)
+    alpha = np.abs(alpha)
+    X_start_d = to_device(X_start)[0]
+    net_d = to_device(*net, Y[:0])
+    kernels.iterate_into(*net_d, X_start_d, *to_device(eps, alpha), 2, p, 0.5, 0.0, 1.0, X_start_d)
+
+    X_cpu = X_start.copy()
+    cpu.iterate_into(*net, Y[:0], X_cpu, eps, alpha, 2, p, 0.5, 0.0, 1.0, X_cpu)
+    fragile = fragile_rows(net, Y[:0], X_start, eps, alpha, 2, p, 0.5)
+    assert_rows_close(X_start_d.copy_to_host(), X_cpu, fragile, dtype)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+def test_iterate_projection_matches_cpu(dtype, p):
+    """0 steps: only the projection of X_start, with rows inside the ball, outside it, with
+    (nearly) tied magnitudes (the L1 threshold's hard case), and a zero radius."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network((7, 29, 5, 3), dtype, seed=15)
+    rng = np.random.default_rng(15)
+    X_start = (X + rng.normal(0.0, 0.2, size=X.shape)).astype(dtype)
+    X_start[1] = X[1] + 0.001 * rng.normal(size=X.shape[1])  # inside every ball
+    X_start[2] = X[2] + np.where(np.arange(X.shape[1]) % 2, 0.375, -0.375)  # all tied
+    X_start[3] = X[3] + 0.01 * rng.normal(size=X.shape[1])
+    X_start[3, :10] += 0.5  # ten nearly tied, the rest small
+    eps = np.full(len(X), 0.3)
+    eps[4] = 0.0
+    X_adv_d = to_device(np.empty_like(X))[0]
+    arrays = to_device(X, W1, b1, W2, b2, Y, X_start, eps, eps)
+    kernels.iterate_into(*arrays, 0, p, 0.0, -10.0, 10.0, X_adv_d)
+    X_adv = X_adv_d.copy_to_host()
+
+    X_cpu = np.empty_like(X)
+    cpu.iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, eps, 0, p, 0.0, -10.0, 10.0, X_cpu)
+    np.testing.assert_array_equal(X_adv[1], X_start[1])
+    np.testing.assert_array_equal(X_adv[4], X[4])  # radius 0: back to X
+    np.testing.assert_array_equal(X_cpu[4], X[4])
+    assert_close(X_adv, X_cpu, dtype)
+    sizes = np.linalg.norm((X_adv - X).astype(np.float64), ord=p, axis=1)
+    outside = np.linalg.norm((X_start - X).astype(np.float64), ord=p, axis=1) > eps
+    assert outside[[0, 2, 3]].all()
+    np.testing.assert_allclose(sizes[outside], eps[outside], rtol=10 * RTOL[dtype])
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [2.0, np.inf])
+def test_deepfool_matches_cpu(dtype, p):
+    """Rows that stop after different numbers of iterations, in batches of 4 rows."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, _ = network((11, 23, 17, 4), dtype, seed=16)
+    net = (X, W1, b1, W2, b2)
+    X_adv_d, iterations_d = to_device(np.full_like(X, np.nan), np.full(len(X), -1))
+    kernels.deepfool_into(*to_device(*net), p, 0.02, 20, 0.0, 1.0, X_adv_d, iterations_d)
+    X_adv, iterations = X_adv_d.copy_to_host(), iterations_d.copy_to_host()
+
+    X_cpu = np.empty_like(X)
+    iterations_cpu = np.empty(len(X), dtype=np.int64)
+    cpu.deepfool_into(*net, p, 0.02, 20, 0.0, 1.0, X_cpu, iterations_cpu)
+    assert len(set(iterations_cpu)) > 1
+    np.testing.assert_array_equal(iterations, iterations_cpu)
+    assert_close(X_adv, X_cpu, dtype)
+    done = iterations < 20
+    assert np.all(predictions(X_adv, *net[1:])[done] != predictions(*net)[done])
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+def test_deepfool_stops_at_max_iter():
+    """max_iter 0 leaves X as it is; max_iter 1 stops every row after one iteration."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, _ = network((5, 13, 7, 3), np.float32, seed=17)
+    net = (X, W1, b1, W2, b2)
+    for max_iter in (0, 1):
+        X_adv_d, iterations_d = to_device(np.full_like(X, np.nan), np.full(len(X), -1))
+        kernels.deepfool_into(
+            *to_device(*net), 2.0, 0.02, max_iter, 0.0, 1.0, X_adv_d, iterations_d
+        )
+        X_cpu = np.empty_like(X)
+        iterations_cpu = np.empty(len(X), dtype=np.int64)
+        cpu.deepfool_into(*net, 2.0, 0.02, max_iter, 0.0, 1.0, X_cpu, iterations_cpu)
+        np.testing.assert_array_equal(iterations_d.copy_to_host(), iterations_cpu)
+        assert_close(X_adv_d.copy_to_host(), X_cpu, np.float32)
 
 
 @needs_cuda
@@ -392,7 +609,11 @@ def test_empty_batch():
     from advgrad.kernels import cuda as kernels
 
     X, W1, b1, W2, b2, Y = network((0, 5, 4, 3), np.float32)
-    assert kernels.fgm_step(*to_device(X, W1, b1, W2, b2, Y), 0.1, 2.0, 0.0, 1.0).shape == (0, 5)
+    net_d = to_device(X, W1, b1, W2, b2)
+    Y_d, X_adv_d, eps_d, iterations_d = to_device(Y, X, np.zeros(0), np.zeros(0, dtype=np.int64))
+    assert kernels.fgm_step(*net_d, Y_d, 0.1, 2.0, 0.0, 1.0).shape == (0, 5)
+    kernels.iterate_into(*net_d, Y_d, X_adv_d, eps_d, eps_d, 3, 1.0, 1.0, 0.0, 1.0, X_adv_d)
+    kernels.deepfool_into(*net_d, 2.0, 0.02, 3, 0.0, 1.0, X_adv_d, iterations_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,6 +654,73 @@ def test_backend_matches_cpu_backend(dtype, kind):
     for actual, expected in zip(outputs, outputs_cpu, strict=True):
         assert actual.dtype == expected.dtype
         assert_close(actual, expected, dtype)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize(
+    ("dtype", "attack"),
+    [
+        (np.float32, attacks.Attack("bim", eps=0.1, norm="inf", steps=3)),
+        (np.float64, attacks.Attack("pgd", eps=0.5, norm="2", steps=2, restarts=2, target=1)),
+        (np.float32, attacks.Attack("mifgsm", eps=2.0, norm="1", steps=3, target="random")),
+        (np.float32, attacks.Attack("deepfool", norm="2")),
+        (np.float64, attacks.Attack("deepfool", norm="inf", max_iter=5)),
+    ],
+    ids=["bim-inf", "pgd-2-targeted", "mifgsm-1-targeted", "deepfool-2", "deepfool-inf"],
+)
+def test_attacks_run_on_cuda(dtype, attack):
+    """``advgrad.attacks.run`` with device="cuda" gives the CPU's adversarial examples."""
+    model = model_of(dtype)
+    X, *_, Y = network((9, 23, 17, 3), dtype, seed=18)
+    y = Y.argmax(axis=1)
+    X_adv, X_cpu = (attacks.run(model, X, y, attack, device=device) for device in ("cuda", "cpu"))
+    fragile = np.zeros(len(X), dtype=bool)
+    if attack.method == "bim":
+        labels = attacks.attack_labels(model, X, y, attack)
+        eps = np.full(len(X), attack.eps)
+        alpha = eps / attack.steps
+        net = (X, model.W1, model.b1, model.W2, model.b2)
+        fragile = fragile_rows(net, labels.Y, X, eps, alpha, attack.steps, np.inf, 0.0)
+    assert X_adv.dtype == dtype
+    assert_rows_close(X_adv, X_cpu, fragile, dtype)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+def test_backend_iterate_and_deepfool_stream_in_chunks():
+    """Chunks of 4 rows: X, Y, X_start, eps and alpha go in per chunk, X_adv comes out."""
+    (X, *weights), Y, X_start, eps, alpha = iterate_problem((9, 23, 17, 4), np.float32, 2.0, True)
+    model = Model(*weights)
+    gpu, host = CudaBackend(chunk_rows=4), CpuBackend()
+    outputs = [
+        b.iterate(model, X, Y, X_start, eps, alpha, 2, 2.0, 0.0, 0.0, 1.0) for b in (gpu, host)
+    ]
+    assert outputs[0].dtype == np.float32
+    assert_close(*outputs, np.float32)
+    (X_adv, iterations), (X_cpu, iterations_cpu) = (
+        b.deepfool(model, X, 2.0, 0.02, 10, 0.0, 1.0) for b in (gpu, host)
+    )
+    assert iterations.dtype == np.int64
+    np.testing.assert_array_equal(iterations, iterations_cpu)
+    assert_close(X_adv, X_cpu, np.float32)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backend_fgm_from_gradient_is_fgm_step(dtype):
+    """Steps from one shared gradient equal ``fgm_step``'s bitwise (chunks of 4 rows)."""
+    model = model_of(dtype)
+    X, *_, Y = network((9, 23, 17, 3), dtype, seed=19)
+    gpu = CudaBackend(chunk_rows=4)
+    G, _ = gpu.input_gradient(model, X, Y)
+    G_cpu, _ = CpuBackend().input_gradient(model, X, Y)
+    for p, eps in [(np.inf, 0.05), (np.inf, -0.05), (2.0, 0.3), (1.0, -0.5)]:
+        X_adv = gpu.fgm_from_gradient(X, G, eps, p, 0.0, 1.0)
+        np.testing.assert_array_equal(X_adv, gpu.fgm_step(model, X, Y, eps, p, 0.0, 1.0)[0])
+        X_cpu = CpuBackend().fgm_from_gradient(X, G_cpu, eps, p, 0.0, 1.0)
+        assert_fgm_close(X_adv, X_cpu, G_cpu, p, dtype)
 
 
 @needs_cuda

@@ -297,3 +297,12 @@ def test_perturbation_norms_match_numpy(dtype):
     np.testing.assert_allclose(l2, np.linalg.norm(delta, axis=1), rtol=1e-14)
     assert (linf[3], l2[3]) == (0.0, 0.0)
     assert np.isnan(linf[9]) and np.isnan(l2[9])
+
+
+@pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
+def test_projection_onto_a_zero_radius_ball_returns_the_centre(p):
+    rng = np.random.default_rng(2)
+    x0 = rng.random(9)
+    x = x0 + rng.normal(0.0, 0.3, 9)
+    cpu.project_row(x, x0, 0.0, p, -10.0, 10.0, np.empty(9))
+    np.testing.assert_array_equal(x, x0)

@@ -484,6 +484,7 @@ def project_row(x, x0, eps, p, x_min, x_max, scratch):
             for i in range(d):
                 scratch[i] = abs(x[i] - x0[i])
             scratch[:] = np.sort(scratch)[::-1]
+            shrink = scratch[0]  # eps = 0: every perturbation goes
             running = 0.0
             for j in range(d):
                 running += scratch[j]

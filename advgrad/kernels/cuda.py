@@ -21,10 +21,22 @@ queues a few kernels on ``stream`` and returns at once. One gradient is three la
    need the norm of each whole row first: a fourth launch, ``norm_step_kernel``, reduces it
    (``ROW_THREADS`` threads per row) and rescales G into the step, in place.
 
+The iterative attacks (``iterate_into``: BIM, PGD, MI-FGSM) keep everything on the device:
+each step is launches 1-3 into a gradient buffer, then ``iterate_step_kernel`` (momentum,
+step, projection into the ball and the clip range, fused; ``ROW_THREADS`` threads per row;
+the L1 projection is exact, by Michelot's algorithm in float64). ``deepfool_into`` works on
+the rows still moving only: per iteration ``X @ W1``, ``hidden_slopes``, the logits and the
+Jacobians of all C logits as two more products, then ``deepfool_step_kernel``.
+
 Batches of at most ``SKINNY_ROWS`` rows use ``SKINNY_TILE``, larger ones ``WIDE_TILE``;
 ``THREADS_PER_BLOCK`` sizes the row kernels. Tests may lower these module constants at any
 time: the ``*_kernel`` factories build (and cache) one kernel per configuration. Launches go
 straight to the driver (``_launch``), since numba's own launch costs tens of microseconds.
+
+The kernels of the iterative attacks and DeepFool write ``float(v)`` where a float32 value
+enters float64 arithmetic: on the GPU it changes nothing (numba promotes to float64 anyway),
+but on the CUDA simulator, where a Python float does not promote a numpy float32, it keeps
+the arithmetic the GPU's.
 
 Scratch buffers come from a ``Workspace``; pass the same one to repeated calls on one stream
 to avoid a device allocation per call.
@@ -75,6 +87,7 @@ UNROLL = 4  # independent partial sums per thread in the row kernel's dot produc
 WIDE_TILE = Tile(128, 128, 8, 8, 8)  # 256 threads, batches of more than SKINNY_ROWS rows
 SKINNY_TILE = Tile(16, 64, 16, 2, 2)  # 256 threads, batches of at most SKINNY_ROWS rows
 SKINNY_ROWS = 32
+DEEPFOOL_ELEMENTS = 1 << 26  # DeepFool batch rows: its (rows * C, d + H) Jacobians and slopes
 BLOCKS_PER_MULTIPROCESSOR = 2  # split-K aims at this many product blocks per SM
 MIN_SPLIT_STEPS = 2  # depth steps per split, at least
 REGISTER_CAP = {4: 128}  # float32 products: two 256-thread blocks per multiprocessor
@@ -124,6 +137,59 @@ def segment_reduce(red, t, width, use_max):
             red[t] = max(red[t], other) if use_max else red[t] + other
         cuda.syncthreads()
         stride //= 2
+
+
+@cuda.jit(device=True)
+def row_reduce(red, t, width, value, use_max):
+    """Sum (or maximum if ``use_max``) of ``value`` over each aligned segment of ``width``
+    threads, returned to every thread of the segment.
+
+    Every thread of the block must call it; ``red`` is a shared float64 array with an entry
+    per thread, free again when it returns.
+    """
+    red[t] = value
+    cuda.syncthreads()
+    segment_reduce(red, t, width, use_max)
+    result = red[t - t % width]
+    cuda.syncthreads()
+    return result
+
+
+@cuda.jit(device=True)
+def l1_threshold(X_adv, X, n, live, radius, total, red, t, width):
+    """Soft threshold of the Euclidean projection of ``X_adv[n] - X[n]`` onto the L1 ball.
+
+    ``width`` threads share row n (``live``: n is a row) and ``total`` is the L1 norm of its
+    perturbation. Returns theta >= 0 with sum_i max(|X_adv[n, i] - X[n, i]| - theta, 0) =
+    radius, or 0 where ``total <= radius``. Michelot's algorithm (1986): theta = (sum of the
+    kept |v_i| - radius) / their count, keeping only the |v_i| > theta, repeated until the
+    kept set stops shrinking; theta only grows, so it ends in at most d rounds, at the
+    threshold the sort of Duchi et al. (2008) finds. Sums are float64. Every thread of the
+    block must call it.
+    """
+    d = X.shape[1]
+    lane = t % width
+    outside = live and total > radius
+    busy = outside
+    theta = (total - radius) / d
+    count = float(d)
+    while cuda.syncthreads_or(1 if busy else 0):
+        kept = 0.0
+        size = 0.0
+        if busy:
+            for i in range(lane, d, width):
+                a = float(abs(X_adv[n, i] - X[n, i]))
+                if a > theta:
+                    kept += a
+                    size += 1.0
+        kept = row_reduce(red, t, width, kept, False)
+        size = row_reduce(red, t, width, size, False)
+        if busy:
+            busy = 0.0 < size < count
+            if size > 0.0:  # none kept: every |v_i| equals theta (radius 0), the answer
+                theta = (kept - radius) / size
+            count = size
+    return theta if outside else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +450,251 @@ def norm_step_kernel(threads: int, row_threads: int):
                     X_adv[n, i] = clip(X[n, i] + factor * X_adv[n, i], x_min, x_max)
 
     return norm_step
+
+
+@functools.cache
+def iterate_step_kernel(threads: int, row_threads: int):
+    """One step of the iterative attacks, fused: ``row_threads`` threads per row.
+
+    ``iterate_step[blocks, threads, stream](X, source, G, momentum, eps, alpha, p, decay,
+    x_min, x_max, step, X_adv)`` (grid-stride over rows), the per-row work of
+    ``cpu.iterate_block``. With ``step``: with ``decay > 0`` first ``momentum = decay *
+    momentum + G / ||G||_1`` (``cpu.add_momentum_row``), then a step of length alpha[n] along
+    the momentum (else along G) as in ``cpu.step_row`` (L-inf: sign; L2 / L1: divided by its
+    norm, taken in float64 after scaling by the largest |entry|), rounded to X's dtype.
+    Without ``step`` the row is ``source`` as it is (and the momentum is set to 0). Either way
+    the row is then projected as in ``cpu.project_row``: into the eps[n]-ball of norm p
+    around X[n] (L1: the exact Euclidean projection, ``l1_threshold``), then into [x_min,
+    x_max], and stored in X_adv. ``source`` is X_adv itself or the starting points.
+    """
+    GROUPS = threads // row_threads
+
+    @cuda.jit
+    def iterate_step(X, source, G, momentum, eps, alpha, p, decay, x_min, x_max, step, X_adv):
+        N, d = X.shape
+        t = cuda.threadIdx.x
+        lane = t % row_threads
+        red = cuda.shared.array(threads, np.float64)
+        for first in range(cuda.blockIdx.x * GROUPS, N, cuda.gridDim.x * GROUPS):
+            n = first + t // row_threads
+            live = n < N
+            radius = eps[n] if live else 0.0
+            length = alpha[n] if live else 0.0
+            direction = G
+            if decay > 0.0 and step:
+                total = 0.0
+                if live:
+                    for i in range(lane, d, row_threads):
+                        total += float(abs(G[n, i]))
+                total = row_reduce(red, t, row_threads, total, False)
+                inv = 1.0 / total if total > 0.0 else 0.0
+                if live:
+                    for i in range(lane, d, row_threads):
+                        momentum[n, i] = decay * float(momentum[n, i]) + G[n, i] * inv
+                direction = momentum
+            elif decay > 0.0 and live:
+                for i in range(lane, d, row_threads):
+                    momentum[n, i] = 0.0
+            if p == math.inf:
+                if live:
+                    for i in range(lane, d, row_threads):
+                        v = source[n, i]
+                        if step:
+                            g = direction[n, i]
+                            shift = length if g > 0.0 else (-length if g < 0.0 else 0.0)
+                            v = X_adv.dtype.type(v + shift)
+                        x0 = X[n, i]
+                        X_adv[n, i] = clip(clip(v, x0 - radius, x0 + radius), x_min, x_max)
+                continue
+            factor = 0.0
+            if step:
+                scale = 0.0
+                if live:
+                    for i in range(lane, d, row_threads):
+                        scale = max(scale, abs(direction[n, i]))
+                scale = row_reduce(red, t, row_threads, scale, True)
+                total = 0.0
+                if live and scale > 0.0:
+                    for i in range(lane, d, row_threads):
+                        g = direction[n, i] / scale
+                        total += g * g if p == 2.0 else abs(g)
+                total = row_reduce(red, t, row_threads, total, False)
+                total = math.sqrt(total) if p == 2.0 else total
+                factor = length / (scale * total) if scale > 0.0 else 0.0
+            total = 0.0
+            if live:
+                for i in range(lane, d, row_threads):
+                    v = source[n, i] + factor * direction[n, i] if step else source[n, i]
+                    X_adv[n, i] = v
+                    diff = X_adv[n, i] - X[n, i]
+                    total += float(diff * diff if p == 2.0 else abs(diff))
+            total = row_reduce(red, t, row_threads, total, False)
+            factor = 1.0
+            shrink = 0.0
+            if p == 2.0:
+                total = math.sqrt(total)
+                if total > radius:
+                    factor = radius / total
+            else:
+                shrink = l1_threshold(X_adv, X, n, live, radius, total, red, t, row_threads)
+            if live:
+                for i in range(lane, d, row_threads):
+                    x0 = X[n, i]
+                    delta = factor * (X_adv[n, i] - x0)
+                    magnitude = max(abs(delta) - shrink, 0.0)
+                    delta = magnitude if delta > 0.0 else -magnitude
+                    X_adv[n, i] = clip(x0 + delta, x_min, x_max)
+
+    return iterate_step
+
+
+@cuda.jit
+def sign_step_rows(X, G, eps, x_min, x_max, X_adv):
+    """X_adv = clip(X + eps * sign(G), x_min, x_max), element-wise (grid-stride)."""
+    N, d = X.shape
+    for e in range(cuda.grid(1), N * d, cuda.gridsize(1)):
+        n = e // d
+        i = e - n * d
+        X_adv[n, i] = sign_step(X[n, i], G[n, i], eps, x_min, x_max)
+
+
+@cuda.jit
+def deepfool_start(X, total, X_adv, iterations):
+    """DeepFool's first iterate (grid-stride): X_adv = X, total = 0, iterations = 0."""
+    N, d = X.shape
+    for e in range(cuda.grid(1), N * d, cuda.gridsize(1)):
+        n = e // d
+        i = e - n * d
+        X_adv[n, i] = X[n, i]
+        total[n, i] = 0.0
+        if i == 0:
+            iterations[n] = 0
+
+
+@cuda.jit
+def gather_rows(source, rows, out):
+    """out[r] = source[rows[r]] for every r (grid-stride over elements); rows (M,) int64."""
+    M, d = out.shape
+    for e in range(cuda.grid(1), M * d, cuda.gridsize(1)):
+        r = e // d
+        i = e - r * d
+        out[r, i] = source[rows[r], i]
+
+
+@cuda.jit
+def hidden_slopes(Z1, b1, W2, n_rows, S):
+    """Activations and the rows of every logit's hidden-layer gradient (grid-stride).
+
+    ``Z1 (splits * n_rows, H)`` holds the split partial sums of ``X @ W1``; its first n_rows
+    rows become ``A = sigmoid(Z1 + b1)``, and ``S (n_rows * C, H)`` receives
+    ``S[n * C + k, j] = A[n, j] (1 - A[n, j]) W2[j, k]``, so that the Jacobian of row n's
+    logits, J (C, d) with dz_k/dx = W1 diag(A (1 - A)) W2[:, k], is rows n * C.. of S @ W1^T
+    (as in ``cpu.logits_and_jacobian_row``).
+    """
+    H = Z1.shape[1]
+    C = W2.shape[1]
+    splits = Z1.shape[0] // n_rows
+    for e in range(cuda.grid(1), n_rows * H, cuda.gridsize(1)):
+        n = e // H
+        j = e - n * H
+        z = Z1[n, j]
+        for split in range(1, splits):
+            z += Z1[split * n_rows + n, j]
+        Z1[n, j] = sigmoid(z + b1[j])
+        a = float(Z1[n, j])
+        slope = a * (1.0 - a)
+        for k in range(C):
+            S[n * C + k, j] = slope * W2[j, k]
+
+
+@functools.cache
+def deepfool_step_kernel(threads: int, row_threads: int):
+    """One DeepFool iteration of the working rows: ``row_threads`` threads per row.
+
+    ``deepfool_step[blocks, threads, stream](X, rows, Z, b2, J, p, overshoot, x_min, x_max,
+    first, original, total, active, iterations, X_adv)`` (grid-stride over the M working
+    rows), the body of the loop of ``cpu.deepfool_block``. Working row r is row ``rows[r]``
+    (int64) of X (N, d); ``Z (M, C)`` holds its logits less b2 and rows r * C.. of
+    ``J (M * C, d)`` their gradients, at its iterate ``X_adv[rows[r]]``. With ``first`` the
+    predicted class is stored in ``original`` (N,) int64. A row whose prediction still is
+    ``original`` moves to the nearest linearised boundary in norm p (2.0, or np.inf: the L1
+    dual norm and a sign step): its accumulated perturbation ``total`` (N, d) float64 grows,
+    X_adv becomes ``clip(X + (1 + overshoot) total)`` and ``iterations`` (N,) int64 counts
+    one more; ``active`` (N,) uint8 says whether it moved.
+    """
+    GROUPS = threads // row_threads
+
+    @cuda.jit
+    def deepfool_step(
+        X,
+        rows,
+        Z,
+        b2,
+        J,
+        p,
+        overshoot,
+        x_min,
+        x_max,
+        first,
+        original,
+        total,
+        active,
+        iterations,
+        X_adv,
+    ):
+        M = rows.shape[0]
+        d = X.shape[1]
+        C = Z.shape[1]
+        t = cuda.threadIdx.x
+        lane = t % row_threads
+        red = cuda.shared.array(threads, np.float64)
+        for group in range(cuda.blockIdx.x * GROUPS, M, cuda.gridDim.x * GROUPS):
+            live = group + t // row_threads < M
+            r = min(group + t // row_threads, M - 1)  # threads past the end read the last row
+            n = rows[r]
+            top = 0
+            for k in range(1, C):
+                if Z[r, k] + b2[k] > Z[r, top] + b2[top]:
+                    top = k
+            label = top if first else original[n]
+            moving = live and top == label
+            z_label = Z[r, label] + b2[label]  # in Z's dtype, as the CPU's logits
+            best = -1
+            best_ratio = math.inf
+            best_norm = 0.0
+            for k in range(C):
+                norm = 0.0
+                if moving and k != label:
+                    for i in range(lane, d, row_threads):
+                        w = J[r * C + k, i] - J[r * C + label, i]
+                        norm += float(w * w if p == 2.0 else abs(w))
+                norm = row_reduce(red, t, row_threads, norm, False)
+                if moving and k != label:
+                    norm = math.sqrt(norm) if p == 2.0 else norm
+                    gap = float(abs((Z[r, k] + b2[k]) - z_label))
+                    ratio = gap / norm if norm > 0.0 else math.inf
+                    if ratio < best_ratio:
+                        best = k
+                        best_ratio = ratio
+                        best_norm = norm
+            moving = moving and best >= 0
+            if moving:
+                length = (float(abs((Z[r, best] + b2[best]) - z_label)) + 1e-4) / best_norm
+                for i in range(lane, d, row_threads):
+                    w = float(J[r * C + best, i] - J[r * C + label, i])
+                    if p == 2.0:
+                        total[n, i] += length * w / best_norm
+                    else:
+                        total[n, i] += length if w > 0.0 else (-length if w < 0.0 else 0.0)
+                    X_adv[n, i] = clip(X[n, i] + (1.0 + overshoot) * total[n, i], x_min, x_max)
+            if live and lane == 0:
+                if first:
+                    original[n] = label
+                active[n] = 1 if moving else 0
+                if moving:
+                    iterations[n] += 1
+
+    return deepfool_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,13 +988,11 @@ def fgm_step_into(
     sign = p == np.inf
     _gradient_step(D1, W1, X, eps, x_min, x_max, sign, X_adv, stream)
     if not sign:
-        threads = THREADS_PER_BLOCK
-        row_threads = min(threads, ROW_THREADS)
-        blocks = min(_ceil_div(n_rows, threads // row_threads), 32 * _multiprocessors())
+        blocks, row_threads = _row_grid(n_rows)
         _launch(
-            norm_step_kernel(threads, row_threads),
+            norm_step_kernel(THREADS_PER_BLOCK, row_threads),
             blocks,
-            threads,
+            THREADS_PER_BLOCK,
             stream,
             X,
             float(eps),
@@ -692,6 +1001,38 @@ def fgm_step_into(
             float(x_max),
             X_adv,
         )
+
+
+def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, *, stream=0):
+    """One fast-gradient step of norm p on every row, from a gradient computed before.
+
+    Given the G of ``input_gradient_into`` on the same rows, ``fgm_step_into`` gives bitwise
+    the same X_adv; this one lets several eps (or norms) share one gradient. One launch
+    (``sign_step_rows``) for p = inf; for p = 2 or 1 a copy of G and ``norm_step_kernel``.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64 device array
+    G : (N, d) device array of X's dtype, the loss gradient
+    eps : float, step length; negative to descend the loss (targeted attacks)
+    p : float, np.inf, 2.0 or 1.0
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) device array of X's dtype, not G itself, output: clip(X + eps *
+        direction(G), x_min, x_max)
+    stream : numba stream the kernels are queued on (default: the default stream)
+    """
+    X, G, X_adv = map(_device, (X, G, X_adv))
+    if X.shape[0] == 0:
+        return
+    eps, x_min, x_max = float(eps), float(x_min), float(x_max)
+    threads = THREADS_PER_BLOCK
+    if p == np.inf:
+        _launch(sign_step_rows, _flat_grid(X.size), threads, stream, X, G, eps, x_min, x_max, X_adv)
+        return
+    X_adv.copy_to_device(G, stream=stream)
+    blocks, row_threads = _row_grid(X.shape[0])
+    kernel = norm_step_kernel(threads, row_threads)
+    _launch(kernel, blocks, threads, stream, X, eps, float(p), x_min, x_max, X_adv)
 
 
 def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted, *, stream=0, workspace=None):
@@ -715,6 +1056,183 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted, *, stream=0, wor
         return
     workspace = Workspace() if workspace is None else workspace
     _forward_rows(X, W1, b1, W2, b2, Y, A, P, losses, predicted, workspace, stream)
+
+
+def iterate_into(
+    X,
+    W1,
+    b1,
+    W2,
+    b2,
+    Y,
+    X_start,
+    eps,
+    alpha,
+    steps,
+    p,
+    decay,
+    x_min,
+    x_max,
+    X_adv,
+    *,
+    stream=0,
+    workspace=None,
+):
+    """Iterative fast-gradient attack (BIM, PGD, MI-FGSM) on every row, all on the device.
+
+    From X_start projected into the ball, ``steps`` times: G = dJ/dX at the iterate (with
+    ``decay > 0``, the direction is the MI-FGSM momentum of G / ||G||_1 instead), a step of
+    length alpha in norm p, then the projection back into the eps-ball around X (L1: the
+    exact Euclidean projection) and into [x_min, x_max]; as ``cpu.iterate_into``. Each step
+    is four launches (``gemm_kernel``, ``rows_kernel``, ``gemm_kernel``,
+    ``iterate_step_kernel``) and nothing is copied between the host and the device.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64 device array, the clean rows (centres of the balls)
+    W1, b1, W2, b2 : the network, device arrays of X's dtype
+    Y : (N, C) device array of X's dtype, labels held fixed over the steps; or 0 rows to
+        use the predictions at each iterate
+    X_start : (N, d) device array of X's dtype, the first iterate (X for BIM, a random point
+        of the ball for PGD)
+    eps : (N,) float64 device array, radius per row
+    alpha : (N,) float64 device array, step length per row; negative to descend (targeted)
+    steps : int
+    p : float, np.inf, 2.0 or 1.0
+    decay : float, momentum decay; 0 for plain BIM/PGD
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) device array of X's dtype, output; may be X_start itself
+    stream : numba stream the kernels are queued on (default: the default stream)
+    workspace : Workspace for scratch buffers; None allocates fresh ones
+    """
+    arrays = map(_device, (X, W1, b1, W2, b2, Y, X_start, eps, alpha, X_adv))
+    X, W1, b1, W2, b2, Y, X_start, eps, alpha, X_adv = arrays
+    n_rows = X.shape[0]
+    if n_rows == 0:
+        return
+    workspace = Workspace() if workspace is None else workspace
+    Z2, losses = _gradient_scratch(X, W2, workspace)
+    predicted = workspace.array("iterate_predicted", (n_rows,), np.int64)
+    G = workspace.array("iterate_G", X.shape, X.dtype)
+    momentum = workspace.array("iterate_momentum", X.shape, X.dtype) if decay > 0.0 else G
+    blocks, row_threads = _row_grid(n_rows)
+    kernel = iterate_step_kernel(THREADS_PER_BLOCK, row_threads)
+    options = (eps, alpha, float(p), float(decay), float(x_min), float(x_max))
+    launch = functools.partial(_launch, kernel, blocks, THREADS_PER_BLOCK, stream, X)
+    launch(X_start, G, momentum, *options, False, X_adv)
+    for _ in range(steps):
+        D1 = _forward_rows(X_adv, W1, b1, W2, b2, Y, None, Z2, losses, predicted, workspace, stream)
+        _gradient_step(D1, W1, X_adv, 0.0, 0.0, 0.0, False, G, stream)
+        launch(X_adv, G, momentum, *options, True, X_adv)
+
+
+def deepfool_into(
+    X,
+    W1,
+    b1,
+    W2,
+    b2,
+    p,
+    overshoot,
+    max_iter,
+    x_min,
+    x_max,
+    X_adv,
+    iterations,
+    *,
+    stream=0,
+    workspace=None,
+):
+    """DeepFool (Moosavi-Dezfooli et al. 2016), multi-class, for every row (``cpu.deepfool_into``).
+
+    Each iteration linearises all C logits at the iterate, moves to the nearest linearised
+    class boundary in norm p (2.0, or np.inf with the L1 dual norm and a sign step), and
+    stops when the predicted class changes or after ``max_iter`` iterations; the accumulated
+    perturbation is scaled by 1 + overshoot. An iteration works on the rows still moving
+    only: ``X @ W1`` (``gemm_kernel``), ``hidden_slopes``, the logits ``A @ W2`` and all
+    their gradients ``J = S @ W1^T`` (two more products, J is (rows * C, d)), then
+    ``deepfool_step_kernel``; the rows still moving are read back (a synchronisation per
+    iteration). Rows go through in batches of at most ``DEEPFOOL_ELEMENTS / (C (d + H))``.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64 device array
+    W1, b1, W2, b2 : the network, device arrays of X's dtype
+    p : float, 2.0 or np.inf
+    overshoot : float, e.g. 0.02
+    max_iter : int
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) device array of X's dtype, output
+    iterations : (N,) int64 device array, output: iterations used per row (max_iter when it
+        failed)
+    stream : numba stream the kernels are queued on (default: the default stream)
+    workspace : Workspace for scratch buffers; None allocates fresh ones
+    """
+    X, W1, b1, W2, b2, X_adv, iterations = map(_device, (X, W1, b1, W2, b2, X_adv, iterations))
+    n_rows, depth = X.shape
+    n_hidden, n_classes = W2.shape
+    workspace = Workspace() if workspace is None else workspace
+    batch = max(1, DEEPFOOL_ELEMENTS // (n_classes * (depth + n_hidden)))
+    options = (float(p), float(overshoot), float(x_min), float(x_max))
+    for start in range(0, n_rows, batch):
+        stop = min(start + batch, n_rows)
+        part = (X[start:stop], X_adv[start:stop], iterations[start:stop])
+        _deepfool_batch(*part, W1, b1, W2, b2, options, int(max_iter), workspace, stream)
+
+
+def _deepfool_batch(X, X_adv, iterations, W1, b1, W2, b2, options, max_iter, workspace, stream):
+    """DeepFool on the rows of X; each iteration works on the rows still moving only."""
+    n_rows, depth = X.shape
+    n_hidden, n_classes = W2.shape
+    threads = THREADS_PER_BLOCK
+    total = workspace.array("deepfool_total", X.shape, np.float64)
+    original = workspace.array("deepfool_original", (n_rows,), np.int64)
+    active = workspace.array("deepfool_active", (n_rows,), np.uint8)
+    _launch(deepfool_start, _flat_grid(X.size), threads, stream, X, total, X_adv, iterations)
+    moving = np.arange(n_rows, dtype=np.int64)
+    uploaded = 0  # length of the row list on the device; it only ever shrinks
+    for iteration in range(max_iter):
+        count = len(moving)
+        rows = workspace.array("deepfool_rows", (count,), np.int64)
+        if count != uploaded:
+            rows.copy_to_device(moving, stream=stream)
+            uploaded = count
+        X_work = workspace.array("deepfool_X", (count, depth), X.dtype)
+        _launch(gather_rows, _flat_grid(X_work.size), threads, stream, X_adv, rows, X_work)
+        splits, split_depth = _split_depth(count, n_hidden, depth, _tile(count))
+        Z1 = workspace.array("Z1", (splits * count, n_hidden), X.dtype)
+        _gemm(
+            X_work, W1, False, count, splits, split_depth, X_work, 0.0, 0.0, 0.0, False, Z1, stream
+        )
+        S = workspace.array("deepfool_S", (count * n_classes, n_hidden), X.dtype)
+        grid = _flat_grid(count * n_hidden)
+        _launch(hidden_slopes, grid, threads, stream, Z1, b1, W2, count, S)
+        Z = workspace.array("deepfool_Z", (count, n_classes), X.dtype)
+        _gemm(Z1, W2, False, count, 1, n_hidden, Z, 0.0, 0.0, 0.0, False, Z, stream)
+        J = workspace.array("deepfool_J", (count * n_classes, depth), X.dtype)
+        _gemm(S, W1, True, count * n_classes, 1, n_hidden, J, 0.0, 0.0, 0.0, False, J, stream)
+        blocks, row_threads = _row_grid(count)
+        state = (original, total, active, iterations, X_adv)
+        step = deepfool_step_kernel(threads, row_threads)
+        _launch(step, blocks, threads, stream, X, rows, Z, b2, J, *options, iteration == 0, *state)
+        moved = active.copy_to_host(stream=stream)
+        if not isinstance(stream, int):
+            stream.synchronize()  # the copy was only queued
+        moving = np.flatnonzero(moved)
+        if not len(moving):
+            break
+
+
+def _row_grid(n_rows: int) -> tuple[int, int]:
+    """Blocks and threads per row of a row kernel (``THREADS_PER_BLOCK`` threads a block)."""
+    row_threads = min(THREADS_PER_BLOCK, ROW_THREADS)
+    rows_per_block = THREADS_PER_BLOCK // row_threads
+    return min(_ceil_div(n_rows, rows_per_block), 32 * _multiprocessors()), row_threads
+
+
+def _flat_grid(size: int) -> int:
+    """Blocks of a grid-stride kernel over ``size`` elements."""
+    return max(1, min(_ceil_div(size, THREADS_PER_BLOCK), 32 * _multiprocessors()))
 
 
 def _like(shape, X, stream, dtype=None):
