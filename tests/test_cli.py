@@ -267,3 +267,15 @@ def test_a_block_larger_than_a_read_is_refused_with_the_batch_size_to_use(tmp_pa
     assert result.exit_code == 1, result.output
     assert "use a batch size of at most 768" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    from advgrad.cuda_backend import cuda_available
+
+    if cuda_available()[0]:
+        pytest.skip("a CUDA device (or the simulator) is usable here")
+    result = run("attack", "--device", "cuda", cwd=tmp_path)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--device cuda is not usable here:" in lines[0]
+    assert list(tmp_path.iterdir()) == []
