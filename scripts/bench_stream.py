@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from bench_gradient import import_advgrad, subprocess_env  # this folder's helpers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PAUSE_S = 0.5
 BUSY_WARNING = 0.10
 CHILD_TIMEOUT_S = 3600
@@ -70,15 +70,6 @@ VARIANTS = ("in memory", "stream", "gzip", "dask")
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def import_advgrad():
-    """Import advgrad, adding the repository root to sys.path only if it is not installed."""
-    try:
-        return importlib.import_module("advgrad")
-    except ImportError:
-        sys.path.insert(0, str(REPO_ROOT))
-        return importlib.import_module("advgrad")
 
 
 def mnist_like_pixels(rng, n_rows: int, d: int) -> np.ndarray:
@@ -361,14 +352,6 @@ print(json.dumps({"peak_kib": status_kib("VmHWM"), "after_imports_kib": after_im
 and Linux carries the parent's peak RSS into the child's ru_maxrss across exec."""
 
 
-def child_env(advgrad) -> dict[str, str]:
-    """This process's environment, with the imported advgrad first on PYTHONPATH."""
-    env = dict(os.environ)
-    package_root = str(Path(advgrad.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
-
-
 def peak_rss(args, advgrad, model_path: Path, data_path: Path, out: Path) -> dict | str:
     """Peak RSS (KiB) of a streaming job in a fresh child process, or why it failed.
 
@@ -383,7 +366,7 @@ def peak_rss(args, advgrad, model_path: Path, data_path: Path, out: Path) -> dic
     remove_output(out)
     done = subprocess.run(
         command,
-        env=child_env(advgrad),
+        env=subprocess_env(advgrad),
         capture_output=True,
         text=True,
         timeout=CHILD_TIMEOUT_S,
