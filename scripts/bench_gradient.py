@@ -305,14 +305,24 @@ def benchmark(steps: dict[str, Step], rounds: int, min_batch_s: float) -> dict[s
     return best
 
 
-class ForeignLoad:
-    """Share of the machine's CPU time spent outside this process (Linux /proc/stat)."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc), 0 when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
-    def __init__(self) -> None:
+
+class ForeignLoad:
+    """Share of the machine's CPU time spent outside this process and ``helpers`` (the Dask
+    worker processes), from Linux /proc/stat."""
+
+    def __init__(self, helpers: tuple[int, ...] = ()) -> None:
+        self.helpers = helpers
         self.start = self._sample()
 
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
+    def _sample(self) -> tuple[float, float, float] | None:
         try:
             values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
             ticks = os.sysconf("SC_CLK_TCK")
@@ -320,14 +330,15 @@ class ForeignLoad:
             return None
         busy = (sum(values) - values[3] - values[4]) / ticks  # all but idle and iowait
         own = os.times()
-        return busy, own.user + own.system, time.perf_counter()
+        mine = own.user + own.system + sum(process_cpu_seconds(pid) for pid in self.helpers)
+        return busy, mine, time.perf_counter()
 
     def share(self) -> float | None:
         end = self._sample()
         if self.start is None or end is None:
             return None
-        busy, own, wall = (b - a for a, b in zip(self.start, end, strict=True))
-        return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
+        busy, mine, wall = (b - a for a, b in zip(self.start, end, strict=True))
+        return max(0.0, (busy - mine) / (wall * (os.cpu_count() or 1)))
 
 
 def mismatch(reference, result) -> tuple[float, float]:

@@ -60,7 +60,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from bench_gradient import import_advgrad, subprocess_env  # this folder's helpers
+from bench_gradient import (  # this folder's helpers
+    ForeignLoad,
+    import_advgrad,
+    subprocess_env,
+)
 
 PAUSE_S = 0.5
 BUSY_WARNING = 0.10
@@ -146,42 +150,6 @@ def make_attack(args):
 
 
 # --------------------------------------------------------------------------- load
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux /proc), 0 when unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-class ForeignLoad:
-    """Share of the machine's CPU time spent outside this process and ``helpers`` (the Dask
-    worker processes), from Linux /proc/stat."""
-
-    def __init__(self, helpers: tuple[int, ...] = ()) -> None:
-        self.helpers = helpers
-        self.start = self._sample()
-
-    def _sample(self) -> tuple[float, float, float] | None:
-        try:
-            values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-            ticks = os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = (sum(values) - values[3] - values[4]) / ticks  # all but idle and iowait
-        own = os.times()
-        mine = own.user + own.system + sum(process_cpu_seconds(pid) for pid in self.helpers)
-        return busy, mine, time.perf_counter()
-
-    def share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        busy, mine, wall = (b - a for a, b in zip(self.start, end, strict=True))
-        return max(0.0, (busy - mine) / (wall * (os.cpu_count() or 1)))
 
 
 # --------------------------------------------------------------------------- variants

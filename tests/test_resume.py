@@ -156,14 +156,7 @@ N_SMALL = 2000  # 8 blocks of 256 rows, the last one short
 @pytest.fixture(scope="module")
 def small_files(tmp_path_factory) -> tuple[Path, Path]:
     """A float32 model (100 -> 16 -> 10) and a labelled dataset of N_SMALL rows in [0, 1]."""
-    folder = tmp_path_factory.mktemp("small")
-    rng = np.random.default_rng(60)
-    model = advgrad.Model(*random_network(rng, 100, 16, 10, dtype=np.float32))
-    X = rng.uniform(0.0, 1.0, size=(N_SMALL, 100)).astype(np.float32)
-    y = rng.integers(0, 10, size=N_SMALL)
-    advgrad.save_model(model, folder / "model.h5")
-    advgrad.save_dataset(folder / "data.h5", X, y, attrs={"x_min": 0.0, "x_max": 1.0})
-    return folder / "model.h5", folder / "data.h5"
+    return save_synthetic(tmp_path_factory.mktemp("small"), N_SMALL, seed=60, d=100, hidden=16)
 
 
 def library_case(name: str, seed: int) -> tuple[Attack, dict]:
@@ -588,11 +581,13 @@ def wait_for_rows(target: Path, rows: int, proc: subprocess.Popen, timeout: floa
     return False
 
 
-def save_synthetic(folder: Path, n_rows: int, seed: int) -> tuple[Path, Path]:
-    """A float32 model 784 -> 32 -> 10 and a labelled dataset of ``n_rows`` rows in [0, 1]."""
+def save_synthetic(
+    folder: Path, n_rows: int, seed: int, d: int = 784, hidden: int = 32
+) -> tuple[Path, Path]:
+    """A float32 model d -> hidden -> 10 and a labelled dataset of ``n_rows`` rows in [0, 1]."""
     rng = np.random.default_rng(seed)
-    model = advgrad.Model(*random_network(rng, 784, 32, 10, dtype=np.float32))
-    X = rng.uniform(0.0, 1.0, size=(n_rows, 784)).astype(np.float32)
+    model = advgrad.Model(*random_network(rng, d, hidden, 10, dtype=np.float32))
+    X = rng.uniform(0.0, 1.0, size=(n_rows, d)).astype(np.float32)
     y = rng.integers(0, 10, size=n_rows)
     advgrad.save_model(model, folder / "model.h5")
     advgrad.save_dataset(folder / "data.h5", X, y, attrs={"x_min": 0.0, "x_max": 1.0})
