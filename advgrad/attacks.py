@@ -271,8 +271,10 @@ def perturb(
     eps=None,
     first_row: int | np.ndarray = 0,
     backend=None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Run ``attack`` on prepared rows (N, d) of the model's dtype; returns X_adv (N, d).
+    """Run ``attack`` on prepared rows (N, d) of the model's dtype; returns X_adv (N, d),
+    written into ``out`` when given (C-contiguous, like the rows).
 
     ``eps`` overrides attack.eps, per row (N,) or scalar; iterative step sizes scale with
     it. PGD with restarts keeps, per row, a successful result first, then the highest loss
@@ -283,11 +285,14 @@ def perturb(
     x_min, x_max = clip
     p = norm_order(attack.norm)
     if attack.method == "deepfool":
-        return backend.deepfool(model, rows, p, attack.overshoot, attack.max_iter, x_min, x_max)[0]
+        return backend.deepfool(
+            model, rows, p, attack.overshoot, attack.max_iter, x_min, x_max, out=out
+        )[0]
     sign = -1.0 if attack.targeted else 1.0
     radius = np.broadcast_to(np.asarray(attack.eps if eps is None else eps, np.float64), len(rows))
     if attack.method == "fgsm" and eps is None:
-        return backend.fgm_step(model, rows, labels.Y, sign * attack.eps, p, x_min, x_max)[0]
+        step = sign * attack.eps
+        return backend.fgm_step(model, rows, labels.Y, step, p, x_min, x_max, out=out)[0]
     steps = 1 if attack.method == "fgsm" else attack.steps
     index = np.arange(first_row, first_row + len(rows)) if np.ndim(first_row) == 0 else first_row
     ratio = attack.alpha / attack.eps if attack.eps > 0 else 0.0
@@ -301,7 +306,8 @@ def perturb(
             ball = random_in_ball(attack.seed, restart, index, rows.shape[1], p)
             start = (rows + radius[:, None] * ball).astype(rows.dtype)
         X_adv = backend.iterate(
-            model, rows, labels.Y, start, radius, alpha, steps, p, decay, x_min, x_max
+            *(model, rows, labels.Y, start, radius, alpha, steps, p, decay, x_min, x_max),
+            out=out if best is None else None,
         )
         if attack.method != "pgd" or attack.restarts == 1:
             return X_adv

@@ -56,6 +56,20 @@ def _run_kernel(kernel, *args) -> None:
         kernel(*args)
 
 
+def output_rows(X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """Where a backend writes rows like ``X``: ``out`` when given (it must have X's shape and
+    dtype and be C-contiguous, and not overlap X), else a new array."""
+    if out is None:
+        return np.empty_like(X)
+    if out.shape != X.shape or out.dtype != X.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous {X.shape} {X.dtype} array, got {out.shape} {out.dtype}"
+        )
+    if np.may_share_memory(out, X):
+        raise ValueError("out must not overlap the input rows")
+    return out
+
+
 class CpuBackend:
     """Runs the Numba CPU kernels (``advgrad.kernels.cpu``)."""
 
@@ -70,9 +84,12 @@ class CpuBackend:
         )
         return G, predicted
 
-    def fgm_step(self, model: Model, X, Y, eps: float, p: float, x_min: float, x_max: float):
-        """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64."""
-        X_adv = np.empty_like(X)
+    def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None):
+        """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64.
+
+        Every method returning X_adv writes it into ``out`` when given (see ``output_rows``).
+        """
+        X_adv = output_rows(X, out)
         predicted = np.empty(X.shape[0], dtype=np.int64)
         _run_kernel(
             cpu.fgm_step_into,
@@ -80,16 +97,16 @@ class CpuBackend:
         )
         return X_adv, predicted
 
-    def fgm_from_gradient(self, X, G, eps: float, p: float, x_min: float, x_max: float):
+    def fgm_from_gradient(self, X, G, eps, p, x_min, x_max, *, out=None):
         """X_adv (N, d) after one FGM step of norm p along a gradient G (N, d) from
         :meth:`input_gradient`; bitwise what :meth:`fgm_step` gives."""
-        X_adv = np.empty_like(X)
+        X_adv = output_rows(X, out)
         cpu.fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv)
         return X_adv
 
-    def iterate(self, model: Model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max):
+    def iterate(self, model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, *, out=None):
         """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64."""
-        X_adv = np.empty_like(X)
+        X_adv = output_rows(X, out)
         _run_kernel(
             cpu.iterate_into,
             *(X, model.W1, model.b1, model.W2, model.b2, Y, X_start, eps, alpha, steps, p),
@@ -97,9 +114,9 @@ class CpuBackend:
         )
         return X_adv
 
-    def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max):
+    def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""
-        X_adv = np.empty_like(X)
+        X_adv = output_rows(X, out)
         iterations = np.empty(X.shape[0], dtype=np.int64)
         _run_kernel(
             cpu.deepfool_into,

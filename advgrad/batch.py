@@ -13,8 +13,10 @@ tasks on the cluster's workers (the client reads and sends them) and come back i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+import queue
 import threading
 import time
 from collections import Counter, deque
@@ -205,11 +207,18 @@ class BlockResult:
 
 
 def attack_block(
-    model, rows: np.ndarray, y, plan: Plan, first_row: int, outputs: Sequence[int]
+    model,
+    rows: np.ndarray,
+    y,
+    plan: Plan,
+    first_row: int,
+    outputs: Sequence[int],
+    out: Sequence[np.ndarray] | None = None,
 ) -> list[BlockResult | None]:
     """Attack one block of rows (m, d) for the outputs listed in ``outputs`` (indices into
     ``plan.attacks``); the others get None. A pure function of its arguments, so it runs
-    the same in this process or on a Dask worker.
+    the same in this process or on a Dask worker. ``out[i]`` (m, d), when given, receives
+    output i's adversarial rows.
 
     Outputs with the same targets share the labels; FGSM outputs with the same targets share
     one gradient (``fgm_from_gradient`` steps it bitwise as ``fgm_step`` would).
@@ -237,11 +246,16 @@ def attack_block(
                 gradient_of[key] = backend.input_gradient(model, rows, labels.Y)[0]
             sign = -1.0 if attack.targeted else 1.0
             X_adv = backend.fgm_from_gradient(
-                rows, gradient_of[key], sign * attack.eps, norm_order(attack.norm), *plan.clip
+                *(rows, gradient_of[key], sign * attack.eps, norm_order(attack.norm)),
+                *plan.clip,
+                out=None if out is None else out[i],
             )
         else:
             X_adv = perturb(
-                *(model, rows, labels, attack, plan.clip), first_row=first_row, backend=backend
+                *(model, rows, labels, attack, plan.clip),
+                first_row=first_row,
+                backend=backend,
+                out=None if out is None else out[i],
             )
         columns = {}
         if attack.targeted:
@@ -284,6 +298,7 @@ class _LocalTasks:
     """Runs block attacks in this process, one at a time (the kernels use every core)."""
 
     in_flight = 1
+    in_process = True
 
     def submit(self, function, model, *args) -> Future:
         future: Future = Future()
@@ -297,6 +312,8 @@ class _LocalTasks:
 class _DaskTasks:
     """Runs block attacks as tasks on a Dask cluster; the model is sent to every worker once,
     and each block goes straight to a worker and back (not through the scheduler)."""
+
+    in_process = False
 
     def __init__(self, address: str, model) -> None:
         self._client = _dask_client(address)
@@ -514,12 +531,31 @@ def attack_files(
     return reports
 
 
+class _BlockBuffers:
+    """A fixed set of block-sized arrays, used in turn: a job's large arrays are allocated
+    once, so its memory is set by the block size from the first blocks on, whatever the
+    overlap of reading, computing and writing turns out to be. ``take`` waits for a free one.
+    """
+
+    def __init__(self, count: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(np.empty(shape, dtype))
+
+    def take(self) -> np.ndarray:
+        return self._free.get()
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        self._free.put(buffer)
+
+
 def _stream(reader, model, plan: Plan, writers, tasks, rows_per_block, stop, progress):
     """Read, attack and write every block not yet in every output; returns the totals.
 
     A reader thread reads one block ahead; ``tasks`` attack up to ``tasks.in_flight``
     blocks at once; a writer thread writes and checkpoints, at most ``WRITES_IN_FLIGHT``
-    blocks behind. Raises ``Interrupted`` when ``stop`` is set.
+    blocks behind. Blocks are read into, and attacked into, reused buffers
+    (``_BlockBuffers``). Raises ``Interrupted`` when ``stop`` is set.
     """
     n_rows = reader.n_rows
     done = [writer.rows_written for writer in writers]
@@ -527,16 +563,36 @@ def _stream(reader, model, plan: Plan, writers, tasks, rows_per_block, stop, pro
     starts = range(min(done, default=n_rows), n_rows, rows_per_block)
     attacked: deque = deque()
     written: deque = deque()
+    # The reader fills one buffer while up to in_flight blocks are attacked.
+    inputs = _BlockBuffers(tasks.in_flight + 1, (rows_per_block, *reader.row_shape), reader.dtype)
+    # One output buffer is attacked into while WRITES_IN_FLIGHT are written; tasks in
+    # another process (Dask) send back arrays of their own.
+    width = math.prod(reader.row_shape)
+    results_of = [
+        _BlockBuffers(WRITES_IN_FLIGHT + 1, (rows_per_block, width), reader.dtype)
+        for _ in writers
+        if tasks.in_process
+    ]
     with (
         ThreadPoolExecutor(1, "advgrad-read") as reads,
         ThreadPoolExecutor(1, "advgrad-write") as writes,
     ):
 
         def read(start):
-            return reads.submit(reader.read, start, min(start + rows_per_block, n_rows))
+            stop = min(start + rows_per_block, n_rows)
+
+            def read_into_buffer():
+                buffer = inputs.take()
+                try:
+                    return buffer, *reader.read(start, stop, out=buffer[: stop - start])
+                except BaseException:
+                    inputs.give_back(buffer)
+                    raise
+
+            return reads.submit(read_into_buffer)
 
         def finish_oldest_attack():
-            start, rows, y, outputs, future = attacked.popleft()
+            start, buffer, rows, y, outputs, out, future = attacked.popleft()
             results = future.result()
             classes = None if y is None else (y if y.ndim == 1 else np.argmax(y, axis=1))
             for i in outputs:
@@ -546,23 +602,31 @@ def _stream(reader, model, plan: Plan, writers, tasks, rows_per_block, stop, pro
                 totals[i].add(rows[offset:], result, part, plan.attacks[i].targeted)
                 y_part = None if y is None else y[offset:]
                 state = dataclasses.asdict(totals[i])
+                release = functools.partial(results_of[i].give_back, out[i]) if out else None
                 written.append(
-                    writes.submit(_write_block, writers[i], start + offset, result, y_part, state)
+                    writes.submit(
+                        _write_block, writers[i], start + offset, result, y_part, state, release
+                    )
                 )
                 while len(written) > WRITES_IN_FLIGHT * len(writers):
                     written.popleft().result()
+            inputs.give_back(buffer)
             if progress is not None:
                 progress(start + len(rows), n_rows)
 
         next_read = read(starts[0]) if starts else None
         for k, start in enumerate(starts):
-            X, y = next_read.result()
+            buffer, X, y = next_read.result()
             if k + 1 < len(starts):
                 next_read = read(starts[k + 1])
-            rows = np.ascontiguousarray(X.reshape(len(X), -1))
+            rows = X.reshape(len(X), -1)
             outputs = [i for i, rows_done in enumerate(done) if rows_done < start + len(rows)]
-            future = tasks.submit(attack_block, model, rows, y, plan, start, outputs)
-            attacked.append((start, rows, y, outputs, future))
+            out = {i: results_of[i].take() for i in outputs} if results_of else {}
+            targets = [out[i][: len(rows)] if i in out else None for i in range(len(writers))]
+            future = tasks.submit(
+                attack_block, model, rows, y, plan, start, outputs, targets if out else None
+            )
+            attacked.append((start, buffer, rows, y, outputs, out, future))
             if len(attacked) >= tasks.in_flight:
                 finish_oldest_attack()
             if stop is not None and stop.is_set():
@@ -578,8 +642,15 @@ def _stream(reader, model, plan: Plan, writers, tasks, rows_per_block, stop, pro
     return totals
 
 
-def _write_block(writer: AdversarialWriter, start: int, result: BlockResult, y, state) -> None:
-    """Write one output's rows of a block and checkpoint them (on the writer thread)."""
-    X_adv = result.X_adv.reshape(len(result.X_adv), *writer.row_shape)
-    writer.write(start, X_adv, y, result.pred_clean, result.pred_adv, **result.columns)
-    writer.checkpoint(state)
+def _write_block(
+    writer: AdversarialWriter, start: int, result: BlockResult, y, state, release
+) -> None:
+    """Write one output's rows of a block and checkpoint them (on the writer thread), then
+    call ``release`` (when given) to hand the block's buffer back."""
+    try:
+        X_adv = result.X_adv.reshape(len(result.X_adv), *writer.row_shape)
+        writer.write(start, X_adv, y, result.pred_clean, result.pred_adv, **result.columns)
+        writer.checkpoint(state)
+    finally:
+        if release is not None:
+            release()

@@ -16,6 +16,7 @@ import weakref
 
 import numpy as np
 
+from advgrad.backend import output_rows
 from advgrad.model import Model
 
 DEFAULT_CHUNK_ROWS = 65536
@@ -106,11 +107,14 @@ class CudaBackend:
         self._stream(model, (X, Y), (G, predicted), launch)
         return G, predicted
 
-    def fgm_step(self, model: Model, X, Y, eps: float, p: float, x_min: float, x_max: float):
-        """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64."""
+    def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None):
+        """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64.
+
+        Every method returning X_adv writes it into ``out`` when given (see ``output_rows``).
+        """
         from advgrad.kernels import cuda as kernels
 
-        X_adv = np.empty_like(X)
+        X_adv = output_rows(X, out)
         predicted = np.empty(X.shape[0], dtype=np.int64)
 
         def launch(weights, inputs, outputs, stream, workspace):
@@ -131,12 +135,12 @@ class CudaBackend:
         self._stream(model, (X, Y), (X_adv, predicted), launch)
         return X_adv, predicted
 
-    def fgm_from_gradient(self, X, G, eps: float, p: float, x_min: float, x_max: float):
+    def fgm_from_gradient(self, X, G, eps, p, x_min, x_max, *, out=None):
         """X_adv (N, d) after one FGM step of norm p along a gradient G (N, d) from
         :meth:`input_gradient`; bitwise what :meth:`fgm_step` gives."""
         from advgrad.kernels import cuda as kernels
 
-        X_adv = np.empty_like(X)
+        X_adv = output_rows(X, out)
 
         def launch(weights, inputs, outputs, stream, workspace):
             kernels.fgm_from_gradient_into(*inputs, eps, p, x_min, x_max, *outputs, stream=stream)
@@ -144,14 +148,14 @@ class CudaBackend:
         self._stream(None, (X, G), (X_adv,), launch)
         return X_adv
 
-    def iterate(self, model: Model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max):
+    def iterate(self, model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, *, out=None):
         """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64.
 
         Each chunk of rows is copied to the GPU once and runs every step there.
         """
         from advgrad.kernels import cuda as kernels
 
-        X_adv = np.empty_like(X)
+        X_adv = output_rows(X, out)
         eps, alpha = (np.ascontiguousarray(a, dtype=np.float64) for a in (eps, alpha))
 
         def launch(weights, inputs, outputs, stream, workspace):
@@ -176,11 +180,11 @@ class CudaBackend:
         self._stream(model, (X, Y, X_start, eps, alpha), (X_adv,), launch)
         return X_adv
 
-    def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max):
+    def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""
         from advgrad.kernels import cuda as kernels
 
-        X_adv = np.empty_like(X)
+        X_adv = output_rows(X, out)
         iterations = np.empty(X.shape[0], dtype=np.int64)
 
         def launch(weights, inputs, outputs, stream, workspace):

@@ -724,6 +724,23 @@ def test_backend_fgm_from_gradient_is_fgm_step(dtype):
 
 
 @needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+def test_backend_writes_into_a_given_array():
+    """``out`` gets, chunk by chunk (4 rows), what a new array gets; bad ones are refused."""
+    model = model_of(np.float32)
+    X, *_, Y = network((9, 23, 17, 3), np.float32, seed=5)
+    gpu = CudaBackend(chunk_rows=4)
+    out = np.full_like(X, np.nan)
+    assert gpu.fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0, out=out)[0] is out
+    np.testing.assert_array_equal(out, gpu.fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0)[0])
+    out[:] = np.nan
+    assert gpu.deepfool(model, X, 2.0, 0.02, 10, 0.0, 1.0, out=out)[0] is out
+    np.testing.assert_array_equal(out, gpu.deepfool(model, X, 2.0, 0.02, 10, 0.0, 1.0)[0])
+    with pytest.raises(ValueError, match="out must be a C-contiguous"):
+        gpu.fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0, out=out[:4])
+
+
+@needs_cuda
 def test_backend_keeps_weights_on_device_per_model():
     from advgrad import cuda_backend
 

@@ -19,6 +19,7 @@ from advgrad.errors import InputFileError
 from advgrad.io import (
     AdversarialWriter,
     dataset_attrs,
+    fastzlib,
     load_dataset,
     load_model,
     open_dataset,
@@ -268,6 +269,28 @@ def test_chunks_check_each_block(tmp_path):
         assert next(blocks)[0] == 0
         with refused(path, "/y", r"1 labels outside \[0, 3\), the first \(3\) in row 7"):
             next(blocks)
+
+
+def test_read_into_a_reused_buffer(tmp_path):
+    """Blocks read into one buffer equal fresh reads, and are checked the same way."""
+    X = np.arange(60, dtype=np.float32).reshape(10, 2, 3)
+    X[8, 1, 2] = np.inf
+    path = write_raw(tmp_path / "d.h5", X=X, y=np.arange(10) % 3)
+    buffer = np.full((4, 2, 3), np.nan, np.float32)
+    with open_dataset(path, n_classes=3) as reader:
+        for start in (0, 4):
+            block, y = reader.read(start, start + 4, out=buffer)
+            assert block is buffer
+            assert_bitwise_equal(block, X[start : start + 4])
+            np.testing.assert_array_equal(y, np.arange(start, start + 4) % 3)
+        assert reader.read(4, 4, out=buffer[:0])[0].shape == (0, 2, 3)
+        with refused(path, "/X", "1 non-finite values .* the first in row 8"):
+            reader.read(6, 10, out=buffer)
+        for bad in (buffer[:3], buffer.astype(np.float64), np.empty((4, 3, 2), np.float32)):
+            with pytest.raises(ValueError, match="out must be a C-contiguous"):
+                reader.read(0, 4, out=bad)
+        with pytest.raises(ValueError, match="converting as_dtype"):
+            reader.read(0, 4, out=buffer, as_dtype=np.float64)
 
 
 def test_chunks_refuse_bad_arguments(tmp_path):
@@ -923,12 +946,21 @@ def test_suspended_writer_resumes_to_the_same_file(tmp_path, compression):
     assert file_contents(target) == file_contents(reference)
 
 
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
 @pytest.mark.parametrize("block", [4, 8, 3])
-def test_gzip_chunks_compressed_in_parallel_decode_as_hdf5_filters_do(tmp_path, block):
-    """Blocks of whole chunks (4, 8 rows) are deflated on threads and written raw; others (3)
-    go through HDF5's filters. Both read back exactly, and a raw chunk is shuffle + zlib."""
+@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
+def test_whole_chunks_written_raw_decode_as_hdf5_filters_do(
+    tmp_path, monkeypatch, compression, block, deflate
+):
+    """Blocks of whole chunks (4, 8 rows) are encoded by advgrad (gzip: shuffled and deflated
+    on threads, by ISA-L or zlib) and written raw; others (3 rows) and lzf go through HDF5's
+    filters. All read back exactly, and a raw chunk is what HDF5's filters would store."""
+    if deflate == "zlib":
+        monkeypatch.setattr(fastzlib, "isal_zlib", None)
+    elif fastzlib.isal_zlib is None:
+        pytest.skip("isal is not installed")
     target = tmp_path / "adv.h5"
-    with writer_for(target, compression="gzip") as writer:
+    with writer_for(target, compression=compression) as writer:
         for start in range(0, 10, block):
             writer.write(start, *adv_block(start, min(start + block, 10)))
     expected = adv_block(0, 10)[0]
@@ -936,12 +968,25 @@ def test_gzip_chunks_compressed_in_parallel_decode_as_hdf5_filters_do(tmp_path, 
     assert_bitwise_equal(X, expected)
     with h5py.File(target, "r") as f:
         dset = f["X"]
-        assert (dset.chunks, dset.compression, dset.shuffle) == ((4, 2, 3), "gzip", True)
+        assert (dset.chunks, dset.compression) == ((4, 2, 3), compression)
+        assert dset.compression_opts == (fastzlib.ZLIB_LEVEL if compression == "gzip" else None)
         _, raw = dset.id.read_direct_chunk((8, 0, 0))
     last = np.zeros((4, 2, 3), np.float32)  # the edge chunk, padded with the fill value
     last[:2] = expected[8:]
-    unshuffled = np.frombuffer(zlib.decompress(raw), np.uint8).reshape(4, -1).T.copy()
-    assert_bitwise_equal(unshuffled.view(np.float32).reshape(4, 2, 3), last)
+    if compression == "lzf":
+        return
+    if compression == "gzip":
+        raw = np.frombuffer(zlib.decompress(raw), np.uint8).reshape(4, -1).T.tobytes()  # unshuffle
+    assert_bitwise_equal(np.frombuffer(raw, np.float32).reshape(4, 2, 3), last)
+
+
+def test_fastzlib_computes_what_zlib_does_with_and_without_isal(monkeypatch):
+    data = np.linspace(0, 1, 4096, dtype=np.float32).tobytes() * 4
+    assert zlib.decompress(fastzlib.compress(data)) == data
+    assert fastzlib.crc32(data[100:], fastzlib.crc32(data[:100])) == zlib.crc32(data)
+    monkeypatch.setattr(fastzlib, "isal_zlib", None)
+    assert fastzlib.compress(data) == zlib.compress(data, fastzlib.ZLIB_LEVEL)
+    assert fastzlib.crc32(data, 7) == zlib.crc32(data, 7)
 
 
 def test_partial_of_another_job_is_refused_until_restart(tmp_path):

@@ -252,6 +252,31 @@ def test_resumed_job_equals_an_uninterrupted_one(
         assert report.eps_min.dtype == expected.eps_min.dtype
 
 
+@pytest.mark.parametrize("slow", ["reads", "writes", "both"])
+@pytest.mark.parametrize("name", ["fgsm-l2", "pgd-restarts-random-target"])
+def test_slow_reads_or_writes_leave_the_output_unchanged(
+    tmp_path, monkeypatch, small_files, library_reference, name, slow
+):
+    """Blocks are read and attacked into reused buffers: however reading, attacking and
+    writing happen to overlap, no buffer is refilled before its rows are written."""
+    from advgrad.io.files import AdversarialWriter, DatasetReader
+
+    rng = np.random.default_rng(len(name) + len(slow))
+    for cls, method in ((DatasetReader, "read"), (AdversarialWriter, "write")):
+        if slow in (method + "s", "both"):
+            original = getattr(cls, method)
+
+            def delayed(self, *args, _original=original, **kwargs):
+                time.sleep(float(rng.choice([0.0, 0.002, 0.02])))
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(cls, method, delayed)
+    attack, options = library_case(name, 0)
+    out = tmp_path / "adv.h5"
+    attack_file(*small_files, out, attack, batch_size=256, **options)
+    assert_same_output(out, library_reference(name, 0, 256)[0])
+
+
 @pytest.mark.parametrize(("first", "then", "after_blocks"), [(256, 1024, 3), (1024, 256, 1)])
 def test_resuming_with_another_batch_size_gives_the_same_data(
     tmp_path, small_files, library_reference, first, then, after_blocks

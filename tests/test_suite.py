@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import advgrad
 from advgrad import attacks
 from advgrad.attacks import Attack
+from advgrad.backend import get_backend
 from advgrad.batch import attack_file
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 from advgrad.cli import app
@@ -110,6 +111,49 @@ def test_pgd_with_restarts_is_never_weaker_than_fgsm(digits_model, digits_test):
         accuracy = [np.mean(advgrad.predict(digits_model, Z) == y) for Z in (X_fgsm, X_pgd)]
         assert accuracy[1] <= accuracy[0]
         assert advgrad.loss(model64, X_pgd, y).mean() >= advgrad.loss(model64, X_fgsm, y).mean()
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        Attack("fgsm", eps=0.1),
+        Attack("fgsm", eps=0.5, norm="2", target="random", seed=4),
+        Attack("bim", eps=0.1, steps=5),
+        Attack("pgd", eps=0.1, steps=5, restarts=3, seed=2),
+        Attack("mifgsm", eps=0.1, steps=5),
+        Attack("deepfool", norm="2", max_iter=10),
+    ],
+    ids=lambda attack: f"{attack.method}-{attack.norm}",
+)
+def test_perturb_into_a_given_array_equals_a_new_one(digits_model, digits_test, attack):
+    """``out`` (the file jobs' reused buffers) receives bitwise the rows a new array gets,
+    whatever it held before; PGD's first restart lands there and later ones are merged in."""
+    X, _ = digits_test
+    rows = attacks.as_rows(digits_model, X[:300])
+    labels = attacks.attack_labels(digits_model, rows, None, attack)
+    expected = attacks.perturb(digits_model, rows, labels, attack, (0.0, 1.0))
+    out = np.full_like(rows, np.nan)
+    X_adv = attacks.perturb(digits_model, rows, labels, attack, (0.0, 1.0), out=out)
+    assert X_adv is out
+    np.testing.assert_array_equal(out, expected)
+    assert np.any(out != rows)
+
+
+def test_backend_output_arrays_are_checked(digits_model, digits_test):
+    rows = attacks.as_rows(digits_model, digits_test[0][:10])
+    Y = attacks.label_matrix(digits_model, None, len(rows))
+    backend = get_backend("cpu")
+    G, _ = backend.input_gradient(digits_model, rows, Y)
+    expected = backend.fgm_from_gradient(rows, G, 0.1, np.inf, 0.0, 1.0)
+    out = np.empty_like(rows)
+    assert backend.fgm_from_gradient(rows, G, 0.1, np.inf, 0.0, 1.0, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    wide = np.empty((len(rows), 2 * rows.shape[1]), rows.dtype)
+    for bad in (out[:5], out.astype(np.float64), wide[:, ::2]):
+        with pytest.raises(ValueError, match="out must be a C-contiguous"):
+            backend.fgm_step(digits_model, rows, Y, 0.1, np.inf, 0.0, 1.0, out=bad)
+    with pytest.raises(ValueError, match="out must not overlap the input rows"):
+        backend.fgm_step(digits_model, rows, Y, 0.1, np.inf, 0.0, 1.0, out=rows)
 
 
 @pytest.mark.parametrize("norm", ["2", "inf"])

@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from advgrad.errors import InputFileError
+from advgrad.io import fastzlib
 
 CHECKPOINT_FORMAT = "advgrad-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -139,7 +139,7 @@ def block_crc(arrays: Iterable[np.ndarray | None]) -> int:
     crc = 0
     for array in arrays:
         if array is not None:
-            crc = zlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), crc)
+            crc = fastzlib.crc32(np.ascontiguousarray(array).view(np.uint8).reshape(-1), crc)
     return crc
 
 

@@ -13,9 +13,8 @@ import hashlib
 import math
 import os
 import secrets
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from advgrad.errors import InputFileError
+from advgrad.io import fastzlib
 from advgrad.io.checkpoint import (
     Checkpoint,
     OutputLock,
@@ -142,7 +142,7 @@ class _PartialFile:
         self.target = target
         self.temp = temp or target.with_name(f".{target.name}.partial-{secrets.token_hex(8)}.h5")
         try:
-            self.file = h5py.File(self.temp, "r+" if existing else "x")
+            self.file = h5py.File(self.temp, "r+" if existing else "x", rdcc_nbytes=0)
         except OSError as exc:
             raise InputFileError(target, None, f"cannot create {self.temp}: {exc}") from exc
 
@@ -220,6 +220,7 @@ def _create_rows(
         chunks=(rows, *shape[1:]),
         maxshape=(None, *shape[1:]),
         compression=compression,
+        compression_opts=fastzlib.ZLIB_LEVEL if compression == "gzip" else None,
         shuffle=compression is not None,
     )
 
@@ -527,7 +528,12 @@ class DatasetReader:
         return self._info.x_max
 
     def read(
-        self, start: int, stop: int, *, as_dtype: DTypeLike | None = None
+        self,
+        start: int,
+        stop: int,
+        *,
+        as_dtype: DTypeLike | None = None,
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows ``start:stop``, validated.
 
@@ -538,6 +544,9 @@ class DatasetReader:
         as_dtype : float32 or float64, optional
             The compute dtype: X is converted to it, and a float64 value beyond float32's range
             is refused instead of becoming inf. None keeps :attr:`dtype`. Labels keep theirs.
+        out : numpy.ndarray, optional
+            C-contiguous ``(stop - start, *row_shape)`` array of :attr:`dtype` that X is read
+            into (a buffer reused from block to block); not with a converting ``as_dtype``.
 
         Returns
         -------
@@ -561,6 +570,7 @@ class DatasetReader:
             allow_nonfinite=self._allow_nonfinite,
             as_dtype=as_dtype,
             max_bytes=self._max_read_bytes,
+            out=out,
         )
         if self._y is None:
             return X, None
@@ -730,26 +740,47 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.exists() and b.exists() and a.samefile(b)
 
 
-def _write_deflated(dset: h5py.Dataset, start: int, rows: np.ndarray, pool: Executor) -> None:
-    """Write ``rows`` at row ``start`` of a shuffle + gzip dataset as whole chunks, each
-    shuffled and deflated on ``pool``'s threads (zlib releases the GIL), so compression uses
-    every core; the chunks decode exactly as HDF5's own filters would have stored them.
+def _shuffled_deflate(chunk: np.ndarray) -> bytes:
+    """A chunk through HDF5's shuffle filter (byte planes), then gzip."""
+    itemsize = chunk.dtype.itemsize
+    return fastzlib.compress(chunk.reshape(-1).view(np.uint8).reshape(-1, itemsize).T.tobytes())
+
+
+def chunk_encoder(dset: h5py.Dataset):
+    """How to store whole chunks of ``dset`` with ``write_direct_chunk``, bypassing HDF5's
+    chunk machinery (which allocates chunk-sized buffers that it keeps): a function from a
+    C-contiguous chunk array to the bytes HDF5's filters would store, or None where advgrad
+    leaves the filters to HDF5."""
+    if dset.fletcher32 or dset.scaleoffset is not None:
+        return None
+    if dset.compression is None and not dset.shuffle:
+        return lambda chunk: chunk
+    if dset.compression == "gzip" and dset.shuffle:
+        return _shuffled_deflate
+    return None
+
+
+def _write_chunks(dset: h5py.Dataset, start: int, rows: np.ndarray, encode, pool) -> None:
+    """Write ``rows`` at row ``start`` of ``dset`` as whole chunks, each encoded by
+    ``encode`` (see ``chunk_encoder``), on ``pool``'s threads when given (every core).
 
     ``start`` is a multiple of the chunk rows; so is ``len(rows)``, unless the rows end the
     dataset (the last chunk is padded with zeros, HDF5's fill value, as HDF5 pads it).
     """
-    chunk_rows, level, itemsize = dset.chunks[0], dset.compression_opts, rows.dtype.itemsize
+    chunk_rows = dset.chunks[0]
 
-    def encode(first: int) -> bytes:
-        chunk = np.zeros((chunk_rows, *rows.shape[1:]), rows.dtype)
+    def encoded(first: int):
         part = rows[first : first + chunk_rows]
-        chunk[: len(part)] = part
-        shuffled = chunk.view(np.uint8).reshape(-1, itemsize).T.tobytes()
-        return zlib.compress(shuffled, level)
+        if len(part) < chunk_rows:
+            padded = np.zeros((chunk_rows, *rows.shape[1:]), rows.dtype)
+            padded[: len(part)] = part
+            part = padded
+        return encode(np.ascontiguousarray(part))
 
     firsts = range(0, len(rows), chunk_rows)
     offset = (0,) * (rows.ndim - 1)
-    for first, data in zip(firsts, pool.map(encode, firsts), strict=True):
+    chunks = map(encoded, firsts) if pool is None else pool.map(encoded, firsts)
+    for first, data in zip(firsts, chunks, strict=True):
         dset.id.write_direct_chunk((start + first, *offset), data)
 
 
@@ -897,8 +928,9 @@ class AdversarialWriter:
             raise
         self._datasets = {name: self._partial.file[name] for name in layout}
         X = self._datasets["X"]
-        parallel = X.compression == "gzip" and X.shuffle and not X.fletcher32
-        self._deflate_pool = ThreadPoolExecutor(os.cpu_count()) if parallel else None
+        self._encode_X = chunk_encoder(X)
+        compressed = self._encode_X is not None and X.compression is not None
+        self._deflate_pool = ThreadPoolExecutor(os.cpu_count()) if compressed else None
         self.rows_written = self._checkpoint.rows
         self.resumed_rows = self.rows_written
         self._open = True
@@ -1048,8 +1080,8 @@ class AdversarialWriter:
             whole_chunks = start % dset.chunks[0] == 0 and (
                 m % dset.chunks[0] == 0 or start + m == self.n_rows
             )
-            if dset.name == "/X" and self._deflate_pool is not None and whole_chunks:
-                _write_deflated(dset, start, array, self._deflate_pool)
+            if dset.name == "/X" and self._encode_X is not None and whole_chunks:
+                _write_chunks(dset, start, array, self._encode_X, self._deflate_pool)
             else:
                 dset[start : start + m] = array
         if m:
