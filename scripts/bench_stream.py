@@ -392,6 +392,13 @@ def environment_report(advgrad, dask_label: str) -> None:
         f"python {platform.python_version()}  numpy {np.__version__}  numba {numba.__version__}"
         f"  h5py {h5py.__version__}  advgrad {advgrad.__version__}"
     )
+    from advgrad.io import fastzlib
+
+    isal = importlib.import_module("isal") if fastzlib.isal_zlib is not None else None
+    print(
+        "gzip deflate and CRC-32: "
+        + (f"ISA-L (isal {isal.__version__})" if isal else f"zlib {fastzlib.zlib.ZLIB_VERSION}")
+    )
     try:
         dask = importlib.import_module("dask")
         print(f"dask {dask.__version__}; cluster: {dask_label}")
