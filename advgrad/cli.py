@@ -39,6 +39,14 @@ class Compression(StrEnum):
     lzf = "lzf"
 
 
+CompressionOption = Annotated[
+    Compression,
+    typer.Option(
+        help="Compression of the output datasets: gzip (standard deflate, which any HDF5 "
+        "reads; compressed on every core) or lzf (faster to write, but only readable where "
+        "h5py's lzf filter is installed).",
+    ),
+]
 ModelOption = Annotated[
     Path | None,
     typer.Option(
@@ -332,9 +340,7 @@ def attack(
     clip_min: ClipMinOption = None,
     clip_max: ClipMaxOption = None,
     batch_size: BatchSizeOption = 8192,
-    compression: Annotated[
-        Compression, typer.Option(help="Compression of the output datasets.")
-    ] = Compression.none,
+    compression: CompressionOption = Compression.none,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing output file (never an input).")
     ] = False,
@@ -1053,9 +1059,7 @@ def convert_data(
         ),
     ] = None,
     dtype: Annotated[Precision, typer.Option(help="dtype of /X.")] = Precision.float32,
-    compression: Annotated[
-        Compression, typer.Option(help="Compression of the output datasets.")
-    ] = Compression.none,
+    compression: CompressionOption = Compression.none,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Convert .npy/.npz arrays, IDX (MNIST) or CSV files into a dataset file.
