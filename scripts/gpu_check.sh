@@ -10,8 +10,10 @@
 #   2. scripts/bench_gradient.py --device cuda --quick
 #   3. scripts/bench_attacks.py --device cuda: FGSM, PGD-20, BIM-20, MI-FGSM-20 and DeepFool
 #      through the CUDA backend, then the same rows on the CPU backend for comparison
-#   4. FGSM step timing: advgrad.kernels.cuda against torch autograd and against the four
-#      cuBLAS products alone (TF32 off), with the targets of the CUDA issue:
+#   4. FGSM step timing: first the one-launch kernel of small batches against the three tiled
+#      launches at N = 1 to 256 (where SMALL_BATCH_ROWS should sit), then advgrad.kernels.cuda
+#      against torch autograd and against the four cuBLAS products alone (TF32 off), with the
+#      targets of the CUDA issue:
 #      N <= 32: >= 10x faster than torch autograd; N >= 16384: >= 0.5x the cuBLAS floor's speed.
 # Exit status: 0 when every step ran and passed.
 set -u -o pipefail
@@ -101,8 +103,8 @@ def noop(x):
     pass
 
 
-def time_case(d, H, C, n_rows):
-    """(advgrad, autograd, cuBLAS) us per step and the fraction of equal X_adv elements."""
+def problem(d, H, C, n_rows):
+    """Random torch tensors X, W1, b1, W2, b2, y, and advgrad's FGSM step on them."""
     torch.manual_seed(0)
     X = torch.rand(n_rows, d, device=DEVICE)
     W1 = torch.randn(d, H, device=DEVICE) * (3.0 / d**0.5)
@@ -113,10 +115,31 @@ def time_case(d, H, C, n_rows):
     predicted = torch.empty(n_rows, dtype=torch.int64, device=DEVICE)
     out = [cuda.as_cuda_array(t) for t in (X_adv, predicted)]
     workspace = kernels.Workspace()
-    steps = 300 if n_rows <= 32 else (20 if d < 1000 else 5)
 
     def ours(p=np.inf):
         kernels.fgm_step_into(*net, EPS, p, 0.0, 1.0, *out, workspace=workspace)
+
+    return (X, W1, b1, W2, b2, y), net, X_adv, predicted, workspace, ours
+
+
+def one_launch_against_three():
+    """us per FGSM step, (784, 256, 10): small_batch_kernel against the three tiled launches."""
+    print("(784, 256, 10) FGSM step, us: one launch / three launches (SMALL_BATCH_ROWS decides)")
+    default = kernels.SMALL_BATCH_ROWS
+    for n_rows in (1, 8, 32, 64, 256):
+        ours = problem(784, 256, 10, n_rows)[-1]
+        kernels.SMALL_BATCH_ROWS = n_rows
+        one = per_step_us(ours, 300)
+        kernels.SMALL_BATCH_ROWS = 0
+        three = per_step_us(ours, 300)
+        print(f"  N={n_rows:>4}: {one:8.1f} / {three:8.1f}  ({three / one:.2f}x)")
+    kernels.SMALL_BATCH_ROWS = default
+
+
+def time_case(d, H, C, n_rows):
+    """(advgrad, autograd, cuBLAS) us per step and the fraction of equal X_adv elements."""
+    (X, W1, b1, W2, b2, y), net, X_adv, predicted, workspace, ours = problem(d, H, C, n_rows)
+    steps = 300 if n_rows <= 32 else (20 if d < 1000 else 5)
 
     def autograd():
         Xg = X.detach().requires_grad_(True)
@@ -161,6 +184,7 @@ def main():
     dummy = cuda.device_array(1)
     empty = per_step_us(lambda: noop[1, 32](dummy), 2000)
     print(f"numba-cuda launch of an empty kernel: {empty:.1f} us")
+    one_launch_against_three()
     results = [(shape, n_rows, *time_case(*shape, n_rows)) for shape, n_rows in CASES]
     print()
     print(

@@ -136,6 +136,35 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(kernels, "SKINNY_ROWS", 4)
     monkeypatch.setattr(kernels, "BLOCKS_PER_MULTIPROCESSOR", 8)
     monkeypatch.setattr(kernels, "MIN_SPLIT_STEPS", 1)
+    # one launch for a single row (SHAPES[0]); the tiled products for 4 and 21 rows
+    monkeypatch.setattr(kernels, "SMALL_BATCH_ROWS", 1)
+    monkeypatch.setattr(kernels, "SMALL_GROUP_ROWS", 2)
+    monkeypatch.setattr(kernels, "SMALL_COLUMNS", 2)
+    monkeypatch.setattr(kernels, "SMALL_SLICES", 3)
+
+
+@pytest.fixture
+def one_launch(monkeypatch, small_blocks):
+    """``small_blocks``, with every batch of up to 32 rows in one launch (small_batch_kernel)."""
+    from advgrad.kernels import cuda as kernels
+
+    monkeypatch.setattr(kernels, "SMALL_BATCH_ROWS", 32)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The kernels launched, in order (names of their Python functions)."""
+    from advgrad.kernels import cuda as kernels
+
+    names = []
+    launch = kernels._launch
+
+    def record(kernel, *args):
+        names.append(kernel.py_func.__name__)
+        launch(kernel, *args)
+
+    monkeypatch.setattr(kernels, "_launch", record)
+    return names
 
 
 def network(shape, dtype, seed=0, logit_scale=1.0):
@@ -348,11 +377,12 @@ def test_iterate_matches_cpu(dtype, p, method, decay, random_start):
 
 
 @needs_cuda
-@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.usefixtures("one_launch")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", NORMS)
 def test_iterate_with_predicted_labels_in_place(dtype, p):
-    """Y with 0 rows (the predictions at each iterate) and X_adv the X_start array itself."""
+    """Y with 0 rows (the predictions at each iterate) and X_adv the X_start array itself;
+    each gradient in one launch."""
     from advgrad.kernels import cuda as kernels
 
     net, Y, X_start, eps, alpha = iterate_problem((6, 19, 9, 4), dtype, p, True, seed=14)
@@ -543,6 +573,105 @@ def test_full_size_network(dtype, n_rows, p):
     assert_close(kernels.input_gradient(*net_d).copy_to_host(), G_ref, dtype)
     X_adv = kernels.fgm_step(*net_d, 0.03, p, 0.0, 1.0).copy_to_host()
     assert_fgm_close(X_adv, reference.fgm_step(*net, Y, 0.03, p, 0.0, 1.0), G_ref, p, dtype)
+
+
+# (N, d, H, C) for the one-launch kernel with small_blocks' 8 threads, 2 rows a block and 2
+# hidden units a thread: a partial last group of rows; 2 ranges of the inputs (H = 5), and
+# 2 passes over the hidden units (H = 17)
+ONE_LAUNCH_SHAPES = [(5, 23, 5, 3), (3, 19, 17, 4)]
+
+
+@needs_cuda
+@pytest.mark.usefixtures("one_launch")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ONE_LAUNCH_SHAPES)
+@pytest.mark.parametrize("kind", LABELS)
+def test_one_launch_gradient_matches_cpu_and_reference(dtype, shape, kind, launches):
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(shape, dtype, seed=21)
+    Y = labels(kind, Y)
+    net = (X, W1, b1, W2, b2)
+    G_d, predicted_d = to_device(np.full_like(X, np.nan), np.full(len(X), -1))
+    kernels.input_gradient_into(*to_device(*net, Y), G_d, predicted_d)
+
+    assert launches == ["small"]
+    G_cpu = np.empty_like(X)
+    cpu.input_gradient_into(*net, Y, G_cpu, np.empty(len(X), dtype=np.int64))
+    G = G_d.copy_to_host()
+    assert_close(G, reference.input_gradient(*net, reference_labels(Y, *net)), dtype)
+    assert_close(G, G_cpu, dtype)
+    np.testing.assert_array_equal(predicted_d.copy_to_host(), predictions(*net))
+
+
+@needs_cuda
+@pytest.mark.usefixtures("one_launch")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ONE_LAUNCH_SHAPES)
+@pytest.mark.parametrize(("p", "eps"), [(np.inf, 0.05), (np.inf, -0.05), (2.0, 0.05), (1.0, -0.05)])
+def test_one_launch_fgm_step_matches_cpu_and_reference(dtype, shape, p, eps, launches):
+    """The L-inf step in one launch; L2 and L1 add the row-norm kernel."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(shape, dtype, seed=22)
+    net = (X, W1, b1, W2, b2)
+    X_adv = kernels.fgm_step(*to_device(*net, Y), eps, p, 0.0, 1.0).copy_to_host()
+
+    assert launches == (["small"] if p == np.inf else ["small", "norm_step"])
+    G_ref = reference.input_gradient(*net, Y)
+    assert_fgm_close(X_adv, reference.fgm_step(*net, Y, eps, p, 0.0, 1.0), G_ref, p, dtype)
+    assert_fgm_close(X_adv, cpu.fgm_step(*net, Y, eps, p, 0.0, 1.0), G_ref, p, dtype)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("one_launch")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_launch_rows_do_not_depend_on_the_batch(dtype):
+    """A row's gradient is bitwise the same alone, in any batch and at any position in a block
+    (its sums run in one fixed order), and agrees with the tiled products to rounding."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(ONE_LAUNCH_SHAPES[0], dtype, seed=23)
+    weights = to_device(W1, b1, W2, b2)
+
+    def gradient(rows):
+        G_d, predicted_d = to_device(np.empty_like(X[rows]), np.empty(len(rows), dtype=np.int64))
+        X_d, Y_d = to_device(X[rows], Y[rows])
+        kernels.input_gradient_into(X_d, *weights, Y_d, G_d, predicted_d)
+        return G_d.copy_to_host()
+
+    G = gradient(np.arange(len(X)))
+    for rows in ([0], [3], [1, 2, 3], [4, 0, 2]):
+        np.testing.assert_array_equal(gradient(np.array(rows)), G[rows])
+    kernels.SMALL_BATCH_ROWS = 0  # the fixture's monkeypatch restores it
+    assert_close(gradient(np.arange(len(X))), G, dtype)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("one_launch")
+@pytest.mark.parametrize("p", [np.inf, 2.0])
+def test_fgm_step_and_gradient_in_place(p, launches):
+    """X_adv (or G) = X itself: the one-launch kernel reads X from every block while others
+    write, so the gradient goes to scratch first, then a second launch takes the step (or a
+    copy stores it); same results."""
+    from advgrad.kernels import cuda as kernels
+
+    X, W1, b1, W2, b2, Y = network(ONE_LAUNCH_SHAPES[1], np.float64, seed=24)
+    net_d = to_device(X, W1, b1, W2, b2, Y)
+    X_adv = kernels.fgm_step(*net_d, 0.05, p, 0.0, 1.0).copy_to_host()
+    del launches[:]
+    X_d = net_d[0]
+    kernels.fgm_step_into(*net_d, 0.05, p, 0.0, 1.0, X_d, to_device(np.empty(len(X), int))[0])
+
+    assert launches == ["small", "sign_step_rows" if p == np.inf else "norm_step"]
+    np.testing.assert_array_equal(X_d.copy_to_host(), X_adv)
+    X_d = to_device(X)[0]
+    kernels.input_gradient_into(X_d, *net_d[1:], X_d, to_device(np.empty(len(X), int))[0])
+    G = kernels.input_gradient(to_device(X)[0], *net_d[1:]).copy_to_host()
+    np.testing.assert_array_equal(X_d.copy_to_host(), G)
+    assert kernels._overlap(X_d[1:], X_d[:2])
+    assert not kernels._overlap(X_d[2:], X_d[:2])
+    assert not kernels._overlap(X_d, to_device(X)[0])
 
 
 # ---------------------------------------------------------------------------------------------

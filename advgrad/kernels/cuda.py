@@ -7,7 +7,11 @@ anything with ``__cuda_array_interface__`` is used in place, without a copy. Sha
 float arrays of one call share one dtype, float32 or float64. Nothing is checked here.
 
 A CUDA kernel runs over a grid, so the ``*_into`` functions are host-side launchers: each
-queues a few kernels on ``stream`` and returns at once. One gradient is three launches:
+queues a few kernels on ``stream`` and returns at once. A batch of at most
+``SMALL_BATCH_ROWS`` rows (with W1 at most ``SMALL_WEIGHT_BYTES``) takes its whole gradient,
+or L-inf step, in one launch of ``small_batch_kernel``: there launch latency, not arithmetic,
+is the cost, so each block computes the hidden layer of its rows itself and no block waits
+for another. Larger batches take three launches:
 
 1. ``gemm_kernel(tile, False)``: partial sums of ``Z1 = X @ W1``, a tiled shared-memory
    product (register prefetch of the next tile, vector loads from shared memory, a register
@@ -18,20 +22,21 @@ queues a few kernels on ``stream`` and returns at once. One gradient is three la
    a max-subtracted softmax, ``P - Y``, and ``D1 = (P - Y) @ W2^T * A * (1 - A)`` in place.
 3. ``gemm_kernel(tile, True)``: ``G = D1 @ W1^T``, whose epilogue either stores G or, for an
    L-inf step, writes ``clip(X + eps * sign(G), x_min, x_max)`` directly. L2 and L1 steps
-   need the norm of each whole row first: a fourth launch, ``norm_step_kernel``, reduces it
-   (``ROW_THREADS`` threads per row) and rescales G into the step, in place.
+   need the norm of each whole row first: one more launch, ``norm_step_kernel``, reduces it
+   (``ROW_THREADS`` threads per row) and rescales G into the step.
 
 The iterative attacks (``iterate_into``: BIM, PGD, MI-FGSM) keep everything on the device:
-each step is launches 1-3 into a gradient buffer, then ``iterate_step_kernel`` (momentum,
-step, projection into the ball and the clip range, fused; ``ROW_THREADS`` threads per row;
-the L1 projection is exact, by Michelot's algorithm in float64). ``deepfool_into`` works on
-the rows still moving only: per iteration ``X @ W1``, ``hidden_slopes``, the logits and the
-Jacobians of all C logits as two more products, then ``deepfool_step_kernel``.
+each step is the gradient (one launch or three) into a buffer, then ``iterate_step_kernel``
+(momentum, step, projection into the ball and the clip range, fused; ``ROW_THREADS`` threads
+per row; the L1 projection is exact, by Michelot's algorithm in float64). ``deepfool_into``
+works on the rows still moving only: per iteration ``X @ W1``, ``hidden_slopes``, the logits
+and the Jacobians of all C logits as two more products, then ``deepfool_step_kernel``.
 
 Batches of at most ``SKINNY_ROWS`` rows use ``SKINNY_TILE``, larger ones ``WIDE_TILE``;
-``THREADS_PER_BLOCK`` sizes the row kernels. Tests may lower these module constants at any
-time: the ``*_kernel`` factories build (and cache) one kernel per configuration. Launches go
-straight to the driver (``_launch``), since numba's own launch costs tens of microseconds.
+``THREADS_PER_BLOCK`` sizes the row kernels and ``small_batch_kernel``. Tests may lower these
+module constants at any time: the ``*_kernel`` factories build (and cache) one kernel per
+configuration. Launches go straight to the driver (``_launch``), since numba's own launch
+costs tens of microseconds.
 
 The kernels of the iterative attacks and DeepFool write ``float(v)`` where a float32 value
 enters float64 arithmetic: on the GPU it changes nothing (numba promotes to float64 anyway),
@@ -87,6 +92,11 @@ UNROLL = 4  # independent partial sums per thread in the row kernel's dot produc
 WIDE_TILE = Tile(128, 128, 8, 8, 8)  # 256 threads, batches of more than SKINNY_ROWS rows
 SKINNY_TILE = Tile(16, 64, 16, 2, 2)  # 256 threads, batches of at most SKINNY_ROWS rows
 SKINNY_ROWS = 32
+SMALL_BATCH_ROWS = 32  # batches of at most this many rows: one launch (small_batch_kernel)
+SMALL_GROUP_ROWS = 8  # rows per block of small_batch_kernel (fewer for smaller batches)
+SMALL_COLUMNS = 8  # hidden units per thread in small_batch_kernel's X @ W1
+SMALL_SLICES = 8  # blocks per group of rows in small_batch_kernel, each 1 / SMALL_SLICES of G
+SMALL_WEIGHT_BYTES = 1 << 21  # larger W1: every block reading all of it costs more than launches
 DEEPFOOL_ELEMENTS = 1 << 26  # DeepFool batch rows: its (rows * C, d + H) Jacobians and slopes
 BLOCKS_PER_MULTIPROCESSOR = 2  # split-K aims at this many product blocks per SM
 MIN_SPLIT_STEPS = 2  # depth steps per split, at least
@@ -300,6 +310,102 @@ def gemm_kernel(tile: Tile, b_transposed: bool, max_registers: int | None = None
     return gemm
 
 
+@cuda.jit(device=True)
+def block_logits(A, a_first, W2, b2, count, pair_threads, red, t, Z, z_first):
+    """Logits of ``count`` rows: ``Z[z_first + r, k] = A[a_first + r] @ W2[:, k] + b2[k]``.
+
+    ``pair_threads`` (a power of two) threads share each (row, class) dot product, each with
+    ``UNROLL`` independent partial sums (the loads are latency-bound, not bandwidth-bound);
+    ``red`` is a shared array of A's dtype with an entry per thread. Every thread of the block
+    must call it; Z is written when it returns (its caller synchronises before reading it).
+    """
+    H = A.shape[1]
+    C = Z.shape[1]
+    groups = red.shape[0] // pair_threads
+    part = t % pair_threads
+    partial = cuda.local.array(UNROLL, A.dtype)
+    for base in range(0, count * C, groups):
+        pair = base + t // pair_threads
+        r = pair // C
+        k = pair % C
+        for u in range(UNROLL):
+            partial[u] = 0
+        if pair < count * C:
+            for j0 in range(part, H, UNROLL * pair_threads):
+                for u in range(UNROLL):
+                    j = j0 + u * pair_threads
+                    if j < H:
+                        partial[u] += A[a_first + r, j] * W2[j, k]
+        s = A.dtype.type(0)
+        for u in range(UNROLL):
+            s += partial[u]
+        red[t] = s
+        cuda.syncthreads()
+        segment_reduce(red, t, pair_threads, False)
+        if part == 0 and pair < count * C:
+            Z[z_first + r, k] = red[t] + b2[k]
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def softmax_row(Z, z, Y, n, delta, store, losses, predicted):
+    """Row z of Z: logits in, probabilities out (``P - Y`` with ``delta``), max-subtracted.
+
+    Y's row n holds the labels (Y with 0 rows: the one-hot predictions). With ``store``, it
+    also writes row n's cross-entropy to ``losses[n]`` and the argmax of its logits to
+    ``predicted[n]``.
+    """
+    C = Z.shape[1]
+    zero = Z.dtype.type(0)
+    best = Z[z, 0]
+    label_logit = zero
+    argmax = 0
+    for k in range(C):
+        logit = Z[z, k]
+        if Y.shape[0] != 0:
+            label_logit += Y[n, k] * logit
+        if logit > best:
+            best = logit
+            argmax = k
+    # rest = sum over the other classes of exp(z - max): P_top = 1 / (1 + rest) and
+    # 1 - P_top = rest * P_top keep full precision when one class dominates
+    rest = zero
+    for k in range(C):
+        e = math.exp(Z[z, k] - best)
+        Z[z, k] = e
+        if k != argmax:
+            rest += e
+    if store:
+        # logsumexp(Z) - Y.Z = (max - Y.Z) + log1p(rest): no cancellation near 0
+        losses[n] = (best - (best if Y.shape[0] == 0 else label_logit)) + math.log1p(rest)
+        predicted[n] = argmax
+    for k in range(C):
+        p = Z[z, k] / (1.0 + rest)
+        if delta:
+            label = (1.0 if k == argmax else 0.0) if Y.shape[0] == 0 else Y[n, k]
+            p = (1.0 - label) - rest * p if k == argmax else p - label
+        Z[z, k] = p
+
+
+@cuda.jit(device=True)
+def hidden_delta(A, a_first, Z, z_first, W2, count, cache, cached, t, threads):
+    """``A[a_first + r, j]`` becomes ``D1 = (Z[z_first + r] @ W2[j]) * a * (1 - a)``.
+
+    Z holds ``P - Y``; with ``cached``, the block's Z rows are read from the shared ``cache``
+    (row r at ``r * C``) instead. Threads stride over the hidden units of each row.
+    """
+    H = A.shape[1]
+    C = Z.shape[1]
+    for r in range(count):
+        for j in range(t, H, threads):
+            s = A.dtype.type(0)
+            for k in range(C):
+                d2 = cache[r * C + k] if cached else Z[z_first + r, k]
+                s += d2 * W2[j, k]
+            a = A[a_first + r, j]
+            A[a_first + r, j] = s * (a * (1.0 - a))
+
+
 @functools.cache
 def rows_kernel(threads: int):
     """The per-row kernel: hidden activations, softmax, loss and (optionally) D1.
@@ -312,8 +418,8 @@ def rows_kernel(threads: int):
     Z2 receives ``P - Y`` instead and A is overwritten with ``D1 = (P - Y) W2^T * A * (1 - A)``.
     N is the length of ``predicted``; A may have more rows.
     Each block takes ``rows_per_block`` rows; ``pair_threads`` (a power of two) threads share
-    each (row, class) logit. Loads are kept independent (four partial sums, the block's Z2 rows
-    in shared memory) because the kernel is bound by memory latency, not bandwidth.
+    each (row, class) logit (``block_logits``). The block's P - Y rows are kept in shared
+    memory for D1 when they fit.
     """
 
     @cuda.jit
@@ -328,8 +434,6 @@ def rows_kernel(threads: int):
         red = cuda.shared.array(threads, A.dtype)
         block_z2 = cuda.shared.array(threads, A.dtype)  # Z2 of the block's rows, if they fit
         in_shared = count * C <= threads
-        partial = cuda.local.array(UNROLL, A.dtype)
-        zero = A.dtype.type(0)
         for n in range(first, first + count):
             for j in range(t, H, threads):
                 z = Z1[n, j]
@@ -337,87 +441,149 @@ def rows_kernel(threads: int):
                     z += Z1[split * N + n, j]
                 A[n, j] = sigmoid(z + b1[j])
         cuda.syncthreads()
-        groups = threads // pair_threads
-        part = t % pair_threads
-        for base in range(0, count * C, groups):
-            pair = base + t // pair_threads
-            n = first + pair // C
-            k = pair % C
-            for u in range(UNROLL):
-                partial[u] = 0
-            if pair < count * C:
-                for j0 in range(part, H, UNROLL * pair_threads):
-                    for u in range(UNROLL):
-                        j = j0 + u * pair_threads
-                        if j < H:
-                            partial[u] += A[n, j] * W2[j, k]
-            s = zero
-            for u in range(UNROLL):
-                s += partial[u]
-            red[t] = s
-            cuda.syncthreads()
-            segment_reduce(red, t, pair_threads, False)
-            if part == 0 and pair < count * C:
-                Z2[n, k] = red[t] + b2[k]
-            cuda.syncthreads()
+        block_logits(A, first, W2, b2, count, pair_threads, red, t, Z2, first)
         if t < count:
-            n = first + t
-            best = Z2[n, 0]
-            label_logit = zero
-            argmax = 0
-            for k in range(C):
-                z = Z2[n, k]
-                if Y.shape[0] != 0:
-                    label_logit += Y[n, k] * z
-                if z > best:
-                    best = z
-                    argmax = k
-            # rest = sum over the other classes of exp(z - max): P_top = 1 / (1 + rest) and
-            # 1 - P_top = rest * P_top keep full precision when one class dominates
-            rest = zero
-            for k in range(C):
-                e = math.exp(Z2[n, k] - best)
-                Z2[n, k] = e
-                if k != argmax:
-                    rest += e
-            # logsumexp(Z) - Y.Z = (max - Y.Z) + log1p(rest): no cancellation near 0
-            losses[n] = (best - (best if Y.shape[0] == 0 else label_logit)) + math.log1p(rest)
-            predicted[n] = argmax
-            for k in range(C):
-                p = Z2[n, k] / (1.0 + rest)
-                if delta:
-                    label = (1.0 if k == argmax else 0.0) if Y.shape[0] == 0 else Y[n, k]
-                    p = (1.0 - label) - rest * p if k == argmax else p - label
-                Z2[n, k] = p
-                if in_shared:
-                    block_z2[t * C + k] = p
+            softmax_row(Z2, first + t, Y, first + t, delta, True, losses, predicted)
+            if in_shared:
+                for k in range(C):
+                    block_z2[t * C + k] = Z2[first + t, k]
         if delta:
             cuda.syncthreads()
-            for n in range(first, first + count):
-                for j in range(t, H, threads):
-                    s = zero
-                    for k in range(C):
-                        d2 = block_z2[(n - first) * C + k] if in_shared else Z2[n, k]
-                        s += d2 * W2[j, k]
-                    a = A[n, j]
-                    A[n, j] = s * (a * (1.0 - a))
+            hidden_delta(A, first, Z2, first, W2, count, block_z2, in_shared, t, threads)
 
     return rows
+
+
+@functools.cache
+def small_batch_kernel(threads: int, group_rows: int, columns: int):
+    """A small batch's whole gradient in one launch: forward, softmax and back-product.
+
+    ``small[(slices, ceil(N / group_rows)), threads, stream](X, W1, b1, W2, b2, Y,
+    pair_threads, eps, x_min, x_max, sign, A, Z2, losses, predicted, out)``. Block (s, g)
+    takes rows ``g * group_rows ..`` of X. It computes their hidden activations itself (every
+    slice does: a small batch is bound by launches, not arithmetic, and no block ever waits
+    for another), their softmax and D1 as ``rows_kernel`` does (``pair_threads`` threads per
+    logit), then columns ``s * ceil(d / slices) ..`` of ``G = D1 @ W1^T``. out receives G or,
+    with ``sign``, the L-inf step ``sign_step(X, G, eps, x_min, x_max)``; it must not overlap
+    X, which other blocks may still be reading. ``A (slices * N, H)`` and ``Z2 (slices * N,
+    C)`` are scratch, a copy per slice; slice 0 stores ``losses`` and ``predicted`` as
+    ``rows_kernel`` does.
+
+    In the product ``X @ W1`` each thread keeps ``group_rows x columns`` sums in registers:
+    ``T = min(threads, ceil(H / columns))`` threads share the hidden units (thread c takes
+    units c, c + T, ...) and the ``threads // T`` groups of them each sum one range of the
+    inputs; the ranges are added in a fixed order, so a row's result does not depend on the
+    batch it came in.
+    """
+    R, TN = group_rows, columns
+    SUMS = R * TN
+
+    @cuda.jit
+    def small(
+        X,
+        W1,
+        b1,
+        W2,
+        b2,
+        Y,
+        pair_threads,
+        eps,
+        x_min,
+        x_max,
+        sign,
+        A,
+        Z2,
+        losses,
+        predicted,
+        out,
+    ):
+        N, d = X.shape
+        H = W1.shape[1]
+        C = W2.shape[1]
+        t = cuda.threadIdx.x
+        s = cuda.blockIdx.x
+        first = cuda.blockIdx.y * R
+        count = min(R, N - first)
+        at = s * N + first  # the block's rows of A and Z2
+        red = cuda.shared.array(threads, X.dtype)
+        block_z2 = cuda.shared.array(threads, X.dtype)
+        sums = cuda.local.array(SUMS, X.dtype)
+        w = cuda.local.array(TN, X.dtype)
+        unit_threads = min(threads, (H + TN - 1) // TN)
+        ranges = threads // unit_threads
+        c = t % unit_threads
+        g = t // unit_threads  # threads with g >= ranges get an empty range
+        span = (d + ranges - 1) // ranges
+        k_start = min(d, g * span)
+        k_stop = min(d, k_start + span)
+        for base in range(0, H, unit_threads * TN):
+            for e in range(SUMS):
+                sums[e] = 0
+            for i in range(k_start, k_stop):
+                for v in range(TN):
+                    j = base + c + v * unit_threads
+                    w[v] = W1[i, j] if j < H else 0
+                for r in range(R):
+                    x = X[first + min(r, count - 1), i]  # rows past the batch repeat its last
+                    for v in range(TN):
+                        sums[r * TN + v] += x * w[v]
+            for part in range(ranges):
+                if g == part:
+                    for r in range(R):
+                        for v in range(TN):
+                            j = base + c + v * unit_threads
+                            if r < count and j < H:
+                                z = sums[r * TN + v]
+                                A[at + r, j] = z if part == 0 else A[at + r, j] + z
+                cuda.syncthreads()
+        for e in range(t, count * H, threads):
+            r = e // H
+            j = e - r * H
+            A[at + r, j] = sigmoid(A[at + r, j] + b1[j])
+        cuda.syncthreads()
+        block_logits(A, at, W2, b2, count, pair_threads, red, t, Z2, at)
+        in_shared = count * C <= threads
+        if t < count:
+            softmax_row(Z2, at + t, Y, first + t, True, s == 0, losses, predicted)
+            if in_shared:
+                for k in range(C):
+                    block_z2[t * C + k] = Z2[at + t, k]
+        cuda.syncthreads()
+        hidden_delta(A, at, Z2, at, W2, count, block_z2, in_shared, t, threads)
+        cuda.syncthreads()
+        width = (d + cuda.gridDim.x - 1) // cuda.gridDim.x
+        grads = cuda.local.array(R, X.dtype)
+        for i in range(s * width + t, min(d, (s + 1) * width), threads):
+            for r in range(R):
+                grads[r] = 0
+            for j in range(H):
+                w_ij = W1[i, j]
+                for r in range(R):
+                    grads[r] += A[at + min(r, count - 1), j] * w_ij
+            for r in range(R):
+                if r < count:
+                    n = first + r
+                    if sign:
+                        out[n, i] = sign_step(X[n, i], grads[r], eps, x_min, x_max)
+                    else:
+                        out[n, i] = grads[r]
+
+    return small
 
 
 @functools.cache
 def norm_step_kernel(threads: int, row_threads: int):
     """The L2 / L1 step kernel: ``row_threads`` threads per row, several rows per block.
 
-    ``norm_step[blocks, threads, stream](X, eps, p, x_min, x_max, X_adv)`` (grid-stride over
-    rows): on entry X_adv holds G; each row becomes ``clip(X + eps * G / ||G||_p, x_min,
-    x_max)`` (p = 2, else 1), a zero row ``clip(X)``. The norm is taken in float64 after
-    scaling by max |G|.
+    ``norm_step[blocks, threads, stream](X, G, eps, p, x_min, x_max, X_adv)`` (grid-stride
+    over rows): each row of X_adv becomes ``clip(X + eps * G / ||G||_p, x_min, x_max)`` (p = 2,
+    else 1), a zero row of G gives ``clip(X)``. The norm is taken in float64 after scaling by
+    max |G|. X_adv may be G or X itself.
     """
     GROUPS = threads // row_threads
 
     @cuda.jit
-    def norm_step(X, eps, p, x_min, x_max, X_adv):
+    def norm_step(X, G, eps, p, x_min, x_max, X_adv):
         N, d = X.shape
         t = cuda.threadIdx.x
         lane = t % row_threads
@@ -428,7 +594,7 @@ def norm_step_kernel(threads: int, row_threads: int):
             scale = 0.0
             if n < N:
                 for i in range(lane, d, row_threads):
-                    scale = max(scale, abs(X_adv[n, i]))
+                    scale = max(scale, abs(G[n, i]))
             red[t] = scale
             cuda.syncthreads()
             segment_reduce(red, t, row_threads, True)
@@ -437,7 +603,7 @@ def norm_step_kernel(threads: int, row_threads: int):
             total = 0.0
             if n < N and scale > 0.0:
                 for i in range(lane, d, row_threads):
-                    g = X_adv[n, i] / scale
+                    g = G[n, i] / scale
                     total += g * g if p == 2.0 else abs(g)
             red[t] = total
             cuda.syncthreads()
@@ -447,7 +613,7 @@ def norm_step_kernel(threads: int, row_threads: int):
             factor = eps / (scale * total) if scale > 0.0 else 0.0
             if n < N:
                 for i in range(lane, d, row_threads):
-                    X_adv[n, i] = clip(X[n, i] + factor * X_adv[n, i], x_min, x_max)
+                    X_adv[n, i] = clip(X[n, i] + factor * G[n, i], x_min, x_max)
 
     return norm_step
 
@@ -900,7 +1066,6 @@ def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, str
     if threads & (threads - 1):
         raise ValueError(f"THREADS_PER_BLOCK must be a power of two, got {threads}")
     per_block = max(1, min(threads // n_classes, _ceil_div(n_rows, _multiprocessors())))
-    pair_threads = 1 << (max(1, threads // (per_block * n_classes)).bit_length() - 1)
     delta = A is None
     _launch(
         rows_kernel(threads),
@@ -913,7 +1078,7 @@ def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, str
         b2,
         Y,
         per_block,
-        pair_threads,
+        _pair_threads(threads, per_block, n_classes),
         delta,
         Z1 if delta else A,
         Z2,
@@ -923,22 +1088,83 @@ def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, str
     return Z1
 
 
-def _gradient_step(D1, W1, X, eps, x_min, x_max, sign, out, stream):
-    """Queue ``G = D1[:N] @ W1.T`` into out, or the L-inf step from it with ``sign``."""
+def _pair_threads(threads: int, rows: int, n_classes: int) -> int:
+    """Threads per (row, class) logit when a block of ``threads`` takes ``rows`` rows."""
+    return 1 << (max(1, threads // (rows * n_classes)).bit_length() - 1)
+
+
+def _gradient(X, W1, b1, W2, b2, Y, eps, x_min, x_max, sign, predicted, out, workspace, stream):
+    """Queue ``G = dJ/dX`` into out, or the L-inf step from it with ``sign``.
+
+    One launch (``small_batch_kernel``) for a batch of at most ``SMALL_BATCH_ROWS`` rows whose
+    W1 is at most ``SMALL_WEIGHT_BYTES``; else three: the hidden product, ``rows_kernel`` and
+    the back-product with the step in its epilogue. out must not overlap X.
+    """
+    n_rows, depth = X.shape
+    n_hidden, n_classes = W2.shape
     eps, x_min, x_max = float(eps), float(x_min), float(x_max)
-    _gemm(D1, W1, True, X.shape[0], 1, W1.shape[1], X, eps, x_min, x_max, sign, out, stream)
-
-
-def _gradient_scratch(X, W2, workspace):
-    n_rows, n_classes = X.shape[0], W2.shape[1]
-    return (
-        workspace.array("Z2", (n_rows, n_classes), X.dtype),
-        workspace.array("losses", (n_rows,), X.dtype),
+    losses = workspace.array("losses", (n_rows,), X.dtype)
+    if n_rows > SMALL_BATCH_ROWS or W1.size * W1.dtype.itemsize > SMALL_WEIGHT_BYTES:
+        Z2 = workspace.array("Z2", (n_rows, n_classes), X.dtype)
+        D1 = _forward_rows(X, W1, b1, W2, b2, Y, None, Z2, losses, predicted, workspace, stream)
+        _gemm(D1, W1, True, n_rows, 1, n_hidden, X, eps, x_min, x_max, sign, out, stream)
+        return
+    threads = THREADS_PER_BLOCK
+    group = 1 << (min(n_rows, SMALL_GROUP_ROWS) - 1).bit_length()  # 1, 2, 4, ...
+    # a slice narrower than an eighth of a block leaves most of it idle in the back-product
+    slices = max(1, min(SMALL_SLICES, depth * 8 // threads))
+    A = workspace.array("small_A", (slices * n_rows, n_hidden), X.dtype)
+    Z2 = workspace.array("small_Z2", (slices * n_rows, n_classes), X.dtype)
+    _launch(
+        small_batch_kernel(threads, group, SMALL_COLUMNS),
+        (slices, _ceil_div(n_rows, group), 1),
+        threads,
+        stream,
+        X,
+        W1,
+        b1,
+        W2,
+        b2,
+        Y,
+        _pair_threads(threads, SMALL_GROUP_ROWS, n_classes),  # not by batch: same sums
+        eps,
+        x_min,
+        x_max,
+        sign,
+        A,
+        Z2,
+        losses,
+        predicted,
+        out,
     )
 
 
+def _address_range(array) -> tuple[int, int]:
+    """First and one-past-last byte address of a device array's elements."""
+    if SIMULATOR:
+        start, shape, strides = array._ary.ctypes.data, array.shape, array.strides
+    else:  # the launch parameters hold the data pointer, the shape and the strides
+        params = _array_parameters(array)[1]
+        start, shape, strides = params[4], params[5 : 5 + array.ndim], params[5 + array.ndim :]
+    low = high = start
+    for length, stride in zip(shape, strides, strict=True):
+        reach = (length - 1) * stride
+        low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+    return low, high + array.dtype.itemsize
+
+
+def _overlap(a, b) -> bool:
+    """Whether two non-empty device arrays share any byte."""
+    (a_low, a_high), (b_low, b_high) = _address_range(a), _address_range(b)
+    return a_low < b_high and b_low < a_high
+
+
 def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted, *, stream=0, workspace=None):
-    """dJ/dX of the per-sample cross-entropy, for every row (three launches).
+    """dJ/dX of the per-sample cross-entropy, for every row.
+
+    One launch for a batch of at most ``SMALL_BATCH_ROWS`` rows and a small W1
+    (``small_batch_kernel``), else three (the hidden product, ``rows_kernel``, the
+    back-product); G may overlap X (then it is written by a copy from scratch).
 
     Parameters
     ----------
@@ -954,15 +1180,21 @@ def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted, *, stream=0, workspa
     if X.shape[0] == 0:
         return
     workspace = Workspace() if workspace is None else workspace
-    Z2, losses = _gradient_scratch(X, W2, workspace)
-    D1 = _forward_rows(X, W1, b1, W2, b2, Y, None, Z2, losses, predicted, workspace, stream)
-    _gradient_step(D1, W1, X, 0.0, 0.0, 0.0, False, G, stream)
+    out = workspace.array("G", X.shape, X.dtype) if _overlap(X, G) else G
+    _gradient(X, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, out, workspace, stream)
+    if out is not G:
+        G.copy_to_device(out, stream=stream)
 
 
 def fgm_step_into(
     X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, *, stream=0, workspace=None
 ):
-    """One fast-gradient step of norm p on every row (three launches; four for p = 2 or 1).
+    """One fast-gradient step of norm p on every row.
+
+    The L-inf step is fused into the gradient's last kernel: one launch for a batch of at most
+    ``SMALL_BATCH_ROWS`` rows and a small W1, else three (see ``input_gradient_into``). The L2
+    and L1 steps, and any step whose X_adv overlaps X, take one launch more
+    (``fgm_from_gradient_into``).
 
     Parameters
     ----------
@@ -973,7 +1205,7 @@ def fgm_step_into(
     p : float, np.inf (sign of G), 2.0 (G / ||G||_2) or 1.0 (G / ||G||_1)
     x_min, x_max : float, the clip range
     X_adv : (N, d) device array of X's dtype, output: clip(X + eps * direction(G), x_min, x_max);
-        a row whose gradient is zero is only clipped
+        a row whose gradient is zero is only clipped. It may be X itself.
     predicted : (N,) int64 device array, output: the model's predicted class of each clean row
     stream : numba stream the kernels are queued on (default: the default stream)
     workspace : Workspace for scratch buffers; None allocates fresh ones
@@ -983,32 +1215,22 @@ def fgm_step_into(
     if n_rows == 0:
         return
     workspace = Workspace() if workspace is None else workspace
-    Z2, losses = _gradient_scratch(X, W2, workspace)
-    D1 = _forward_rows(X, W1, b1, W2, b2, Y, None, Z2, losses, predicted, workspace, stream)
-    sign = p == np.inf
-    _gradient_step(D1, W1, X, eps, x_min, x_max, sign, X_adv, stream)
-    if not sign:
-        blocks, row_threads = _row_grid(n_rows)
-        _launch(
-            norm_step_kernel(THREADS_PER_BLOCK, row_threads),
-            blocks,
-            THREADS_PER_BLOCK,
-            stream,
-            X,
-            float(eps),
-            float(p),
-            float(x_min),
-            float(x_max),
-            X_adv,
-        )
+    overlap = _overlap(X, X_adv)
+    if p == np.inf and not overlap:
+        net = (X, W1, b1, W2, b2, Y)
+        _gradient(*net, eps, x_min, x_max, True, predicted, X_adv, workspace, stream)
+        return
+    G = workspace.array("G", X.shape, X.dtype) if overlap else X_adv
+    _gradient(X, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
+    fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, stream=stream)
 
 
 def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, *, stream=0):
     """One fast-gradient step of norm p on every row, from a gradient computed before.
 
     Given the G of ``input_gradient_into`` on the same rows, ``fgm_step_into`` gives bitwise
-    the same X_adv; this one lets several eps (or norms) share one gradient. One launch
-    (``sign_step_rows``) for p = inf; for p = 2 or 1 a copy of G and ``norm_step_kernel``.
+    the same X_adv; this one lets several eps (or norms) share one gradient. One launch:
+    ``sign_step_rows`` for p = inf, ``norm_step_kernel`` for p = 2 or 1.
 
     Parameters
     ----------
@@ -1017,8 +1239,8 @@ def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, *, stream=0):
     eps : float, step length; negative to descend the loss (targeted attacks)
     p : float, np.inf, 2.0 or 1.0
     x_min, x_max : float, the clip range
-    X_adv : (N, d) device array of X's dtype, not G itself, output: clip(X + eps *
-        direction(G), x_min, x_max)
+    X_adv : (N, d) device array of X's dtype, output: clip(X + eps * direction(G), x_min,
+        x_max); it may be G or X itself
     stream : numba stream the kernels are queued on (default: the default stream)
     """
     X, G, X_adv = map(_device, (X, G, X_adv))
@@ -1029,10 +1251,9 @@ def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, *, stream=0):
     if p == np.inf:
         _launch(sign_step_rows, _flat_grid(X.size), threads, stream, X, G, eps, x_min, x_max, X_adv)
         return
-    X_adv.copy_to_device(G, stream=stream)
     blocks, row_threads = _row_grid(X.shape[0])
     kernel = norm_step_kernel(threads, row_threads)
-    _launch(kernel, blocks, threads, stream, X, eps, float(p), x_min, x_max, X_adv)
+    _launch(kernel, blocks, threads, stream, X, G, eps, float(p), x_min, x_max, X_adv)
 
 
 def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted, *, stream=0, workspace=None):
@@ -1084,8 +1305,9 @@ def iterate_into(
     ``decay > 0``, the direction is the MI-FGSM momentum of G / ||G||_1 instead), a step of
     length alpha in norm p, then the projection back into the eps-ball around X (L1: the
     exact Euclidean projection) and into [x_min, x_max]; as ``cpu.iterate_into``. Each step
-    is four launches (``gemm_kernel``, ``rows_kernel``, ``gemm_kernel``,
-    ``iterate_step_kernel``) and nothing is copied between the host and the device.
+    is the gradient (one launch, or three for more than ``SMALL_BATCH_ROWS`` rows; see
+    ``input_gradient_into``) and ``iterate_step_kernel``; nothing is copied between the host
+    and the device.
 
     Parameters
     ----------
@@ -1111,7 +1333,6 @@ def iterate_into(
     if n_rows == 0:
         return
     workspace = Workspace() if workspace is None else workspace
-    Z2, losses = _gradient_scratch(X, W2, workspace)
     predicted = workspace.array("iterate_predicted", (n_rows,), np.int64)
     G = workspace.array("iterate_G", X.shape, X.dtype)
     momentum = workspace.array("iterate_momentum", X.shape, X.dtype) if decay > 0.0 else G
@@ -1121,8 +1342,7 @@ def iterate_into(
     launch = functools.partial(_launch, kernel, blocks, THREADS_PER_BLOCK, stream, X)
     launch(X_start, G, momentum, *options, False, X_adv)
     for _ in range(steps):
-        D1 = _forward_rows(X_adv, W1, b1, W2, b2, Y, None, Z2, losses, predicted, workspace, stream)
-        _gradient_step(D1, W1, X_adv, 0.0, 0.0, 0.0, False, G, stream)
+        _gradient(X_adv, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
         launch(X_adv, G, momentum, *options, True, X_adv)
 
 
