@@ -1,0 +1,178 @@
+"""Compile every CUDA kernel for a GPU that is not here; print its registers, spills and memory.
+
+    python scripts/kernel_resources.py            # compute capability 9.0 (H100, H200)
+    python scripts/kernel_resources.py --cc 8.0   # A100
+
+The CUDA simulator runs the kernels' Python, not what the GPU compiles: a kernel can pass every
+simulator test and still fail to compile for a GPU, or compile with its per-thread arrays in
+local memory. This script runs ``advgrad.kernels.cuda``'s launchers (gradient, FGM steps,
+forward, the iterative attacks, DeepFool; one-launch, skinny and wide batches; float32 and
+float64) on stand-in arrays in host memory, records each kernel they launch with its argument
+types, compiles it to PTX for ``--cc`` and runs ``ptxas -v`` on it. Exit status 1 if a kernel
+does not compile or spills.
+
+No GPU or driver is needed: numba-cuda's device query is answered with ``--cc``. It needs the
+CUDA toolkit's NVVM and ptxas (found through CUDA_HOME or /usr/local/cuda*) and NVRTC, which
+numba-cuda asks which architectures exist (``pip install nvidia-cuda-nvrtc``).
+"""
+
+import argparse
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numba
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    sys.exit("kernel_resources.py compiles for a GPU: unset NUMBA_ENABLE_CUDASIM")
+
+from advgrad.kernels import cuda as kernels
+
+cuda = kernels.cuda
+SHAPE = (784, 256, 10)  # d, H, C
+BATCHES = (1, 32, 33, 600)  # one launch (1 and 8 rows a block), skinny tiles, wide tiles
+LABELS = ("BM", "BN", "BK", "TM", "TN", "b_transposed", "R", "GROUPS")  # shown in the names
+
+
+class StandIn(np.ndarray):
+    """A host array that numba-cuda's launchers take for a device array."""
+
+    __cuda_ndarray__ = True
+
+    @property
+    def device_ctypes_pointer(self):
+        return ctypes.c_void_p(self.ctypes.data)
+
+    @property
+    def _numba_type_(self):
+        return numba.typeof(np.asarray(self))
+
+    def copy_to_host(self, stream=0):
+        return np.array(self)
+
+    def copy_to_device(self, source, stream=0):
+        self[...] = source
+
+
+def stand_in(shape, dtype=np.float64, stream=0):
+    return np.zeros(shape, dtype).view(StandIn)
+
+
+def record_launches():
+    """Run every launcher on stand-in arrays; {(kernel, argument types): dtype name}."""
+    launched = {}
+
+    def record(kernel, grid, threads, stream, *args):
+        signature = tuple(kernel.typeof_pyval(arg) for arg in args)
+        launched.setdefault((kernel, signature), np.dtype(args[0].dtype).name)
+
+    cuda.device_array = stand_in
+    kernels._multiprocessors = lambda: 132
+    kernels._launch = record
+    d, H, C = SHAPE
+    for dtype in (np.float32, np.float64):
+        W1, b1, W2, b2 = (stand_in(s, dtype) for s in ((d, H), (H,), (H, C), (C,)))
+        for n_rows in BATCHES:
+            X, Y, G = (stand_in(s, dtype) for s in ((n_rows, d), (n_rows, C), (n_rows, d)))
+            net = (X, W1, b1, W2, b2, Y)
+            predicted = stand_in(n_rows, np.int64)
+            eps = stand_in(n_rows)
+            kernels.input_gradient_into(*net, G, predicted)
+            for p in (np.inf, 2.0):
+                kernels.fgm_step_into(*net, 0.1, p, 0.0, 1.0, G, predicted)
+                kernels.fgm_from_gradient_into(X, G, 0.1, p, 0.0, 1.0, G)
+                kernels.deepfool_into(*net[:5], p, 0.02, 2, 0.0, 1.0, G, predicted)
+            A, P, losses = (stand_in(s, dtype) for s in ((n_rows, H), (n_rows, C), n_rows))
+            kernels.forward_into(*net, A, P, losses, predicted)
+            for p, decay in ((np.inf, 0.0), (2.0, 1.0)):
+                kernels.iterate_into(*net, X, eps, eps, 1, p, decay, 0.0, 1.0, G)
+    return launched
+
+
+def describe(kernel) -> str:
+    """The kernel's name and the constants that tell its configurations apart."""
+    function = kernel.py_func
+    cells = zip(function.__code__.co_freevars, function.__closure__ or (), strict=True)
+    constants = {name: cell.cell_contents for name, cell in cells}
+    shown = [f"{name}={constants[name]}" for name in LABELS if name in constants]
+    return f"{function.__name__}({', '.join(shown)})" if shown else function.__name__
+
+
+def find_ptxas() -> str:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidates = [shutil.which("ptxas")]
+    candidates += [str(Path(home) / "bin" / "ptxas")] if home else []
+    candidates += sorted(map(str, Path("/usr/local").glob("cuda*/bin/ptxas")), reverse=True)
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    sys.exit("ptxas not found: set CUDA_HOME to a CUDA toolkit")
+
+
+def resources(kernel, signature, cc, ptxas) -> dict:
+    """ptxas -v's registers, stack, spills and shared memory of one compiled kernel."""
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
+    cap = kernel.targetoptions.get("max_registers")
+    with tempfile.TemporaryDirectory() as folder:
+        source = str(Path(folder) / "kernel.ptx")
+        Path(source).write_text(ptx)
+        command = [ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", source, "-o", os.devnull]
+        command += ["-maxrregcount", str(cap)] if cap else []
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(result.stderr.strip())
+    numbers = {}
+    for key, pattern in (
+        ("registers", r"Used (\d+) registers"),
+        ("stack", r"(\d+) bytes stack frame"),
+        ("spill stores", r"(\d+) bytes spill stores"),
+        ("spill loads", r"(\d+) bytes spill loads"),
+        ("shared", r"(\d+) bytes smem"),
+    ):
+        found = re.search(pattern, result.stderr)
+        numbers[key] = int(found.group(1)) if found else 0
+    numbers["cap"] = cap or "-"
+    return numbers
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 or 8.0")
+    args = parser.parse_args()
+    cc = tuple(int(part) for part in args.cc.split("."))
+    ptxas = find_ptxas()
+    import numba.cuda.dispatcher as dispatcher
+
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
+    launched = record_launches()
+    columns = ("registers", "cap", "stack", "spill stores", "spill loads", "shared")
+    print(f"{len(launched)} kernels launched; compiled for sm_{cc[0]}{cc[1]} ({ptxas})")
+    print(f"{'kernel':<58} {'dtype':<8}" + "".join(f"{c:>13}" for c in columns))
+    failed = spilled = 0
+    rows = sorted(launched.items(), key=lambda item: (describe(item[0][0]), item[1]))
+    for (kernel, signature), dtype in rows:
+        try:
+            numbers = resources(kernel, signature, cc, ptxas)
+        except Exception as error:  # reported; the exit status says so
+            print(f"{describe(kernel):<58} {dtype:<8} FAILED: {error}".splitlines()[0])
+            failed += 1
+            continue
+        spills = numbers["spill stores"] or numbers["spill loads"]
+        spilled += bool(spills)
+        cells = "".join(f"{numbers[c]!s:>13}" for c in columns)
+        print(f"{describe(kernel):<58} {dtype:<8}{cells}{'  spills' if spills else ''}")
+    print(f"{failed} of {len(launched)} kernels failed to compile; {spilled} spill registers")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
