@@ -93,7 +93,7 @@ WIDE_TILE = Tile(128, 128, 8, 8, 8)  # 256 threads, batches of more than SKINNY_
 SKINNY_TILE = Tile(16, 64, 16, 2, 2)  # 256 threads, batches of at most SKINNY_ROWS rows
 SKINNY_ROWS = 32
 SMALL_BATCH_ROWS = 32  # batches of at most this many rows: one launch (small_batch_kernel)
-SMALL_GROUP_ROWS = 8  # rows per block of small_batch_kernel (fewer for smaller batches)
+SMALL_GROUP_ROWS = 4  # rows per block of small_batch_kernel (fewer for smaller batches)
 SMALL_COLUMNS = 8  # hidden units per thread in small_batch_kernel's X @ W1
 SMALL_SLICES = 8  # blocks per group of rows in small_batch_kernel, each 1 / SMALL_SLICES of G
 SMALL_WEIGHT_BYTES = 1 << 21  # larger W1: every block reading all of it costs more than launches
@@ -252,9 +252,10 @@ def gemm_kernel(tile: Tile, b_transposed: bool, max_registers: int | None = None
         acc = cuda.local.array((TM, TN), A.dtype)
         a = cuda.local.array(TM, A.dtype)
         b = cuda.local.array(TN, A.dtype)
+        zero = A.dtype.type(0)  # an int 0 would make the loads below float64, then convert
         for i in range(TM):
             for j in range(TN):
-                acc[i, j] = 0
+                acc[i, j] = zero
         # Iteration k0 fetches tile k0 into registers, multiplies the shared tile k0 - BK
         # meanwhile, then stores the fetched tile to shared memory.
         for k0 in range(k_start, k_stop + BK, BK):
@@ -262,16 +263,16 @@ def gemm_kernel(tile: Tile, b_transposed: bool, max_registers: int | None = None
                 for load in range(A_LOADS):
                     r, c = divmod(t + load * THREADS, BK)
                     inside = row0 + r < n_rows and k0 + c < k_stop
-                    next_a[load] = A[_u(row0 + r), _u(k0 + c)] if inside else 0
+                    next_a[load] = A[_u(row0 + r), _u(k0 + c)] if inside else zero
                 for load in range(B_LOADS):
                     if b_transposed:
                         n, c = divmod(t + load * THREADS, BK)
                         inside = col0 + n < n_cols and k0 + c < k_stop
-                        next_b[load] = B[_u(col0 + n), _u(k0 + c)] if inside else 0
+                        next_b[load] = B[_u(col0 + n), _u(k0 + c)] if inside else zero
                     else:
                         c, n = divmod(t + load * THREADS, BN)
                         inside = col0 + n < n_cols and k0 + c < k_stop
-                        next_b[load] = B[_u(k0 + c), _u(col0 + n)] if inside else 0
+                        next_b[load] = B[_u(k0 + c), _u(col0 + n)] if inside else zero
             if k0 > k_start:
                 for kk in range(BK):
                     a_at = _u(kk * A_STRIDE + ty * QM)
@@ -473,7 +474,9 @@ def small_batch_kernel(threads: int, group_rows: int, columns: int):
     ``T = min(threads, ceil(H / columns))`` threads share the hidden units (thread c takes
     units c, c + T, ...) and the ``threads // T`` groups of them each sum one range of the
     inputs; the ranges are added in a fixed order, so a row's result does not depend on the
-    batch it came in.
+    batch it came in. Row and unit indices are unsigned and worked out before the loop over
+    the inputs: with signed indices numba's negative-index checks doubled the loop's
+    instructions (``scripts/kernel_resources.py`` and the SASS show what the GPU runs).
     """
     R, TN = group_rows, columns
     SUMS = R * TN
@@ -516,15 +519,21 @@ def small_batch_kernel(threads: int, group_rows: int, columns: int):
         span = (d + ranges - 1) // ranges
         k_start = min(d, g * span)
         k_stop = min(d, k_start + span)
+        zero = X.dtype.type(0)  # an int 0 would make the loads below float64, then convert
+        rows = cuda.local.array(R, np.uint64)
+        for r in range(R):
+            rows[r] = first + min(r, count - 1)  # rows past the batch repeat its last
+        units = cuda.local.array(TN, np.uint64)
         for base in range(0, H, unit_threads * TN):
+            for v in range(TN):
+                units[v] = min(base + c + v * unit_threads, H - 1)
             for e in range(SUMS):
-                sums[e] = 0
+                sums[e] = zero
             for i in range(k_start, k_stop):
                 for v in range(TN):
-                    j = base + c + v * unit_threads
-                    w[v] = W1[i, j] if j < H else 0
+                    w[v] = W1[_u(i), units[v]]  # units past H repeat its last, never stored
                 for r in range(R):
-                    x = X[first + min(r, count - 1), i]  # rows past the batch repeat its last
+                    x = X[rows[r], _u(i)]
                     for v in range(TN):
                         sums[r * TN + v] += x * w[v]
             for part in range(ranges):
