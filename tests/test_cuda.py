@@ -575,10 +575,11 @@ def test_full_size_network(dtype, n_rows, p):
     assert_fgm_close(X_adv, reference.fgm_step(*net, Y, 0.03, p, 0.0, 1.0), G_ref, p, dtype)
 
 
-# (N, d, H, C) for the one-launch kernel with small_blocks' 8 threads, 2 rows a block and 2
-# hidden units a thread: a partial last group of rows; 2 ranges of the inputs (H = 5), and
-# 2 passes over the hidden units (H = 17)
-ONE_LAUNCH_SHAPES = [(5, 23, 5, 3), (3, 19, 17, 4)]
+# (N, d, H, C) for the one-launch kernel with small_blocks' 8 threads, 2 rows a block, 2
+# hidden units a thread and 3 slices: a partial last group of rows; 2 ranges of the inputs
+# (H = 5); 2 passes over the hidden units (H = 17); slices 3 columns wide, each column's
+# back-product summed by 2 threads (d = 7)
+ONE_LAUNCH_SHAPES = [(5, 23, 5, 3), (3, 19, 17, 4), (4, 7, 6, 3)]
 
 
 @needs_cuda

@@ -473,13 +473,16 @@ def small_batch_kernel(threads: int, group_rows: int, columns: int):
     In the product ``X @ W1`` each thread keeps ``group_rows x columns`` sums in registers:
     ``T = min(threads, ceil(H / columns))`` threads share the hidden units (thread c takes
     units c, c + T, ...) and the ``threads // T`` groups of them each sum one range of the
-    inputs; the ranges are added in a fixed order, so a row's result does not depend on the
-    batch it came in. Row and unit indices are unsigned and worked out before the loop over
-    the inputs: with signed indices numba's negative-index checks doubled the loop's
-    instructions (``scripts/kernel_resources.py`` and the SASS show what the GPU runs).
+    inputs. In the back-product each column's sum over the hidden units is split likewise,
+    among ``threads // slice width`` threads. Ranges are added in a fixed order, so a row's
+    result does not depend on the batch it came in. Row and unit indices are unsigned and
+    worked out before the loops: with signed indices numba's negative-index checks doubled
+    the instructions of the loop over the inputs (``scripts/kernel_resources.py`` compiles
+    the kernels for a GPU; their SASS shows it).
     """
     R, TN = group_rows, columns
     SUMS = R * TN
+    PARTIALS = threads * R
 
     @cuda.jit
     def small(
@@ -560,22 +563,43 @@ def small_batch_kernel(threads: int, group_rows: int, columns: int):
         cuda.syncthreads()
         hidden_delta(A, at, Z2, at, W2, count, block_z2, in_shared, t, threads)
         cuda.syncthreads()
+        # G's columns: ``cols`` at a time, each summed over the hidden units by ``parts``
+        # threads (one range each), the ranges added in a fixed order
         width = (d + cuda.gridDim.x - 1) // cuda.gridDim.x
+        i_start = s * width
+        i_stop = min(d, i_start + width)
+        cols = max(1, min(width, threads))
+        parts = threads // cols
+        col = t % cols
+        part = t // cols  # threads with part >= parts get an empty range
+        j_span = (H + parts - 1) // parts
+        j_start = min(H, part * j_span)
+        j_stop = min(H, j_start + j_span)
+        partial = cuda.shared.array(PARTIALS, X.dtype)
         grads = cuda.local.array(R, X.dtype)
-        for i in range(s * width + t, min(d, (s + 1) * width), threads):
+        a_rows = cuda.local.array(R, np.uint64)
+        for r in range(R):
+            a_rows[r] = at + min(r, count - 1)
+        for i0 in range(i_start, i_stop, cols):
+            i = min(i0 + col, i_stop - 1)  # columns past the slice repeat its last, never stored
             for r in range(R):
-                grads[r] = 0
-            for j in range(H):
-                w_ij = W1[i, j]
+                grads[r] = zero
+            for j in range(j_start, j_stop):
+                w_ij = W1[_u(i), _u(j)]
                 for r in range(R):
-                    grads[r] += A[at + min(r, count - 1), j] * w_ij
+                    grads[r] += A[a_rows[r], _u(j)] * w_ij
             for r in range(R):
-                if r < count:
-                    n = first + r
-                    if sign:
-                        out[n, i] = sign_step(X[n, i], grads[r], eps, x_min, x_max)
-                    else:
-                        out[n, i] = grads[r]
+                partial[r * threads + t] = grads[r]
+            cuda.syncthreads()
+            if part == 0 and i0 + col < i_stop:
+                for r in range(R):
+                    g = partial[r * threads + col]
+                    for other in range(1, parts):
+                        g += partial[r * threads + other * cols + col]
+                    if r < count:
+                        n = first + r
+                        out[n, i] = sign_step(X[n, i], g, eps, x_min, x_max) if sign else g
+            cuda.syncthreads()
 
     return small
 
