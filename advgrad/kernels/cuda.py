@@ -593,12 +593,12 @@ def small_batch_kernel(threads: int, group_rows: int, columns: int):
             cuda.syncthreads()
             if part == 0 and i0 + col < i_stop:
                 for r in range(R):
-                    g = partial[r * threads + col]
+                    dot = partial[r * threads + col]
                     for other in range(1, parts):
-                        g += partial[r * threads + other * cols + col]
+                        dot += partial[r * threads + other * cols + col]
                     if r < count:
                         n = first + r
-                        out[n, i] = sign_step(X[n, i], g, eps, x_min, x_max) if sign else g
+                        out[n, i] = sign_step(X[n, i], dot, eps, x_min, x_max) if sign else dot
             cuda.syncthreads()
 
     return small
