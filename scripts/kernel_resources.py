@@ -118,6 +118,17 @@ def find_ptxas() -> str:
     sys.exit("ptxas not found: set CUDA_HOME to a CUDA toolkit")
 
 
+def check_toolchain() -> None:
+    """Exit with one line unless NVVM and NVRTC load (numba-cuda compiles through them)."""
+    from cuda.pathfinder import load_nvidia_dynamic_lib
+
+    for library, source in (("nvvm", "a CUDA toolkit"), ("nvrtc", "pip install nvidia-cuda-nvrtc")):
+        try:
+            load_nvidia_dynamic_lib(library)
+        except Exception as error:  # the finder's own error names every place it looked
+            sys.exit(f"kernel_resources.py needs lib{library} ({source}): {error}")
+
+
 def resources(kernel, signature, cc, ptxas) -> dict:
     """ptxas -v's registers, stack, spills and shared memory of one compiled kernel."""
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
@@ -150,6 +161,7 @@ def main() -> int:
     args = parser.parse_args()
     cc = tuple(int(part) for part in args.cc.split("."))
     ptxas = find_ptxas()
+    check_toolchain()
     import numba.cuda.dispatcher as dispatcher
 
     dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
