@@ -389,6 +389,22 @@ def softmax_row(Z, z, Y, n, delta, store, losses, predicted):
 
 
 @cuda.jit(device=True)
+def block_softmax(Z, z_first, Y, n_first, count, delta, store, losses, predicted, cache, t):
+    """``softmax_row`` on the block's ``count`` rows, one thread each: row ``z_first + r`` of Z
+    with the labels of row ``n_first + r``. Returns whether the rows also went to the shared
+    ``cache`` (row r at ``r * C``), which they do when they fit, for ``hidden_delta``.
+    """
+    C = Z.shape[1]
+    cached = count * C <= cache.shape[0]
+    if t < count:
+        softmax_row(Z, z_first + t, Y, n_first + t, delta, store, losses, predicted)
+        if cached:
+            for k in range(C):
+                cache[t * C + k] = Z[z_first + t, k]
+    return cached
+
+
+@cuda.jit(device=True)
 def hidden_delta(A, a_first, Z, z_first, W2, count, cache, cached, t, threads):
     """``A[a_first + r, j]`` becomes ``D1 = (Z[z_first + r] @ W2[j]) * a * (1 - a)``.
 
@@ -427,14 +443,12 @@ def rows_kernel(threads: int):
     def rows(Z1, b1, W2, b2, Y, rows_per_block, pair_threads, delta, A, Z2, losses, predicted):
         N = predicted.shape[0]  # A may be Z1 itself, with splits * N rows
         H = A.shape[1]
-        C = Z2.shape[1]
         splits = Z1.shape[0] // N
         t = cuda.threadIdx.x
         first = cuda.blockIdx.x * rows_per_block
         count = min(rows_per_block, N - first)
         red = cuda.shared.array(threads, A.dtype)
         block_z2 = cuda.shared.array(threads, A.dtype)  # Z2 of the block's rows, if they fit
-        in_shared = count * C <= threads
         for n in range(first, first + count):
             for j in range(t, H, threads):
                 z = Z1[n, j]
@@ -443,14 +457,12 @@ def rows_kernel(threads: int):
                 A[n, j] = sigmoid(z + b1[j])
         cuda.syncthreads()
         block_logits(A, first, W2, b2, count, pair_threads, red, t, Z2, first)
-        if t < count:
-            softmax_row(Z2, first + t, Y, first + t, delta, True, losses, predicted)
-            if in_shared:
-                for k in range(C):
-                    block_z2[t * C + k] = Z2[first + t, k]
+        cached = block_softmax(
+            Z2, first, Y, first, count, delta, True, losses, predicted, block_z2, t
+        )
         if delta:
             cuda.syncthreads()
-            hidden_delta(A, first, Z2, first, W2, count, block_z2, in_shared, t, threads)
+            hidden_delta(A, first, Z2, first, W2, count, block_z2, cached, t, threads)
 
     return rows
 
@@ -505,7 +517,6 @@ def small_batch_kernel(threads: int, group_rows: int, columns: int):
     ):
         N, d = X.shape
         H = W1.shape[1]
-        C = W2.shape[1]
         t = cuda.threadIdx.x
         s = cuda.blockIdx.x
         first = cuda.blockIdx.y * R
@@ -554,14 +565,11 @@ def small_batch_kernel(threads: int, group_rows: int, columns: int):
             A[at + r, j] = sigmoid(A[at + r, j] + b1[j])
         cuda.syncthreads()
         block_logits(A, at, W2, b2, count, pair_threads, red, t, Z2, at)
-        in_shared = count * C <= threads
-        if t < count:
-            softmax_row(Z2, at + t, Y, first + t, True, s == 0, losses, predicted)
-            if in_shared:
-                for k in range(C):
-                    block_z2[t * C + k] = Z2[at + t, k]
+        cached = block_softmax(
+            Z2, at, Y, first, count, True, s == 0, losses, predicted, block_z2, t
+        )
         cuda.syncthreads()
-        hidden_delta(A, at, Z2, at, W2, count, block_z2, in_shared, t, threads)
+        hidden_delta(A, at, Z2, at, W2, count, block_z2, cached, t, threads)
         cuda.syncthreads()
         # G's columns: ``cols`` at a time, each summed over the hidden units by ``parts``
         # threads (one range each), the ranges added in a fixed order
@@ -1147,7 +1155,7 @@ def _gradient(X, W1, b1, W2, b2, Y, eps, x_min, x_max, sign, predicted, out, wor
     # a slice narrower than an eighth of a block leaves most of it idle in the back-product
     slices = max(1, min(SMALL_SLICES, depth * 8 // threads))
     A = workspace.array("small_A", (slices * n_rows, n_hidden), X.dtype)
-    Z2 = workspace.array("small_Z2", (slices * n_rows, n_classes), X.dtype)
+    Z2 = workspace.array("Z2", (slices * n_rows, n_classes), X.dtype)
     _launch(
         small_batch_kernel(threads, group, SMALL_COLUMNS),
         (slices, _ceil_div(n_rows, group), 1),
@@ -1248,13 +1256,13 @@ def fgm_step_into(
     if n_rows == 0:
         return
     workspace = Workspace() if workspace is None else workspace
+    net = (X, W1, b1, W2, b2, Y)
     overlap = _overlap(X, X_adv)
     if p == np.inf and not overlap:
-        net = (X, W1, b1, W2, b2, Y)
         _gradient(*net, eps, x_min, x_max, True, predicted, X_adv, workspace, stream)
         return
     G = workspace.array("G", X.shape, X.dtype) if overlap else X_adv
-    _gradient(X, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
+    _gradient(*net, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
     fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, stream=stream)
 
 
