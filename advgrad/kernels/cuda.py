@@ -14,9 +14,9 @@ is the cost, so each block computes the hidden layer of its rows itself and no b
 for another. Larger batches take three launches:
 
 1. ``gemm_kernel(tile, False)``: partial sums of ``Z1 = X @ W1``, a tiled shared-memory
-   product (register prefetch of the next tile, vector loads from shared memory, a register
-   micro-tile per thread); small batches split the d-long sum over several blocks (split-K)
-   so that the whole GPU works.
+   product (each thread prefetches runs of consecutive elements of the next tile into
+   registers; vector loads from shared memory; a register micro-tile per thread); small
+   batches split the d-long sum over several blocks (split-K) so that the whole GPU works.
 2. ``rows_kernel``: a few rows per block; sums the split partials, adds b1, applies the
    sigmoid (A), then logits ``A @ W2 + b2`` (C is small: threads share each dot product),
    a max-subtracted softmax, ``P - Y``, and ``D1 = (P - Y) @ W2^T * A * (1 - A)`` in place.
@@ -222,9 +222,27 @@ def gemm_kernel(tile: Tile, b_transposed: bool, max_registers: int | None = None
     BM, BN, BK, TM, TN = tile
     TY, TX = BM // TM, BN // TN
     THREADS = TY * TX
-    if BM % TM or BN % TN or TM % 2 or TN % 2 or (BM * BK) % THREADS or (BN * BK) % THREADS:
+    # NVVM keeps a BK-trip loop over 64-FMA bodies rolled, but unrolls a two-trip inner loop:
+    # depth steps go in pairs, with half the loop overhead.
+    PAIR = 2
+    # Per k-step each thread loads a run of A_RUN (B_RUN) consecutive elements of one row of
+    # the A (B) tile as stored, a row of B's being a depth step unless b_transposed: one
+    # address per tile, the rest immediate offsets.
+    A_RUN, B_RUN = BM * BK // THREADS, BN * BK // THREADS
+    B_WIDTH = BK if b_transposed else BN  # elements in a stored row of B's tile
+    if (
+        BM % TM
+        or BN % TN
+        or TM % 2
+        or TN % 2
+        or BK % PAIR
+        or A_RUN * THREADS != BM * BK
+        or B_RUN * THREADS != BN * BK
+        or BK % A_RUN
+        or B_WIDTH % B_RUN
+    ):
         raise ValueError(f"tile {tile} does not divide among its {THREADS} threads")
-    A_LOADS, B_LOADS = BM * BK // THREADS, BN * BK // THREADS
+    A_RUNS, B_RUNS = BK // A_RUN, B_WIDTH // B_RUN  # runs per stored row
     # A thread's micro-tile is two runs of TM / 2 rows (TN / 2 columns), half a tile apart:
     # each run is one vector load from shared memory, and a quarter warp's loads are contiguous.
     QM, QN, HALF_M, HALF_N = TM // 2, TN // 2, BM // 2, BN // 2
@@ -247,8 +265,8 @@ def gemm_kernel(tile: Tile, b_transposed: bool, max_registers: int | None = None
         k_stop = min(A.shape[1], k_start + split_depth)
         As = cuda.shared.array(A_SIZE, A.dtype, ALIGN)
         Bs = cuda.shared.array(B_SIZE, A.dtype, ALIGN)
-        next_a = cuda.local.array(A_LOADS, A.dtype)
-        next_b = cuda.local.array(B_LOADS, A.dtype)
+        next_a = cuda.local.array(A_RUN, A.dtype)
+        next_b = cuda.local.array(B_RUN, A.dtype)
         acc = cuda.local.array((TM, TN), A.dtype)
         a = cuda.local.array(TM, A.dtype)
         b = cuda.local.array(TN, A.dtype)
@@ -256,47 +274,60 @@ def gemm_kernel(tile: Tile, b_transposed: bool, max_registers: int | None = None
         for i in range(TM):
             for j in range(TN):
                 acc[i, j] = zero
+        a_row, a_col = divmod(t, A_RUNS)
+        b_row, b_col = divmod(t, B_RUNS)
+        a_col *= A_RUN
+        b_col *= B_RUN
+        a_store = _u(a_col * A_STRIDE + a_row)
+        # Rows of A past n_rows, and columns of S past n_cols, load the last real one instead:
+        # their products are never stored. Depth steps past k_stop load zeros on both sides,
+        # so a non-finite element there cannot make 0 * inf.
+        a_row = _u(min(row0 + a_row, n_rows - 1))
+        if b_transposed:  # stored rows are columns of S, stored columns the depth
+            b_store, b_store_step = _u(b_col * B_STRIDE + b_row), _u(B_STRIDE)
+            b_row = _u(min(col0 + b_row, n_cols - 1))
+        else:  # stored rows are the depth
+            b_store, b_store_step = _u(b_row * B_STRIDE + b_col), _u(1)
+            b_col += col0
         # Iteration k0 fetches tile k0 into registers, multiplies the shared tile k0 - BK
         # meanwhile, then stores the fetched tile to shared memory.
         for k0 in range(k_start, k_stop + BK, BK):
             if k0 < k_stop:
-                for load in range(A_LOADS):
-                    r, c = divmod(t + load * THREADS, BK)
-                    inside = row0 + r < n_rows and k0 + c < k_stop
-                    next_a[load] = A[_u(row0 + r), _u(k0 + c)] if inside else zero
-                for load in range(B_LOADS):
+                for j in range(A_RUN):
+                    k = k0 + a_col + j
+                    next_a[j] = A[a_row, _u(k)] if k < k_stop else zero
+                for j in range(B_RUN):
                     if b_transposed:
-                        n, c = divmod(t + load * THREADS, BK)
-                        inside = col0 + n < n_cols and k0 + c < k_stop
-                        next_b[load] = B[_u(col0 + n), _u(k0 + c)] if inside else zero
+                        k = k0 + b_col + j
+                        next_b[j] = B[b_row, _u(k)] if k < k_stop else zero
                     else:
-                        c, n = divmod(t + load * THREADS, BN)
-                        inside = col0 + n < n_cols and k0 + c < k_stop
-                        next_b[load] = B[_u(k0 + c), _u(col0 + n)] if inside else zero
+                        k = k0 + b_row
+                        n = min(b_col + j, n_cols - 1)
+                        next_b[j] = B[_u(k), _u(n)] if k < k_stop else zero
             if k0 > k_start:
-                for kk in range(BK):
-                    a_at = _u(kk * A_STRIDE + ty * QM)
-                    b_at = _u(kk * B_STRIDE + tx * QN)
-                    for i in range(QM):
-                        a[i] = As[a_at + _u(i)]
-                        a[QM + i] = As[a_at + _u(HALF_M + i)]
-                    for j in range(QN):
-                        b[j] = Bs[b_at + _u(j)]
-                        b[QN + j] = Bs[b_at + _u(HALF_N + j)]
-                    for i in range(TM):
-                        for j in range(TN):
-                            acc[i, j] += a[i] * b[j]
+                a_at = _u(ty * QM)
+                b_at = _u(tx * QN)
+                for _ in range(BK // PAIR):
+                    for kk in range(PAIR):
+                        a_k = a_at + _u(kk * A_STRIDE)
+                        b_k = b_at + _u(kk * B_STRIDE)
+                        for i in range(QM):
+                            a[i] = As[a_k + _u(i)]
+                            a[QM + i] = As[a_k + _u(HALF_M + i)]
+                        for j in range(QN):
+                            b[j] = Bs[b_k + _u(j)]
+                            b[QN + j] = Bs[b_k + _u(HALF_N + j)]
+                        for i in range(TM):
+                            for j in range(TN):
+                                acc[i, j] += a[i] * b[j]
+                    a_at += _u(PAIR * A_STRIDE)
+                    b_at += _u(PAIR * B_STRIDE)
             cuda.syncthreads()
             if k0 < k_stop:
-                for load in range(A_LOADS):
-                    r, c = divmod(t + load * THREADS, BK)
-                    As[c * A_STRIDE + r] = next_a[load]
-                for load in range(B_LOADS):
-                    if b_transposed:
-                        n, c = divmod(t + load * THREADS, BK)
-                    else:
-                        c, n = divmod(t + load * THREADS, BN)
-                    Bs[c * B_STRIDE + n] = next_b[load]
+                for j in range(A_RUN):
+                    As[a_store + _u(j * A_STRIDE)] = next_a[j]
+                for j in range(B_RUN):
+                    Bs[b_store + _u(j) * b_store_step] = next_b[j]
             cuda.syncthreads()
         for i in range(TM):
             n = row0 + ty * QM + i % QM + (i // QM) * HALF_M
