@@ -2,6 +2,7 @@
 
     python scripts/kernel_resources.py            # compute capability 9.0 (H100, H200)
     python scripts/kernel_resources.py --cc 8.0   # A100
+    python scripts/kernel_resources.py --loops    # and each kernel's loops, from its SASS
 
 The CUDA simulator runs the kernels' Python, not what the GPU compiles: a kernel can pass every
 simulator test and still fail to compile for a GPU, or compile with its per-thread arrays in
@@ -9,15 +10,23 @@ local memory. This script runs ``advgrad.kernels.cuda``'s launchers (gradient, F
 forward, the iterative attacks, DeepFool; one-launch, skinny and wide batches; float32 and
 float64) on stand-in arrays in host memory, records each kernel they launch with its argument
 types, compiles it to PTX for ``--cc`` and runs ``ptxas -v`` on it. Exit status 1 if a kernel
-does not compile or spills.
+does not compile.
+
+``--loops`` also disassembles each kernel (``cuobjdump -sass``) and lists its loops, each a
+backward branch, smallest first: the instructions from the branch's target to the branch (one
+trip, counting one trip of any loop inside), how many are FMAs, and its shared loads, global
+loads and barriers. Without a GPU to time them, these counts tell two versions of a kernel
+apart.
 
 No GPU or driver is needed: numba-cuda's device query is answered with ``--cc``. It needs the
 CUDA toolkit's NVVM and ptxas (found through CUDA_HOME or /usr/local/cuda*) and NVRTC, which
-numba-cuda asks which architectures exist (``pip install nvidia-cuda-nvrtc``).
+numba-cuda asks which architectures exist (``pip install nvidia-cuda-nvrtc``); ``--loops``
+needs cuobjdump (the toolkit's, or ``pip install nvidia-cuda-cuobjdump``).
 """
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import re
 import shutil
@@ -107,15 +116,19 @@ def describe(kernel) -> str:
     return f"{function.__name__}({', '.join(shown)})" if shown else function.__name__
 
 
-def find_ptxas() -> str:
+def find_tool(name: str, source: str) -> str:
+    """The path of a CUDA toolkit program, or exit with one line saying where to get it."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [shutil.which("ptxas")]
-    candidates += [str(Path(home) / "bin" / "ptxas")] if home else []
-    candidates += sorted(map(str, Path("/usr/local").glob("cuda*/bin/ptxas")), reverse=True)
+    candidates = [shutil.which(name)]
+    candidates += [str(Path(home) / "bin" / name)] if home else []
+    candidates += sorted(map(str, Path("/usr/local").glob(f"cuda*/bin/{name}")), reverse=True)
+    wheels = importlib.util.find_spec("nvidia")  # pip's nvidia-cuda-* wheels
+    for folder in wheels.submodule_search_locations if wheels else ():
+        candidates += sorted(map(str, Path(folder).glob(f"*/bin/{name}")), reverse=True)
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    sys.exit("ptxas not found: set CUDA_HOME to a CUDA toolkit")
+    sys.exit(f"{name} not found: set CUDA_HOME to a CUDA toolkit, or {source}")
 
 
 def check_toolchain() -> None:
@@ -129,18 +142,25 @@ def check_toolchain() -> None:
             sys.exit(f"kernel_resources.py needs lib{library} ({source}): {error}")
 
 
-def resources(kernel, signature, cc, ptxas) -> dict:
-    """ptxas -v's registers, stack, spills and shared memory of one compiled kernel."""
+def resources(kernel, signature, cc, ptxas, cuobjdump=None) -> dict:
+    """ptxas -v's registers, stack, spills and shared memory of one compiled kernel, and its
+    SASS under "sass" if a cuobjdump is given."""
     ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=cc)
     cap = kernel.targetoptions.get("max_registers")
     with tempfile.TemporaryDirectory() as folder:
-        source = str(Path(folder) / "kernel.ptx")
+        source, binary = str(Path(folder) / "kernel.ptx"), str(Path(folder) / "kernel.cubin")
         Path(source).write_text(ptx)
-        command = [ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", source, "-o", os.devnull]
+        command = [ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", source, "-o", binary]
         command += ["-maxrregcount", str(cap)] if cap else []
         result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise RuntimeError(result.stderr.strip())
+        if result.returncode:
+            raise RuntimeError(result.stderr.strip())
+        sass = (
+            cuobjdump
+            and subprocess.run(
+                [cuobjdump, "-sass", binary], capture_output=True, text=True, check=True
+            ).stdout
+        )
     numbers = {}
     for key, pattern in (
         ("registers", r"Used (\d+) registers"),
@@ -152,15 +172,42 @@ def resources(kernel, signature, cc, ptxas) -> dict:
         found = re.search(pattern, result.stderr)
         numbers[key] = int(found.group(1)) if found else 0
     numbers["cap"] = cap or "-"
+    numbers["sass"] = sass
     return numbers
+
+
+SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loops(sass: str) -> list[str]:
+    """One line per loop (a backward branch) of a kernel's SASS, smallest first."""
+    code = [(int(at, 16), op, operands) for at, op, operands in SASS_INSTRUCTION.findall(sass)]
+    found = []
+    for at, op, operands in code:
+        target = re.match(r"\s*0x([0-9a-f]+)", operands) if op == "BRA" else None
+        if target and int(target.group(1), 16) < at:
+            start = int(target.group(1), 16)
+            kinds = [op.split(".")[0] for where, op, _ in code if start <= where <= at]
+            fma = kinds.count("FFMA") + kinds.count("DFMA")
+            found.append(
+                (
+                    len(kinds),
+                    f"loop {start:#06x}-{at:#06x}: {len(kinds)} instructions, {fma} FMA "
+                    f"({fma / len(kinds):.0%}), {kinds.count('LDS')} shared loads, "
+                    f"{kinds.count('LDG')} global loads, {kinds.count('BAR')} barriers",
+                )
+            )
+    return [line for _, line in sorted(found)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 or 8.0")
+    parser.add_argument("--loops", action="store_true", help="list each kernel's loops (SASS)")
     args = parser.parse_args()
     cc = tuple(int(part) for part in args.cc.split("."))
-    ptxas = find_ptxas()
+    ptxas = find_tool("ptxas", "install a CUDA toolkit")
+    cuobjdump = find_tool("cuobjdump", "pip install nvidia-cuda-cuobjdump") if args.loops else None
     check_toolchain()
     import numba.cuda.dispatcher as dispatcher
 
@@ -173,7 +220,7 @@ def main() -> int:
     rows = sorted(launched.items(), key=lambda item: (describe(item[0][0]), item[1]))
     for (kernel, signature), dtype in rows:
         try:
-            numbers = resources(kernel, signature, cc, ptxas)
+            numbers = resources(kernel, signature, cc, ptxas, cuobjdump)
         except Exception as error:  # reported; the exit status says so
             print(f"{describe(kernel):<58} {dtype:<8} FAILED: {error}".splitlines()[0])
             failed += 1
@@ -182,6 +229,8 @@ def main() -> int:
         spilled += bool(spills)
         cells = "".join(f"{numbers[c]!s:>13}" for c in columns)
         print(f"{describe(kernel):<58} {dtype:<8}{cells}{'  spills' if spills else ''}")
+        for line in loops(numbers["sass"]) if cuobjdump else ():
+            print(f"    {line}")
     print(f"{failed} of {len(launched)} kernels failed to compile; {spilled} spill registers")
     return 1 if failed else 0
 
