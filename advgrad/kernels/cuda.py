@@ -329,15 +329,20 @@ def gemm_kernel(tile: Tile, b_transposed: bool, max_registers: int | None = None
                 for j in range(B_RUN):
                     Bs[b_store + _u(j) * b_store_step] = next_b[j]
             cuda.syncthreads()
+        # The micro-tile's second run of rows (columns) starts half a tile down (right). No
+        # division or remainder of the loop counters: NVVM then unrolls the loops and keeps
+        # acc in registers.
+        n_first = row0 + ty * QM
+        m_first = col0 + tx * QN
         for i in range(TM):
-            n = row0 + ty * QM + i % QM + (i // QM) * HALF_M
+            n = n_first + (i - QM + HALF_M if i >= QM else i)
             for j in range(TN):
-                m = col0 + tx * QN + j % QN + (j // QN) * HALF_N
+                m = m_first + (j - QN + HALF_N if j >= QN else j)
                 if n < n_rows and m < n_cols:
                     if sign:
-                        out[n, m] = sign_step(X[n, m], acc[i, j], eps, x_min, x_max)
+                        out[_u(n), _u(m)] = sign_step(X[_u(n), _u(m)], acc[i, j], eps, x_min, x_max)
                     else:
-                        out[split * n_rows + n, m] = acc[i, j]
+                        out[_u(split * n_rows + n), _u(m)] = acc[i, j]
 
     return gemm
 
