@@ -75,6 +75,11 @@ class CpuBackend:
 
     name = "cpu"
 
+    @staticmethod
+    def empty(shape, dtype) -> np.ndarray:
+        """A new host array for rows this backend takes or fills (on the CPU: ``np.empty``)."""
+        return np.empty(shape, dtype)
+
     def input_gradient(self, model: Model, X: np.ndarray, Y: np.ndarray):
         """G (N, d) and predicted classes (N,) int64; Y (N, C) or 0 rows for predictions."""
         G = np.empty_like(X)

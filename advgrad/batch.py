@@ -537,10 +537,10 @@ class _BlockBuffers:
     overlap of reading, computing and writing turns out to be. ``take`` waits for a free one.
     """
 
-    def __init__(self, count: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, count: int, shape: tuple[int, ...], dtype: np.dtype, empty=np.empty) -> None:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(count):
-            self._free.put(np.empty(shape, dtype))
+            self._free.put(empty(shape, dtype))
 
     def take(self) -> np.ndarray:
         return self._free.get()
@@ -563,13 +563,16 @@ def _stream(reader, model, plan: Plan, writers, tasks, rows_per_block, stop, pro
     starts = range(min(done, default=n_rows), n_rows, rows_per_block)
     attacked: deque = deque()
     written: deque = deque()
-    # The reader fills one buffer while up to in_flight blocks are attacked.
-    inputs = _BlockBuffers(tasks.in_flight + 1, (rows_per_block, *reader.row_shape), reader.dtype)
+    # The reader fills one buffer while up to in_flight blocks are attacked. Attacked here,
+    # the blocks live in memory the backend copies fastest from and to (a GPU's: page-locked).
+    empty = get_backend(plan.device).empty if tasks.in_process else np.empty
+    shape = (rows_per_block, *reader.row_shape)
+    inputs = _BlockBuffers(tasks.in_flight + 1, shape, reader.dtype, empty)
     # One output buffer is attacked into while WRITES_IN_FLIGHT are written; tasks in
     # another process (Dask) send back arrays of their own.
     width = math.prod(reader.row_shape)
     results_of = [
-        _BlockBuffers(WRITES_IN_FLIGHT + 1, (rows_per_block, width), reader.dtype)
+        _BlockBuffers(WRITES_IN_FLIGHT + 1, (rows_per_block, width), reader.dtype, empty)
         for _ in writers
         if tasks.in_process
     ]

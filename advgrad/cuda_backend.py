@@ -4,8 +4,12 @@ Importing this module imports numba.cuda, so ``advgrad.backend`` imports it only
 ``"cuda"`` device is asked for; ``cuda_available`` says whether that can work here.
 
 Host numpy arrays go in and come out. The model's weights stay on the GPU between calls (one
-copy per ``Model`` object, freed with it); batches stream through the GPU in chunks of at most
-``chunk_rows`` rows, reusing one set of device buffers.
+copy per ``Model`` object, freed with it). A call's rows stream through the GPU in chunks, over
+``lanes`` CUDA streams with a set of device buffers each (reused across calls): while one
+chunk's kernels run, the next chunk is copied in and the previous one copied out. The copies
+are asynchronous where the host arrays are page-locked (``CudaBackend.empty`` makes such
+arrays; file jobs read and write through them); from ordinary memory the driver copies
+synchronously, and chunks still overlap one another's kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import numpy as np
 from advgrad.backend import output_rows
 from advgrad.model import Model
 
-DEFAULT_CHUNK_ROWS = 65536
+DEFAULT_CHUNK_ROWS = 65536  # most rows on the GPU at once, over all lanes
+LANES = 3  # chunks in flight: one copied in, one computed, one copied out, each on its stream
+MIN_CHUNK_ROWS = 1024  # a call is cut into 2 * lanes chunks, but none smaller than this
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -59,8 +65,8 @@ def _device_name(device) -> str:
 
 
 _weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-_session: dict = {}
+_lock = threading.Lock()  # calls run one at a time, each over the lanes' streams
+_lanes: list = []  # (stream, Workspace) per lane, made on first use
 
 
 def device_weights(model: Model) -> tuple:
@@ -81,15 +87,39 @@ class CudaBackend:
     Parameters
     ----------
     chunk_rows : int
-        Largest number of rows sent to the GPU at once; larger batches stream through.
+        Most rows on the GPU at once (the lanes' chunks together); larger batches stream
+        through.
+    lanes : int
+        Chunks in flight at once, each on its own CUDA stream with its own device buffers;
+        1 runs the chunks one after another, copies and kernels in turn.
     """
 
     name = "cuda"
 
-    def __init__(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+    def __init__(self, chunk_rows: int = DEFAULT_CHUNK_ROWS, lanes: int = LANES) -> None:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, got {lanes}")
         self.chunk_rows = int(chunk_rows)
+        self.lanes = int(lanes)
+
+    @staticmethod
+    def empty(shape, dtype) -> np.ndarray:
+        """A new host array in page-locked memory: the GPU copies to and from it
+        asynchronously, at the bus's full speed. Pass such arrays, and ``out=`` arrays,
+        to the methods below when the same buffers serve many calls."""
+        from advgrad.kernels import cuda as kernels
+
+        return kernels.cuda.pinned_array(shape, dtype)
+
+    def chunk_rows_for(self, n_rows: int) -> int:
+        """Rows per chunk for a call of ``n_rows`` rows: with several lanes, 2 * lanes chunks
+        of equal size, fewer where a chunk would have under ``MIN_CHUNK_ROWS`` rows; with
+        one lane, one chunk; more wherever a chunk would exceed ``chunk_rows // lanes``."""
+        n_chunks = min(2 * self.lanes, n_rows // MIN_CHUNK_ROWS) if self.lanes > 1 else 1
+        n_chunks = max(1, n_chunks, -(-n_rows // max(1, self.chunk_rows // self.lanes)))
+        return max(1, -(-n_rows // n_chunks))
 
     def input_gradient(self, model: Model, X: np.ndarray, Y: np.ndarray):
         """G (N, d) and predicted classes (N,) int64; Y (N, C) or 0 rows for predictions."""
@@ -229,30 +259,49 @@ class CudaBackend:
         ``inputs[0]`` sets the rows; an input with 0 rows (labels Y meaning "the
         predictions") goes to the device with 0 rows. ``launch(weights, inputs_d, outputs_d,
         stream, workspace)`` queues the kernels of one chunk on device arrays; weights are
-        the model's on the device (None without a model).
+        the model's on the device (None without a model). Chunk k runs on lane k % lanes;
+        with two lanes or more, its outputs are queued for copying out after chunk k + 1's
+        kernels, so that a host blocked in a synchronous copy out still has the GPU busy.
+        A lane's stream orders each chunk's copy in after the copy out of the lane's chunk
+        before it, which used the same device buffers.
         """
         from advgrad.kernels import cuda as kernels
 
         n_rows = inputs[0].shape[0]
+        rows = self.chunk_rows_for(n_rows)
         with _lock:
-            if not _session:
-                _session.update(stream=kernels.cuda.stream(), workspace=kernels.Workspace())
-            stream, workspace = _session["stream"], _session["workspace"]
+            while len(_lanes) < self.lanes:
+                _lanes.append((kernels.cuda.stream(), kernels.Workspace()))
+            lanes = _lanes[: self.lanes]
             weights = None if model is None else device_weights(model)
-            for start in range(0, n_rows, self.chunk_rows):
-                stop = min(start + self.chunk_rows, n_rows)
-                inputs_d = []
-                for i, host in enumerate(inputs):
-                    part = host[start:stop]
-                    part_d = workspace.array(f"in{i}", part.shape, part.dtype)
-                    if len(part_d):
-                        part_d.copy_to_device(part, stream=stream)
-                    inputs_d.append(part_d)
-                outputs_d = [
-                    workspace.array(f"out{i}", (stop - start, *out.shape[1:]), out.dtype)
-                    for i, out in enumerate(outputs)
-                ]
-                launch(weights, inputs_d, outputs_d, stream, workspace)
-                for out, out_d in zip(outputs, outputs_d, strict=True):
-                    out_d.copy_to_host(out[start:stop], stream=stream)
-            stream.synchronize()
+            queued = []  # (stream, start, stop, outputs_d) of the chunk not yet copied out
+            try:
+                for k, start in enumerate(range(0, n_rows, rows)):
+                    stream, workspace = lanes[k % len(lanes)]
+                    stop = min(start + rows, n_rows)
+                    inputs_d = []
+                    for i, host in enumerate(inputs):
+                        part = host[start:stop]
+                        part_d = workspace.array(f"in{i}", part.shape, part.dtype)
+                        if len(part_d):
+                            part_d.copy_to_device(part, stream=stream)
+                        inputs_d.append(part_d)
+                    outputs_d = [
+                        workspace.array(f"out{i}", (stop - start, *out.shape[1:]), out.dtype)
+                        for i, out in enumerate(outputs)
+                    ]
+                    launch(weights, inputs_d, outputs_d, stream, workspace)
+                    queued.append((stream, start, stop, outputs_d))
+                    if len(queued) > 1 or len(lanes) == 1:  # one lane: its buffers are next
+                        _copy_out(outputs, *queued.pop(0))
+                if queued:
+                    _copy_out(outputs, *queued.pop())
+            finally:
+                for stream, _ in lanes:  # nothing may still write into the outputs
+                    stream.synchronize()
+
+
+def _copy_out(outputs, stream, start, stop, outputs_d) -> None:
+    """Queue the copies of one chunk's device outputs into rows start:stop of the hosts'."""
+    for out, out_d in zip(outputs, outputs_d, strict=True):
+        out_d.copy_to_host(out[start:stop], stream=stream)

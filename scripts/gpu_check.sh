@@ -17,6 +17,8 @@
 #      against torch autograd and against the four cuBLAS products alone (TF32 off), with the
 #      targets of the CUDA issue:
 #      N <= 32: >= 10x faster than torch autograd; N >= 16384: >= 0.5x the cuBLAS floor's speed.
+#   5. Host arrays through CudaBackend.fgm_step, N = 65536: one lane (copy in, kernels, copy
+#      out, in turn) against three (chunks overlapping), from plain and page-locked memory.
 # Exit status: 0 when every step ran and passed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +56,7 @@ step tests 210 "$PYTHON" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
 step bench 50 "$PYTHON" scripts/bench_gradient.py --device cuda --quick
 
 step attacks 60 "$PYTHON" scripts/bench_attacks.py --device cuda --rows 16384 --rounds 3
-step attacks-cpu 60 "$PYTHON" scripts/bench_attacks.py --device cpu --rows 16384 --rounds 1
+step attacks-cpu 50 "$PYTHON" scripts/bench_attacks.py --device cpu --rows 16384 --rounds 1
 
 step timing 120 "$PYTHON" - <<'PY'
 """Microseconds per FGSM step: advgrad CUDA kernels, torch autograd, four cuBLAS products."""
@@ -214,6 +216,46 @@ def main():
 
 
 main()
+PY
+
+step stream 40 "$PYTHON" - <<'PY'
+"""Milliseconds per CudaBackend.fgm_step on host arrays: one lane against three."""
+
+import statistics
+import time
+
+import numpy as np
+
+from advgrad.cuda_backend import CudaBackend
+from advgrad.model import Model
+
+d, H, C, N = 784, 256, 10, 65536
+rng = np.random.default_rng(0)
+shapes = ((d, H), (H,), (H, C), (C,))
+model = Model(*(0.05 * rng.standard_normal(shape, dtype=np.float32) for shape in shapes))
+X = rng.random((N, d), dtype=np.float32)
+Y = np.eye(C, dtype=np.float32)[rng.integers(0, C, N)]
+
+
+def ms(backend, X, Y, out):
+    """Median of 5 calls, after one to warm up, in ms."""
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        backend.fgm_step(model, X, Y, 0.03, np.inf, 0.0, 1.0, out=out)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+locked = [CudaBackend.empty(a.shape, a.dtype) for a in (X, Y, X)]
+locked[0][:], locked[1][:] = X, Y
+for memory, arrays in (("plain", (X, Y, np.empty_like(X))), ("page-locked", locked)):
+    one, three = (ms(CudaBackend(lanes=lanes), *arrays) for lanes in (1, 3))
+    moved = 2 * X.nbytes / three / 1e6
+    print(
+        f"N={N} {memory:>11} memory: 1 lane {one:7.2f} ms, 3 lanes {three:7.2f} ms "
+        f"({one / three:.2f}x); X in and X_adv out at {moved:.1f} GB/s with 3 lanes"
+    )
 PY
 
 echo "=== failed steps: ${failed[*]:-none}" | tee "$OUT/summary.log"

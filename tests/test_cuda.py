@@ -819,10 +819,11 @@ def test_attacks_run_on_cuda(dtype, attack):
 @needs_cuda
 @pytest.mark.usefixtures("small_blocks")
 def test_backend_iterate_and_deepfool_stream_in_chunks():
-    """Chunks of 4 rows: X, Y, X_start, eps and alpha go in per chunk, X_adv comes out."""
+    """Chunks of 3 rows over 3 lanes: X, Y, X_start, eps and alpha go in per chunk, X_adv
+    comes out."""
     (X, *weights), Y, X_start, eps, alpha = iterate_problem((9, 23, 17, 4), np.float32, 2.0, True)
     model = Model(*weights)
-    gpu, host = CudaBackend(chunk_rows=4), CpuBackend()
+    gpu, host = CudaBackend(chunk_rows=9, lanes=3), CpuBackend()
     outputs = [
         b.iterate(model, X, Y, X_start, eps, alpha, 2, 2.0, 0.0, 0.0, 1.0) for b in (gpu, host)
     ]
@@ -840,10 +841,10 @@ def test_backend_iterate_and_deepfool_stream_in_chunks():
 @pytest.mark.usefixtures("small_blocks")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backend_fgm_from_gradient_is_fgm_step(dtype):
-    """Steps from one shared gradient equal ``fgm_step``'s bitwise (chunks of 4 rows)."""
+    """Steps from one shared gradient equal ``fgm_step``'s bitwise (chunks of 3 rows)."""
     model = model_of(dtype)
     X, *_, Y = network((9, 23, 17, 3), dtype, seed=19)
-    gpu = CudaBackend(chunk_rows=4)
+    gpu = CudaBackend(chunk_rows=9, lanes=3)
     G, _ = gpu.input_gradient(model, X, Y)
     G_cpu, _ = CpuBackend().input_gradient(model, X, Y)
     for p, eps in [(np.inf, 0.05), (np.inf, -0.05), (2.0, 0.3), (1.0, -0.5)]:
@@ -856,10 +857,10 @@ def test_backend_fgm_from_gradient_is_fgm_step(dtype):
 @needs_cuda
 @pytest.mark.usefixtures("small_blocks")
 def test_backend_writes_into_a_given_array():
-    """``out`` gets, chunk by chunk (4 rows), what a new array gets; bad ones are refused."""
+    """``out`` gets, chunk by chunk (3 rows), what a new array gets; bad ones are refused."""
     model = model_of(np.float32)
     X, *_, Y = network((9, 23, 17, 3), np.float32, seed=5)
-    gpu = CudaBackend(chunk_rows=4)
+    gpu = CudaBackend(chunk_rows=9, lanes=3)
     out = np.full_like(X, np.nan)
     assert gpu.fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0, out=out)[0] is out
     np.testing.assert_array_equal(out, gpu.fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0)[0])
@@ -889,3 +890,128 @@ def test_backend_keeps_weights_on_device_per_model():
 def test_backend_rejects_empty_chunks():
     with pytest.raises(ValueError, match="chunk_rows"):
         CudaBackend(chunk_rows=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: chunks over lanes
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3, 5])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 100, 65536])
+def test_chunk_rows_for_cuts_calls_for_overlap(lanes, chunk_rows):
+    """Chunks are of equal size (to rounding), at most chunk_rows on the GPU over all lanes;
+    with several lanes a call of 2 * MIN_CHUNK_ROWS rows or more is cut into 2 to 2 * lanes
+    chunks of at least MIN_CHUNK_ROWS rows, unless the memory bound cuts it finer."""
+    from advgrad.cuda_backend import MIN_CHUNK_ROWS
+
+    backend = CudaBackend(chunk_rows, lanes)
+    largest = max(1, chunk_rows // lanes)
+    for n_rows in (0, 1, 5, 1023, 1024, 2047, 2048, 6000, 6144, 10**5, 10**6 + 3):
+        rows = backend.chunk_rows_for(n_rows)
+        assert 1 <= rows <= largest
+        if n_rows == 0:
+            continue
+        n_chunks = -(-n_rows // rows)
+        assert rows == -(-n_rows // n_chunks)  # balanced
+        if lanes == 1:
+            assert n_chunks == -(-n_rows // chunk_rows)
+        elif largest >= n_rows:  # the memory bound holds the whole call
+            assert n_chunks <= 2 * lanes
+            assert rows >= min(n_rows, MIN_CHUNK_ROWS)
+            assert (n_chunks >= 2) == (n_rows >= 2 * MIN_CHUNK_ROWS)
+
+
+def test_backend_rejects_no_lanes():
+    with pytest.raises(ValueError, match="lanes must be at least 1"):
+        CudaBackend(lanes=0)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("p", [np.inf, 2.0])
+def test_backend_pipelines_chunks_over_lanes(monkeypatch, p):
+    """Chunk k runs on lane k % 3 and is copied out after chunk k + 1 is launched (one lane:
+    at once); the rows are bitwise those of one lane, chunk after chunk."""
+    from advgrad import cuda_backend
+    from advgrad.kernels import cuda as kernels
+
+    monkeypatch.setattr(cuda_backend, "MIN_CHUNK_ROWS", 3)
+    events = []
+    launch, copy_out = kernels.fgm_step_into, cuda_backend._copy_out
+
+    def record_launch(X, *args, stream, workspace):
+        events.append(("launch", X.shape[0], stream))
+        launch(X, *args, stream=stream, workspace=workspace)
+
+    def record_copy_out(outputs, stream, start, stop, outputs_d):
+        events.append(("out", stop - start, stream))
+        copy_out(outputs, stream, start, stop, outputs_d)
+
+    monkeypatch.setattr(kernels, "fgm_step_into", record_launch)
+    monkeypatch.setattr(cuda_backend, "_copy_out", record_copy_out)
+    model = model_of(np.float32)
+    X, *_, Y = network((17, 23, 17, 3), np.float32, seed=20)
+    results = {}
+    for lanes in (3, 1):
+        events.clear()
+        gpu = CudaBackend(chunk_rows=3 * lanes, lanes=lanes)  # chunks of 3 rows either way
+        out = gpu.empty(X.shape, X.dtype)
+        results[lanes] = gpu.fgm_step(model, X, Y, 0.05, p, 0.0, 1.0, out=out)
+        assert results[lanes][0] is out
+        kinds = [kind for kind, _, _ in events]
+        expected = ["launch", "out"] * 6 if lanes == 1 else ["launch"] + ["launch", "out"] * 5
+        assert kinds == (expected if lanes == 1 else [*expected, "out"])
+        launches = [event for event in events if event[0] == "launch"]
+        copies = [event for event in events if event[0] == "out"]
+        assert [rows for _, rows, _ in launches] == [3, 3, 3, 3, 3, 2]
+        assert [rows for _, rows, _ in copies] == [3, 3, 3, 3, 3, 2]
+        streams = [stream for _, _, stream in launches]
+        assert all(a is b for a, b in zip(streams, streams[lanes:], strict=False))
+        assert len({id(stream) for stream in streams}) == lanes
+        assert all(c[2] is s for c, s in zip(copies, streams, strict=True))  # its own lane
+    for one, three in zip(results[1], results[3], strict=True):
+        np.testing.assert_array_equal(three, one)
+    G_cpu, predicted_cpu = CpuBackend().input_gradient(model, X, Y)
+    X_cpu, _ = CpuBackend().fgm_step(model, X, Y, 0.05, p, 0.0, 1.0)
+    assert_fgm_close(results[3][0], X_cpu, G_cpu, p, np.float32)
+    np.testing.assert_array_equal(results[3][1], predicted_cpu)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+def test_file_attack_on_cuda_streams_through_page_locked_blocks(tmp_path, monkeypatch):
+    """A file job on the GPU reads and attacks its blocks in ``CudaBackend.empty`` arrays, in
+    chunks over the lanes, and writes what the CPU writes (to rounding)."""
+    import advgrad
+    from advgrad import cuda_backend
+    from advgrad.attacks import Attack
+    from advgrad.batch import attack_file
+
+    monkeypatch.setattr(cuda_backend, "MIN_CHUNK_ROWS", 4)
+    allocated = []
+    empty = CudaBackend.empty
+
+    def record_empty(shape, dtype):
+        allocated.append(shape)
+        return empty(shape, dtype)
+
+    monkeypatch.setattr(CudaBackend, "empty", staticmethod(record_empty))
+    model = model_of(np.float32)
+    X, *_, Y = network((30, 23, 17, 3), np.float32, seed=21)
+    advgrad.save_model(model, tmp_path / "model.h5")
+    advgrad.save_dataset(tmp_path / "data.h5", X, Y.argmax(axis=1))
+    for device in ("cuda", "cpu"):
+        attack_file(
+            *(tmp_path / "model.h5", tmp_path / "data.h5", tmp_path / f"{device}.h5"),
+            Attack(eps=0.5, norm="2"),
+            clip=(0.0, 1.0),
+            device=device,
+        )
+    rows_per_block = allocated[0][0]
+    assert rows_per_block >= len(X)
+    assert allocated == [(rows_per_block, 23)] * len(allocated) and len(allocated) >= 2
+    (X_gpu, y_gpu), (X_cpu, y_cpu) = (
+        advgrad.load_dataset(tmp_path / f"{device}.h5") for device in ("cuda", "cpu")
+    )
+    np.testing.assert_array_equal(y_gpu, y_cpu)
+    assert_close(X_gpu, X_cpu, np.float32)
