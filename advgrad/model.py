@@ -10,6 +10,10 @@ from typing import Any
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+MAX_WEIGHTS = 2**27
+"""Most elements in one weight matrix, W1 (d * H) or W2 (H * C), that advgrad reads or trains
+by default: 512 MiB in float32. A file's shapes are checked against it before anything is
+allocated; callers (and the command line's ``--max-weights``) may raise it."""
 
 
 def _frozen_array(name: str, value, dtype: np.dtype, ndim: int) -> np.ndarray:
