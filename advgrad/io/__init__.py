@@ -25,6 +25,7 @@ from advgrad.io.files import (
     save_model,
     sha256_file,
 )
+from advgrad.io.paths import atomic_output, refuse_clobbering, same_file
 
 __all__ = [
     "AdversarialWriter",
@@ -32,6 +33,7 @@ __all__ = [
     "DatasetConversion",
     "DatasetReader",
     "FileDescription",
+    "atomic_output",
     "convert_dataset",
     "convert_model",
     "dataset_attrs",
@@ -42,6 +44,8 @@ __all__ = [
     "read_column",
     "read_model_file",
     "read_safetensors",
+    "refuse_clobbering",
+    "same_file",
     "save_dataset",
     "save_model",
     "sha256_file",

@@ -28,6 +28,8 @@ import numpy as np
 
 from advgrad.errors import InputFileError
 from advgrad.io import fastzlib
+from advgrad.io.paths import fsync_directory
+from advgrad.io.safe import error_reason
 
 CHECKPOINT_FORMAT = "advgrad-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -48,13 +50,21 @@ def checkpoint_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.partial.json")
 
 
-def fsync_directory(directory: Path) -> None:
-    """fsync a directory, so a rename or unlink inside it survives a power loss."""
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+def checkpoint_temp_path(target: Path) -> Path:
+    """``.<name>.partial.json.tmp`` beside ``target``: a checkpoint being written."""
+    return target.with_name(f".{target.name}.partial.json.tmp")
+
+
+def written_paths(target: Path) -> tuple[Path, ...]:
+    """Every path a resumable job writing ``target`` creates, renames or deletes: ``target``,
+    its partial output, checkpoint (and the checkpoint's temporary file) and lock."""
+    return (
+        target,
+        partial_path(target),
+        checkpoint_path(target),
+        checkpoint_temp_path(target),
+        lock_path(target),
+    )
 
 
 class OutputLock:
@@ -77,7 +87,7 @@ class OutputLock:
                 handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise InputFileError(
-                    target, None, f"cannot create the lock file {self.path}: {exc.strerror}"
+                    target, None, f"cannot create the lock file {self.path}: {error_reason(exc)}"
                 ) from exc
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,7 +100,9 @@ class OutputLock:
                         f"another advgrad run is writing it (it holds {self.path.name}); "
                         "wait for it to finish",
                     ) from exc
-                raise InputFileError(target, None, f"cannot lock {self.path}: {exc}") from exc
+                raise InputFileError(
+                    target, None, f"cannot lock {self.path}: {error_reason(exc)}"
+                ) from exc
             # The holder before us may have removed the file between our open and our lock:
             # then we locked an orphan and must lock the file now at the path instead.
             try:
@@ -167,9 +179,15 @@ class Checkpoint:
         return self.blocks[-1][1] if self.blocks else 0
 
     def save(self, target: Path) -> None:
-        """Write atomically to ``.<name>.partial.json`` (temporary file, fsync, rename)."""
+        """Write atomically to ``.<name>.partial.json`` (temporary file, fsync, rename).
+
+        Raises
+        ------
+        InputFileError
+            It cannot be written (a full disk); the previous checkpoint stays.
+        """
         path = checkpoint_path(target)
-        temp = path.with_name(path.name + ".tmp")
+        temp = checkpoint_temp_path(target)
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -177,11 +195,17 @@ class Checkpoint:
             "blocks": self.blocks,
             "state": self.state,
         }
-        with temp.open("w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temp.replace(path)
+        try:
+            with temp.open("w") as handle:
+                json.dump(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            temp.replace(path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise InputFileError(
+                target, None, f"cannot write the checkpoint {path.name}: {error_reason(exc)}"
+            ) from exc
         fsync_directory(path.parent)
 
     @classmethod
@@ -209,6 +233,5 @@ class Checkpoint:
     @staticmethod
     def remove(target: Path) -> None:
         """Delete the checkpoint file beside ``target`` (and a leftover temporary one)."""
-        path = checkpoint_path(target)
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        checkpoint_path(target).unlink(missing_ok=True)
+        checkpoint_temp_path(target).unlink(missing_ok=True)

@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import secrets
 import struct
 import zipfile
 import zlib
@@ -39,17 +38,27 @@ from advgrad.errors import InputFileError
 from advgrad.io.files import (
     MODEL_ARRAYS,
     SAVE_CHUNK_BYTES,
+    _atomic_h5,
     _check_compression,
     _common_attrs,
     _create_rows,
     _label_value_problem,
-    _PartialFile,
     _write_attrs,
     load_model,
+    refuse_large_weights,
     save_model,
 )
-from advgrad.io.safe import MAX_CHUNK_BYTES, MAX_ELEMENTS, MAX_NDIM, MAX_READ_BYTES, _refuse_rows
-from advgrad.model import FLOAT_DTYPES, Model
+from advgrad.io.paths import atomic_output, check_output
+from advgrad.io.safe import (
+    MAX_CHUNK_BYTES,
+    MAX_ELEMENTS,
+    MAX_NDIM,
+    MAX_READ_BYTES,
+    _refuse_rows,
+    error_reason,
+    regular_input,
+)
+from advgrad.model import FLOAT_DTYPES, MAX_WEIGHTS, Model
 
 MODEL_FORMATS = {".h5": "hdf5", ".hdf5": "hdf5", ".npz": "npz", ".safetensors": "safetensors"}
 """Model file formats by extension."""
@@ -66,48 +75,35 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ","}
 CONVERT_BLOCK_BYTES = 16 * 2**20
 """Default bytes of float64 values read per block by ``convert_dataset``."""
+MAX_CSV_LINE_CHARS = 16 * 2**20
+"""Longest CSV line read, in characters; a longer line is refused with its line number, read
+no further than this (a line of 200 MB inflates from 200 KB of gzip)."""
 
 
 # --------------------------------------------------------------------------- crash-safe files
 
 
 @contextmanager
-def _atomic_file(target: Path, *, overwrite: bool) -> Iterator[IO[bytes]]:
-    """A new file ``.<name>.partial-<16 hex digits>`` beside ``target``, renamed onto it when
-    the block ends normally (after fsync), deleted when it raises."""
-    if target.is_dir():
-        raise InputFileError(target, None, "is a directory")
-    temp = target.with_name(f".{target.name}.partial-{secrets.token_hex(8)}")
-    try:
-        handle = temp.open("xb")
-    except OSError as exc:
-        raise InputFileError(target, None, f"cannot create {temp}: {exc}") from exc
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        if not overwrite and target.exists():
-            raise InputFileError(target, None, "exists; pass --overwrite")
-        temp.replace(target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _check_target(target: Path, sources, overwrite: bool) -> None:
-    for source in sources:
-        if source is not None and target.resolve() == Path(source).resolve():
-            raise InputFileError(target, None, f"is the input file {source}; choose another path")
-    if target.exists() and not overwrite:
-        raise InputFileError(target, None, "exists; pass --overwrite")
+def _atomic_file(
+    target: Path, *, overwrite: bool, inputs: tuple[str | os.PathLike | None, ...] = ()
+) -> Iterator[IO[bytes]]:
+    """A new file beside ``target`` (``advgrad.io.paths.atomic_output``), open for writing,
+    renamed onto ``target`` when the block ends normally, deleted when anything fails."""
+    with (
+        atomic_output(target, overwrite=overwrite, inputs=inputs) as temp,
+        temp.open("xb") as handle,
+    ):
+        yield handle
 
 
 # --------------------------------------------------------------------------- safetensors
 
 
 def read_safetensors(
-    path: str | os.PathLike, *, max_read_bytes: int = MAX_READ_BYTES
+    path: str | os.PathLike,
+    *,
+    max_read_bytes: int = MAX_READ_BYTES,
+    max_weights: int = MAX_WEIGHTS,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a ``.safetensors`` file of float32/float64 tensors.
 
@@ -116,6 +112,9 @@ def read_safetensors(
     path : str or os.PathLike
     max_read_bytes : int
         Refuse a file whose tensors take more bytes than this.
+    max_weights : int
+        Refuse a tensor of more elements than this (``advgrad.model.MAX_WEIGHTS``), from the
+        header, before reading any tensor.
 
     Returns
     -------
@@ -129,9 +128,9 @@ def read_safetensors(
     InputFileError
         Not a safetensors file, a malformed header (bad JSON, duplicate names, offsets outside
         the buffer, overlapping or leaving holes, sizes that disagree with the shapes), another
-        tensor dtype, a truncated file.
+        tensor dtype, a tensor over ``max_weights``, a truncated file, not a regular file.
     """
-    file_path = Path(path)
+    file_path = regular_input(path, "a safetensors file")
     try:
         size = file_path.stat().st_size
         with file_path.open("rb") as handle:
@@ -149,6 +148,8 @@ def read_safetensors(
             header = _safetensors_header(handle.read(header_size), path)
             metadata = header.pop("__metadata__", {})
             layout = _safetensors_layout(header, size - 8 - header_size, path)
+            for name, (_, shape, _) in layout.items():
+                refuse_large_weights(path, name, shape, max_weights)
             if sum(end - begin for _, _, (begin, end) in layout.values()) > max_read_bytes:
                 raise InputFileError(path, None, f"tensors take more than {max_read_bytes} bytes")
             tensors = {}
@@ -163,7 +164,7 @@ def read_safetensors(
     except FileNotFoundError as exc:
         raise InputFileError(path, None, "no such file") from exc
     except OSError as exc:
-        raise InputFileError(path, None, f"cannot read: {exc}") from exc
+        raise InputFileError(path, None, f"cannot read: {error_reason(exc)}") from exc
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -183,6 +184,10 @@ def _safetensors_header(raw: bytes, path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputFileError(
             path, None, f"not a safetensors file: bad JSON header ({exc})"
+        ) from exc
+    except RecursionError as exc:
+        raise InputFileError(
+            path, None, "not a safetensors file: the JSON header nests too deeply"
         ) from exc
     if not isinstance(header, dict):
         raise InputFileError(path, None, "not a safetensors file: the header is not an object")
@@ -237,6 +242,7 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     *,
     overwrite: bool = True,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
 ) -> None:
     """Write float32/float64 tensors as a ``.safetensors`` file, crash-safely.
 
@@ -247,6 +253,8 @@ def write_safetensors(
     metadata : mapping of str to str, optional, the header's ``__metadata__``
     overwrite : bool
         Replace an existing file.
+    inputs : tuple of path or None
+        Input files; ``path`` may not be any of them (by identity).
     """
     names = {np.dtype("<f4"): "F32", np.dtype("<f8"): "F64"}
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
@@ -266,7 +274,7 @@ def write_safetensors(
         offset += len(buffers[-1])
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # pad so that the buffer starts 8-byte aligned
-    with _atomic_file(Path(path), overwrite=overwrite) as handle:
+    with _atomic_file(Path(path), overwrite=overwrite, inputs=inputs) as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for buffer in buffers:
@@ -302,10 +310,25 @@ def _model_from(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any], meta
         raise InputFileError(path, None, str(exc)) from exc
 
 
-def _read_npz_model(path: Path, max_read_bytes: int) -> Model:
+def _npy_header(member: IO[bytes], path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) from the header of a ``.npy`` stream, nothing else read."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)
+    raise InputFileError(path, key, f"unsupported .npy version {version}")
+
+
+def _read_npz_model(path: Path, max_read_bytes: int, max_weights: int) -> Model:
     try:
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
+            for name in MODEL_ARRAYS:
+                if f"{name}.npy" in archive.namelist():
+                    with archive.open(f"{name}.npy") as member:
+                        shape = _npy_header(member, path, name)[0]
+                    refuse_large_weights(path, name, shape, max_weights)
         if declared > max_read_bytes:
             raise InputFileError(path, None, f"arrays take {declared} bytes, over {max_read_bytes}")
         with np.load(path, allow_pickle=False) as npz:
@@ -322,7 +345,7 @@ def _read_npz_model(path: Path, max_read_bytes: int) -> Model:
                 )
             arrays = {name: npz[name] for name in keys}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise InputFileError(path, None, f"cannot read as .npz: {exc}") from exc
+        raise InputFileError(path, None, f"cannot read as .npz: {error_reason(exc)}") from exc
     attrs: dict[str, Any] = {}
     for name in ("x_min", "x_max"):
         if name in arrays:
@@ -344,7 +367,7 @@ def _attr_from_json(text: str):
     """A metadata string decoded as JSON when it holds a number, bool, string or flat list."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
     scalar = (str, int, float, bool)
     if isinstance(value, scalar):
@@ -354,8 +377,8 @@ def _attr_from_json(text: str):
     return text
 
 
-def _read_safetensors_model(path: Path, max_read_bytes: int) -> Model:
-    tensors, raw = read_safetensors(path, max_read_bytes=max_read_bytes)
+def _read_safetensors_model(path: Path, max_read_bytes: int, max_weights: int) -> Model:
+    tensors, raw = read_safetensors(path, max_read_bytes=max_read_bytes, max_weights=max_weights)
     if set(tensors) == set(TORCH_KEYS):
         from advgrad.interop import from_torch
 
@@ -383,34 +406,45 @@ def _read_safetensors_model(path: Path, max_read_bytes: int) -> Model:
     return _model_from(tensors, values, metadata, path)
 
 
-def read_model_file(path: str | os.PathLike, *, max_read_bytes: int = MAX_READ_BYTES) -> Model:
+def read_model_file(
+    path: str | os.PathLike,
+    *,
+    max_read_bytes: int = MAX_READ_BYTES,
+    max_weights: int = MAX_WEIGHTS,
+) -> Model:
     """Read a model from an advgrad HDF5 file, a ``.npz`` or a ``.safetensors`` file.
 
     The format follows the extension (``model_format``). A ``.safetensors`` file holds
     tensors ``W1 (d, H) b1 W2 (H, C) b2``, or the state_dict of
     ``nn.Sequential(Linear, Sigmoid, Linear)`` (``0.weight (H, d)`` ...); its ``__metadata__``
     strings (JSON values) fill ``input_shape``, ``class_names``, ``x_min``, ``x_max`` and the
-    model's metadata.
+    model's metadata. An array of more than ``max_weights`` elements is refused from its
+    stored shape, before anything is read (``load_model``).
 
     Raises
     ------
     InputFileError
-        The file is refused (see ``load_model`` and ``read_safetensors``), or its arrays do not
-        form a model.
+        The file is refused (see ``load_model`` and ``read_safetensors``), is not a regular
+        file, or its arrays do not form a model.
     ValueError
         Unknown extension.
     """
     kind = model_format(path)
     if kind == "hdf5":
-        return load_model(path, max_read_bytes=max_read_bytes)
-    if not Path(path).is_file():
-        raise InputFileError(path, None, "no such file")
+        return load_model(path, max_read_bytes=max_read_bytes, max_weights=max_weights)
+    file_path = regular_input(path, f"a .{kind} file")
     if kind == "npz":
-        return _read_npz_model(Path(path), max_read_bytes)
-    return _read_safetensors_model(Path(path), max_read_bytes)
+        return _read_npz_model(file_path, max_read_bytes, max_weights)
+    return _read_safetensors_model(file_path, max_read_bytes, max_weights)
 
 
-def write_model_file(model: Model, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+def write_model_file(
+    model: Model,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
+) -> None:
     """Write a model as advgrad HDF5, ``.npz`` or ``.safetensors``, by extension, crash-safely.
 
     ``.npz`` stores W1 b1 W2 b2 and the set ones of input_shape, class_names, x_min, x_max
@@ -418,18 +452,21 @@ def write_model_file(model: Model, path: str | os.PathLike, *, overwrite: bool =
     ``__metadata__``: strings as they are, other values as JSON (read back as such, so a
     string that reads as a JSON number, bool or list comes back as that value).
 
+    ``path`` may not be any of ``inputs`` (by identity), even with ``overwrite``.
+
     Raises
     ------
     InputFileError
-        ``path`` exists and ``overwrite`` is False, or cannot be written.
+        ``path`` exists and ``overwrite`` is False, is a directory or an input, or cannot be
+        written.
     ValueError
-        Unknown extension.
+        Unknown extension; HDF5 cannot store a metadata value (larger than 64 KiB).
     """
     kind = model_format(path)
     target = Path(path)
-    _check_target(target, (), overwrite)
+    check_output(target, overwrite=overwrite, inputs=inputs)
     if kind == "hdf5":
-        save_model(model, target)
+        save_model(model, target, inputs=inputs)
         return
     arrays = {name: getattr(model, name) for name in MODEL_ARRAYS}
     common = {name: getattr(model, name) for name in NPZ_OPTIONAL}
@@ -441,17 +478,23 @@ def write_model_file(model: Model, path: str | os.PathLike, *, overwrite: bool =
             for key, value in attrs.items()
             if value is not None
         }
-        write_safetensors(target, arrays, metadata, overwrite=overwrite)
+        write_safetensors(target, arrays, metadata, overwrite=overwrite, inputs=inputs)
         return
     extra = {key: np.asarray(value) for key, value in common.items() if value is not None}
-    with _atomic_file(target, overwrite=overwrite) as handle:
+    with _atomic_file(target, overwrite=overwrite, inputs=inputs) as handle:
         np.savez(handle, **arrays, **extra)
 
 
 def convert_model(
-    source: str | os.PathLike, target: str | os.PathLike, *, overwrite: bool = False
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_weights: int = MAX_WEIGHTS,
 ) -> Model:
     """Convert a model file between HDF5, ``.npz`` and ``.safetensors`` (by extensions).
+
+    ``max_weights`` is passed on to ``read_model_file``.
 
     Returns
     -------
@@ -461,16 +504,20 @@ def convert_model(
     Raises
     ------
     InputFileError, ValueError
-        As ``read_model_file`` and ``write_model_file``; ValueError also when both files
-        have the same format.
+        As ``read_model_file`` and ``write_model_file`` (a metadata value HDF5 cannot store
+        is an InputFileError naming ``source``); ValueError also when both files have the
+        same format.
     """
     if model_format(source) == model_format(target):
         raise ValueError(
             f"{source} and {target} are both {model_format(source)}; nothing to convert"
         )
-    _check_target(Path(target), (source,), overwrite)
-    model = read_model_file(source)
-    write_model_file(model, target, overwrite=overwrite)
+    check_output(Path(target), overwrite=overwrite, inputs=(source,))
+    model = read_model_file(source, max_weights=max_weights)
+    try:
+        write_model_file(model, target, overwrite=overwrite, inputs=(source,))
+    except ValueError as exc:
+        raise InputFileError(source, None, f"cannot be written as {target}: {exc}") from exc
     return model
 
 
@@ -517,12 +564,14 @@ def _reading(path) -> Iterator[None]:
     try:
         yield
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
-        raise InputFileError(path, None, f"cannot read: {exc}") from exc
+        raise InputFileError(path, None, f"cannot read: {error_reason(exc)}") from exc
 
 
 def _checked_row_shape(path, name, shape: tuple[int, ...], dtype: np.dtype) -> None:
     if len(shape) > MAX_NDIM or math.prod(shape) > MAX_ELEMENTS:
         raise InputFileError(path, name, f"shape {shape} is beyond advgrad's limits")
+    if math.prod(shape[1:]) == 0:
+        raise InputFileError(path, name, f"has shape {shape}: its rows hold no values")
     if math.prod(shape[1:]) * max(dtype.itemsize, 8) > MAX_CHUNK_BYTES:
         raise InputFileError(
             path, name, f"one row of shape {shape[1:]} is larger than {MAX_CHUNK_BYTES} bytes"
@@ -533,7 +582,7 @@ def _npy_source(path: Path) -> _Source:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise InputFileError(path, None, f"cannot read as .npy: {exc}") from exc
+        raise InputFileError(path, None, f"cannot read as .npy: {error_reason(exc)}") from exc
     if array.ndim < 1:
         raise InputFileError(path, None, "holds a scalar; expected (N, ...) rows")
     _checked_row_shape(path, None, array.shape, array.dtype)
@@ -579,16 +628,10 @@ def _npz_source(path: Path, key: str) -> _Source:
                 found = ", ".join(m.removesuffix(".npy") for m in members) or "nothing"
                 raise InputFileError(path, key, f"no such array; the archive holds {found}")
             with archive.open(f"{key}.npy") as member:
-                version = np.lib.format.read_magic(member)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-                elif version == (2, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-                else:
-                    raise InputFileError(path, key, f"unsupported .npy version {version}")
+                shape, fortran, dtype = _npy_header(member, path, key)
                 skip = member.tell()
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise InputFileError(path, key, f"cannot read as .npz: {exc}") from exc
+        raise InputFileError(path, key, f"cannot read as .npz: {error_reason(exc)}") from exc
     if dtype.hasobject or dtype.kind not in "biuf":
         raise InputFileError(path, key, f"has dtype {dtype}; expected numbers (never objects)")
     if not shape:
@@ -674,6 +717,18 @@ def _parse_csv_block(lines: list[tuple[int, str]], delimiter: str, n_columns: in
     raise InputFileError(path, None, "cannot parse the values")  # pragma: no cover
 
 
+def _csv_line(handle: IO[str], number: int, path) -> str:
+    """Line ``number`` of a text stream ("" at the end), at most ``MAX_CSV_LINE_CHARS`` long."""
+    line = handle.readline(MAX_CSV_LINE_CHARS + 1)
+    if len(line) > MAX_CSV_LINE_CHARS:
+        raise InputFileError(
+            path,
+            None,
+            f"line {number} is longer than {MAX_CSV_LINE_CHARS} characters (MAX_CSV_LINE_CHARS)",
+        )
+    return line
+
+
 def _csv_source(path: Path, label_column: int | str | None) -> _Source:
     """CSV rows; the first line is a header when any of its fields is not a number."""
     delimiter = CSV_SUFFIXES[Path(path.name.lower().removesuffix(".gz")).suffix]
@@ -684,7 +739,7 @@ def _csv_source(path: Path, label_column: int | str | None) -> _Source:
         return path.open(newline="")
 
     with _reading(path), open_text() as handle:
-        first = handle.readline()
+        first = _csv_line(handle, 1, path)
     fields = [field.strip() for field in first.rstrip("\r\n").split(delimiter)]
     try:
         [float(field) for field in fields]
@@ -710,9 +765,12 @@ def _csv_source(path: Path, label_column: int | str | None) -> _Source:
 
     def blocks(rows: int):
         with _reading(path), open_text() as handle:
+            lines = (_csv_line(handle, number, path) for number in itertools.count(1))
             numbered = (
                 (number, text)
-                for number, text in enumerate(itertools.islice(handle, skip, None), skip + 1)
+                for number, text in enumerate(
+                    itertools.islice(itertools.takewhile(bool, lines), skip, None), skip + 1
+                )
                 if text.strip()
             )
             while lines := list(itertools.islice(numbered, rows)):
@@ -727,8 +785,6 @@ def _csv_source(path: Path, label_column: int | str | None) -> _Source:
 
 def _source(path: Path, key: str) -> _Source:
     kind = data_format(path)
-    if not path.is_file():
-        raise InputFileError(path, None, "no such file")
     if kind == "npy":
         return _npy_source(path)
     if kind == "npz":
@@ -849,10 +905,20 @@ def convert_dataset(
         raise ValueError("label_column applies to CSV sources")
     if scale is not None and not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be > 0, got {scale}")
-    _check_target(target, (source, labels), overwrite)
+    check_output(target, overwrite=overwrite, inputs=(source, labels))
+    for path in (source, labels):
+        if path is not None:
+            regular_input(path, f"a .{data_format(path)} file")
     x_source = _csv_source(source, label_column) if kind == "csv" else _source(source, x_key)
     if x_source.dtype.kind not in "biuf":
         raise InputFileError(source, None, f"has dtype {x_source.dtype}; expected numbers")
+    if not x_source.row_shape:
+        raise InputFileError(
+            source,
+            None if kind != "npz" else x_key,
+            f"holds a 1-D array of {x_source.n_rows} values; expected rows (N, d) with a "
+            "feature axis (reshape it to (N, 1) for one feature per row)",
+        )
     y_source = None
     if labels is not None:
         y_source = _source(Path(labels), "y")
@@ -888,26 +954,13 @@ def convert_dataset(
         "scale": scale,
     }
     label_path = source if y_source is None else y_source.path
-    with _partial_dataset(target, overwrite) as partial:
+    with _atomic_h5(target, overwrite=overwrite, inputs=(source, labels)) as f:
         options = (scale, out_dtype, rows, compression)
-        written, y_kind = _write_blocks(
-            partial.file, blocks, x_source, label_path, options, progress
-        )
-        _write_attrs(partial.file, attrs)
+        written, y_kind = _write_blocks(f, blocks, x_source, label_path, options, progress)
+        _write_attrs(f, attrs)
     return DatasetConversion(
         target, written, x_source.row_shape, out_dtype, y_kind, attrs["x_min"], attrs["x_max"]
     )
-
-
-@contextmanager
-def _partial_dataset(target: Path, overwrite: bool) -> Iterator[_PartialFile]:
-    partial = _PartialFile(target)
-    try:
-        yield partial
-    except BaseException:
-        partial.discard()
-        raise
-    partial.commit(overwrite=overwrite)
 
 
 def _write_blocks(f, blocks, source: _Source, label_path, options, progress):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -9,8 +10,12 @@ import numpy as np
 
 from advgrad.io.files import load_model, open_dataset, sha256_file
 from advgrad.io.safe import open_input, read_attrs
+from advgrad.model import MAX_WEIGHTS
 
 DESCRIBE_ROWS_PER_BLOCK = 65536
+"""Most rows of a dataset read at once."""
+DESCRIBE_BLOCK_BYTES = 64 * 2**20
+"""Most bytes of a dataset read at once (fewer rows when rows are large)."""
 
 
 @dataclass(frozen=True)
@@ -29,11 +34,14 @@ def _text(value) -> str:
     return str(value)
 
 
-def describe_file(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> FileDescription:
+def describe_file(
+    path: str | os.PathLike, *, allow_nonfinite: bool = False, max_weights: int = MAX_WEIGHTS
+) -> FileDescription:
     """Describe a model file (root attribute ``advgrad_format``) or a dataset file (``/X``).
 
-    A dataset is read block by block (``DESCRIBE_ROWS_PER_BLOCK`` rows), so every value is
-    validated in bounded memory.
+    A model is read by ``load_model`` (``max_weights`` bounds its arrays). A dataset is read
+    block by block (at most ``DESCRIBE_ROWS_PER_BLOCK`` rows and ``DESCRIBE_BLOCK_BYTES``),
+    so every value is validated in bounded memory; the value range leaves NaN out.
 
     Raises
     ------
@@ -43,7 +51,7 @@ def describe_file(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> 
     with open_input(path) as f:
         attrs = read_attrs(f, path=path)
     if "advgrad_format" in attrs:
-        model = load_model(path)
+        model = load_model(path, max_weights=max_weights)
         items = [
             ("format", f"{attrs['advgrad_format']} v{attrs.get('format_version')}"),
             ("dtype", str(model.dtype)),
@@ -59,9 +67,12 @@ def describe_file(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> 
         with open_dataset(path, allow_nonfinite=allow_nonfinite) as reader:
             low, high = np.inf, -np.inf
             counts: dict[int, int] = {}
-            for _, X, y in reader.chunks(DESCRIBE_ROWS_PER_BLOCK):
-                if X.size:
-                    low, high = min(low, float(np.nanmin(X))), max(high, float(np.nanmax(X)))
+            row_bytes = math.prod(reader.row_shape) * reader.dtype.itemsize
+            rows = max(1, min(DESCRIBE_ROWS_PER_BLOCK, DESCRIBE_BLOCK_BYTES // row_bytes))
+            for _, X, y in reader.chunks(rows):
+                # fmin and fmax skip NaN without warning when every value is NaN
+                low = float(np.fmin.reduce(X, axis=None, initial=low))
+                high = float(np.fmax.reduce(X, axis=None, initial=high))
                 if y is not None:
                     classes = y if y.ndim == 1 else np.argmax(y, axis=1)
                     for label, count in zip(*np.unique(classes, return_counts=True), strict=True):

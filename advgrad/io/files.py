@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -32,18 +31,21 @@ from advgrad.io.checkpoint import (
     OutputLock,
     block_crc,
     fingerprint,
-    fsync_directory,
     partial_path,
+    written_paths,
 )
+from advgrad.io.paths import check_output, fsync_directory, refuse_clobbering, temporary_path
 from advgrad.io.safe import (
     MAX_CHUNK_BYTES,
     MAX_READ_BYTES,
     checked_dataset,
+    error_reason,
     open_input,
     read_attrs,
     read_rows,
+    streamed_dataset,
 )
-from advgrad.model import FLOAT_DTYPES, Model
+from advgrad.model import FLOAT_DTYPES, MAX_WEIGHTS, Model
 
 MODEL_FORMAT = "two-layer-sigmoid"
 MODEL_FORMAT_VERSION = 1
@@ -98,11 +100,26 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
+def _beyond_hdf5_int(value: Any) -> bool:
+    """Whether ``value`` is a Python int that neither int64 nor uint64 holds."""
+    return type(value) is int and not -(2**63) <= value < 2**64
+
+
 def _storable(name: str, value: Any) -> Any:
-    """``value`` as it is stored as an attribute: str, numbers, bools, or 1-D arrays of them."""
+    """``value`` as it is stored as an attribute: str, numbers, bools, or 1-D arrays of them.
+
+    An integer that neither int64 nor uint64 holds (a seed of 2**64, a number from a
+    safetensors header) is stored as its decimal string; a list holding one, as a list of
+    decimal strings.
+    """
+    if _beyond_hdf5_int(value):
+        return str(value)
     if isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
         return value
     array = np.asarray(value)
+    items = array.tolist()
+    if array.dtype.kind == "O" and array.ndim == 1 and all(type(item) is int for item in items):
+        return [str(item) for item in items]
     if array.dtype.kind == "U" and array.ndim == 1:
         return array.tolist()
     if array.dtype.kind in "biuf":
@@ -114,15 +131,26 @@ def _storable(name: str, value: Any) -> Any:
 
 
 def _write_attrs(obj: h5py.HLObject, values: Mapping[str, Any]) -> None:
-    """Store str, numbers, bools and arrays of them as attributes; None values are skipped."""
+    """Store str, numbers, bools and arrays of them as attributes; None values are skipped.
+
+    Raises
+    ------
+    TypeError
+        A value of another type.
+    ValueError
+        HDF5 cannot store a value (an attribute larger than 64 KiB).
+    """
     for name, value in values.items():
         if value is None:
             continue
         stored = _storable(name, value)
-        if isinstance(stored, list):
-            obj.attrs.create(name, stored, dtype=h5py.string_dtype())
-        else:
-            obj.attrs[name] = stored
+        try:
+            if isinstance(stored, list):
+                obj.attrs.create(name, stored, dtype=h5py.string_dtype())
+            else:
+                obj.attrs[name] = stored
+        except OSError as exc:
+            raise ValueError(f"attribute {name!r} cannot be stored: {error_reason(exc)}") from exc
 
 
 # --------------------------------------------------------------------------- crash-safe writing
@@ -134,60 +162,104 @@ class _PartialFile:
     ``temp`` defaults to a new ``.<name>.partial-<16 hex digits>.h5``. The file is created
     exclusively (mode ``"x"``), so it never clobbers anything, unless ``existing``, which opens
     ``temp`` read-write to go on with it. :meth:`discard` deletes it; :meth:`close` keeps it.
+    A failure to write (a full disk) raises :class:`InputFileError`; every way out but
+    :meth:`close` deletes the file, so a failure never leaves a file behind.
     """
 
     def __init__(self, target: Path, temp: Path | None = None, *, existing: bool = False) -> None:
         if target.is_dir():
             raise InputFileError(target, None, "is a directory")
         self.target = target
-        self.temp = temp or target.with_name(f".{target.name}.partial-{secrets.token_hex(8)}.h5")
+        self.temp = temp or temporary_path(target, ".h5")
         try:
             self.file = h5py.File(self.temp, "r+" if existing else "x", rdcc_nbytes=0)
-        except OSError as exc:
-            raise InputFileError(target, None, f"cannot create {self.temp}: {exc}") from exc
+        except (OSError, RuntimeError) as exc:
+            if not existing and not isinstance(exc, FileExistsError):
+                with suppress(OSError):  # HDF5 may fail after creating the file
+                    self.temp.unlink()
+            raise InputFileError(
+                target, None, f"cannot create {self.temp.name}: {error_reason(exc)}"
+            ) from exc
+
+    def failure(self, exc: BaseException) -> InputFileError:
+        """``exc``, raised while writing the file, as an InputFileError naming the target."""
+        return InputFileError(
+            self.target, None, f"cannot write: {error_reason(exc)} (writing {self.temp.name})"
+        )
+
+    @contextmanager
+    def writing(self) -> Iterator[h5py.File]:
+        """Run the block's writes to the file; when it raises, delete the file (and raise an
+        OSError or RuntimeError from HDF5, such as a full disk, as :meth:`failure`)."""
+        try:
+            yield self.file
+        except BaseException as exc:
+            self.discard()
+            if isinstance(exc, OSError | RuntimeError):
+                raise self.failure(exc) from exc
+            raise
 
     def sync(self) -> None:
         """Flush HDF5's buffers and fsync the file: what was written survives a crash."""
-        self.file.flush()
-        with self.temp.open("rb") as handle:
-            os.fsync(handle.fileno())
+        try:
+            self.file.flush()
+            with self.temp.open("rb") as handle:
+                os.fsync(handle.fileno())
+        except (OSError, RuntimeError) as exc:
+            raise self.failure(exc) from exc
 
-    def commit(self, *, overwrite: bool) -> None:
-        """Close, fsync, rename onto the target, fsync the directory."""
+    def commit(self, *, overwrite: bool, inputs: Sequence[str | os.PathLike | None] = ()) -> None:
+        """Close, fsync, check the target again (``check_output``), rename onto it, fsync the
+        directory. On any failure the file is deleted."""
         try:
             self.file.close()
             with self.temp.open("rb") as handle:
                 os.fsync(handle.fileno())
-            if not overwrite and self.target.exists():
-                raise InputFileError(self.target, None, "exists; pass --overwrite")
+            check_output(self.target, overwrite=overwrite, inputs=inputs)
             self.temp.replace(self.target)
-        except OSError as exc:
+        except BaseException as exc:
             self.discard()
-            raise InputFileError(self.target, None, f"cannot write: {exc}") from exc
-        except BaseException:
-            self.discard()
+            if isinstance(exc, OSError | RuntimeError):
+                raise self.failure(exc) from exc
             raise
         fsync_directory(self.target.parent)
 
     def close(self) -> None:
         """Close the file and keep it."""
-        self.file.close()
+        try:
+            self.file.close()
+        except (OSError, RuntimeError) as exc:
+            raise self.failure(exc) from exc
 
     def discard(self) -> None:
         """Close and delete the temporary file; the target is untouched."""
-        self.file.close()
-        self.temp.unlink(missing_ok=True)
+        try:
+            # The file is deleted: what HDF5 could not write to it no longer matters.
+            with suppress(OSError, RuntimeError):
+                self.file.close()
+        finally:
+            self.temp.unlink(missing_ok=True)
 
 
 @contextmanager
-def _atomic_h5(target: str | os.PathLike) -> Iterator[h5py.File]:
-    partial = _PartialFile(Path(target))
-    try:
-        yield partial.file
-    except BaseException:
-        partial.discard()
-        raise
-    partial.commit(overwrite=True)
+def _atomic_h5(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    inputs: Sequence[str | os.PathLike | None] = (),
+) -> Iterator[h5py.File]:
+    """A new HDF5 file beside ``target``, renamed onto it when the block ends normally,
+    deleted when anything fails.
+
+    ``target`` is refused up front (and again before the rename) when it is a directory, one
+    of ``inputs`` (by identity), or exists without ``overwrite``.
+    """
+    target = Path(target)
+    check_output(target, overwrite=overwrite, inputs=inputs)
+    partial = _PartialFile(target)
+    with partial.writing() as f:
+        yield f
+    partial.commit(overwrite=overwrite, inputs=inputs)
 
 
 def _check_compression(compression: str | None) -> None:
@@ -240,6 +312,7 @@ def load_model(
     *,
     as_dtype: DTypeLike | None = None,
     max_read_bytes: int = MAX_READ_BYTES,
+    max_weights: int = MAX_WEIGHTS,
 ) -> Model:
     """Read a model file (DESIGN.md section 3), refusing anything unsafe or malformed.
 
@@ -254,6 +327,10 @@ def load_model(
         range is refused instead of becoming inf. None keeps the stored dtype.
     max_read_bytes : int
         Refuse a weight array larger than this many bytes (``MAX_READ_BYTES``, 4 GiB).
+    max_weights : int
+        Refuse an array of more elements than this (``d * H`` for W1, ``H * C`` for W2;
+        ``advgrad.model.MAX_WEIGHTS``), from its stored shape, before reading or allocating
+        anything.
 
     Returns
     -------
@@ -266,7 +343,7 @@ def load_model(
     InputFileError
         Wrong or missing format attributes, unsafe or missing datasets, mixed dtypes, shapes
         that disagree, non-finite weights (never accepted: see :class:`Model`), weights that
-        overflow ``as_dtype`` or exceed ``max_read_bytes``, a corrupt file.
+        overflow ``as_dtype`` or exceed ``max_read_bytes`` or ``max_weights``, a corrupt file.
     """
     with open_input(path) as f:
         attrs = read_attrs(f, path=path)
@@ -293,6 +370,8 @@ def load_model(
         if len({dset.dtype for dset in datasets.values()}) > 1:
             found = ", ".join(f"{name} {dset.dtype}" for name, dset in datasets.items())
             raise InputFileError(path, None, f"weights must share one dtype, got {found}")
+        for name, dset in datasets.items():
+            refuse_large_weights(path, f"/{name}", dset.shape, max_weights)
         arrays = {
             name: read_rows(
                 dset, 0, dset.shape[0], path=path, as_dtype=as_dtype, max_bytes=max_read_bytes
@@ -309,7 +388,29 @@ def load_model(
         ) from exc
 
 
-def save_model(model: Model, path: str | os.PathLike) -> None:
+def refuse_large_weights(
+    path: str | os.PathLike, name: str, shape: Sequence[int], max_weights: int
+) -> None:
+    """Refuse a model array of more than ``max_weights`` elements, from its stored shape.
+
+    Raises
+    ------
+    InputFileError
+        Naming the file, the array ``name``, its shape and the limit.
+    """
+    n_weights = math.prod(shape)
+    if n_weights > max_weights:
+        raise InputFileError(
+            path,
+            name,
+            f"has shape {tuple(shape)}, {n_weights} weights, over the limit of {max_weights} "
+            "(--max-weights raises it)",
+        )
+
+
+def save_model(
+    model: Model, path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = ()
+) -> None:
     """Write a model file crash-safely (temporary file, fsync, rename onto ``path``).
 
     Parameters
@@ -320,15 +421,19 @@ def save_model(model: Model, path: str | os.PathLike) -> None:
         (skipped when None).
     path : str or os.PathLike
         Target file, replaced if it exists.
+    inputs : sequence of path
+        The files the model was made from; ``path`` may not be any of them (by identity:
+        ``advgrad.io.paths.same_file``).
 
     Raises
     ------
     ValueError
-        A metadata key clashes with a format attribute.
+        A metadata key clashes with a format attribute, or HDF5 cannot store a metadata value
+        (larger than 64 KiB).
     TypeError
         A metadata value is not a str, number, bool or 1-D array of them.
     InputFileError
-        The file cannot be written.
+        ``path`` is an input, or the file cannot be written.
     """
     clash = _MODEL_ATTRS.intersection(model.metadata)
     if clash:
@@ -339,7 +444,7 @@ def save_model(model: Model, path: str | os.PathLike) -> None:
         **{name: getattr(model, name) for name in COMMON_ATTRS},
         **model.metadata,
     }
-    with _atomic_h5(path) as f:
+    with _atomic_h5(path, inputs=inputs) as f:
         for name in MODEL_ARRAYS:
             f.create_dataset(name, data=getattr(model, name))
         _write_attrs(f, attrs)
@@ -442,12 +547,12 @@ class DatasetReader:
         self._max_read_bytes = max_read_bytes
         self._file = open_input(path)
         try:
-            self._X = checked_dataset(self._file, "/X", kind="float")
+            self._X = streamed_dataset(self._file, "/X", kind="float")
             if self._X.ndim < 2:
                 raise InputFileError(
                     path, "/X", f"has shape {self._X.shape}; expected (N, ...) with a feature axis"
                 )
-            self._y = checked_dataset(self._file, "/y", kind="label", required=False)
+            self._y = streamed_dataset(self._file, "/y", kind="label", required=False)
             if self._y is not None:
                 problem = _label_layout_problem(
                     self._y.shape, self._y.dtype, self.n_rows, n_classes
@@ -692,6 +797,7 @@ def save_dataset(
     *,
     attrs: Mapping[str, Any] | None = None,
     compression: str | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> None:
     """Write a dataset file crash-safely (temporary file, fsync, rename onto ``path``).
 
@@ -707,11 +813,15 @@ def save_dataset(
         Root attributes: str, numbers, bools or 1-D arrays of them; None values are skipped.
     compression : {None, "gzip", "lzf"}
         With compression, the shuffle filter is added.
+    inputs : sequence of path
+        The files the data came from; ``path`` may not be any of them (by identity).
 
     Raises
     ------
     ValueError
         Bad dtypes or shapes, invalid labels, unknown compression.
+    InputFileError
+        ``path`` is an input, or the file cannot be written.
     """
     _check_compression(compression)
     X = _native(np.asarray(X))
@@ -724,7 +834,7 @@ def save_dataset(
             raise ValueError(f"y {problem}")
     row_bytes = math.prod(X.shape[1:]) * X.dtype.itemsize
     rows = max(1, SAVE_CHUNK_BYTES // row_bytes)
-    with _atomic_h5(path) as f:
+    with _atomic_h5(path, inputs=inputs) as f:
         _create_rows(f, "X", X.shape, X.dtype, rows, compression)[...] = X
         if y is not None:
             _create_rows(f, "y", y.shape, y.dtype, rows, compression)[...] = y
@@ -732,12 +842,6 @@ def save_dataset(
 
 
 # --------------------------------------------------------------------------- adversarial output
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    return a.exists() and b.exists() and a.samefile(b)
 
 
 def _shuffled_deflate(chunk: np.ndarray) -> bytes:
@@ -824,8 +928,11 @@ class AdversarialWriter:
     compression : {None, "gzip", "lzf"}
     overwrite : bool
         Replace an existing ``target``.
-    inputs : sequence of path
-        Input files; ``target`` may not be any of them, even with ``overwrite``.
+    inputs : sequence of path or None
+        Input files (None entries skipped): no path the writer writes or deletes
+        (``target``, its partial output, checkpoint and lock) may be any of them, by identity
+        (``advgrad.io.paths.refuse_clobbering``), even with ``overwrite``; this is checked
+        before anything is locked, created or deleted.
     columns : mapping of name to dtype, optional
         Extra per-row datasets (N,), e.g. ``{"eps_min": "float64", "target": "int64"}``.
     resume : bool or None
@@ -866,7 +973,7 @@ class AdversarialWriter:
         rows_per_chunk: int,
         compression: str | None = None,
         overwrite: bool = False,
-        inputs: Sequence[str | os.PathLike] = (),
+        inputs: Sequence[str | os.PathLike | None] = (),
         columns: Mapping[str, DTypeLike] | None = None,
         resume: bool | None = None,
     ) -> None:
@@ -890,15 +997,9 @@ class AdversarialWriter:
         for name, column_dtype in (columns or {}).items():
             layout[name] = ((), np.dtype(column_dtype))
         self._layout = layout
-        for source in inputs:
-            if _same_file(self.target, Path(source)):
-                raise InputFileError(
-                    target, None, f"is the input file {source}; choose another output path"
-                )
-        if self.target.exists() and not overwrite:
-            raise InputFileError(target, None, "exists; pass --overwrite")
-        if self.target.is_dir():
-            raise InputFileError(target, None, "is a directory")
+        self._inputs = tuple(inputs)
+        refuse_clobbering(self.target, written_paths(self.target), self._inputs)
+        check_output(self.target, overwrite=overwrite, inputs=self._inputs)
         self._overwrite = overwrite
         try:
             self._lock = OutputLock(self.target)
@@ -939,16 +1040,13 @@ class AdversarialWriter:
         self, attrs: Mapping[str, Any], rows_per_chunk: int, compression: str | None
     ) -> _PartialFile:
         partial = _PartialFile(self.target, partial_path(self.target))
-        try:
-            _write_attrs(partial.file, {**attrs, "complete": False})
+        with partial.writing() as f:
+            _write_attrs(f, {**attrs, "complete": False})
             for name, (tail, dtype) in self._layout.items():
                 _create_rows(
-                    *(partial.file, name, (0, *tail), dtype, rows_per_chunk, compression),
+                    *(f, name, (0, *tail), dtype, rows_per_chunk, compression),
                     final_rows=self.n_rows,
                 )
-        except BaseException:
-            partial.discard()
-            raise
         return partial
 
     def _resumed(self, resume: bool | None) -> _PartialFile | None:
@@ -1075,18 +1173,24 @@ class AdversarialWriter:
                 raise ValueError(f"{name} must have shape ({m},), got {np.shape(columns[name])}")
             values[name] = columns[name]
         stored = [np.asarray(values[name], dtype=self._layout[name][1]) for name in self._layout]
-        for dset, array in zip(self._datasets.values(), stored, strict=True):
-            dset.resize(start + m, axis=0)
-            whole_chunks = start % dset.chunks[0] == 0 and (
-                m % dset.chunks[0] == 0 or start + m == self.n_rows
-            )
-            if dset.name == "/X" and self._encode_X is not None and whole_chunks:
-                _write_chunks(dset, start, array, self._encode_X, self._deflate_pool)
-            else:
-                dset[start : start + m] = array
+        try:
+            for dset, array in zip(self._datasets.values(), stored, strict=True):
+                self._write_rows(dset, start, array)
+        except (OSError, RuntimeError) as exc:
+            raise self._partial.failure(exc) from exc
         if m:
             self._checkpoint.blocks.append([start, start + m, block_crc(stored)])
         self.rows_written += m
+
+    def _write_rows(self, dset: h5py.Dataset, start: int, rows: np.ndarray) -> None:
+        dset.resize(start + len(rows), axis=0)
+        whole_chunks = start % dset.chunks[0] == 0 and (
+            len(rows) % dset.chunks[0] == 0 or start + len(rows) == self.n_rows
+        )
+        if dset.name == "/X" and self._encode_X is not None and whole_chunks:
+            _write_chunks(dset, start, rows, self._encode_X, self._deflate_pool)
+        else:
+            dset[start : start + len(rows)] = rows
 
     def checkpoint(self, state: Mapping[str, Any] | None = None) -> None:
         """Make every row written so far durable, with the job's running totals ``state``.
@@ -1112,7 +1216,9 @@ class AdversarialWriter:
         RuntimeError
             Not every row was written (the partial file is deleted).
         InputFileError
-            The target appeared meanwhile (without ``overwrite``), or the rename failed.
+            The file cannot be written (a full disk: the partial output is kept when it has a
+            checkpoint, as by :meth:`suspend`), the target appeared meanwhile (without
+            ``overwrite``) or became an input, or the rename failed.
         """
         if not self._open:
             return
@@ -1120,27 +1226,55 @@ class AdversarialWriter:
         try:
             if self.rows_written != self.n_rows:
                 self._partial.discard()
+                Checkpoint.remove(self.target)
                 raise RuntimeError(
                     f"only {self.rows_written} of {self.n_rows} rows were written; "
                     f"{self.target} was not created"
                 )
-            self._partial.file.attrs["complete"] = True
-            self._partial.commit(overwrite=self._overwrite)
+            try:
+                self._partial.file.attrs["complete"] = True
+                self._partial.close()
+            except (OSError, RuntimeError) as exc:
+                self._set_aside()
+                raise self._partial.failure(exc) from exc
+            except InputFileError:
+                self._set_aside()
+                raise
+            try:
+                self._partial.commit(overwrite=self._overwrite, inputs=self._inputs)
+            finally:
+                Checkpoint.remove(self.target)
         finally:
-            Checkpoint.remove(self.target)
             self._lock.release()
+
+    def _set_aside(self) -> None:
+        """Keep the partial output when it has a checkpoint, else delete it.
+
+        Raises
+        ------
+        InputFileError
+            The kept file cannot be closed (a full disk); it stays on disk.
+        """
+        if Checkpoint.load(self.target) is None:
+            self._partial.discard()
+        else:
+            self._partial.close()
 
     def suspend(self) -> None:
         """Stop, keeping the partial output for a later writer to resume when it has a
-        checkpoint (else deleting it). The target is untouched. No-op once finished."""
+        checkpoint (else deleting it). The target is untouched. No-op once finished.
+
+        Raises
+        ------
+        InputFileError
+            The kept partial output cannot be closed (a full disk); it stays on disk, and a
+            later writer resumes it from its checkpoint.
+        """
         if not self._open:
             return
         self._stop()
         try:
-            if Checkpoint.load(self.target) is None:
-                self._partial.discard()
-            else:
-                self._partial.close()
+            self._set_aside()
         finally:
             self._lock.release()
 
