@@ -5,7 +5,7 @@ Heavy imports (numba, h5py, the kernels) happen inside the commands, so ``--help
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +14,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from advgrad.errors import printable
 
 app = typer.Typer(
     name="advgrad",
@@ -51,7 +54,6 @@ ModelOption = Annotated[
     Path | None,
     typer.Option(
         "--model",
-        dir_okay=False,
         help="Model file (.h5, advgrad model format). Default: the bundled digits network.",
         show_default=False,
     ),
@@ -60,11 +62,22 @@ DataOption = Annotated[
     Path | None,
     typer.Option(
         "--data",
-        dir_okay=False,
         help="Dataset file (.h5 with /X and optional /y). Default: the bundled digits test set.",
         show_default=False,
     ),
 ]
+
+
+def _literal(value: object) -> Text:
+    """``value`` as rich text shown as it is: control characters escaped, so that it stays on
+    one line and cannot drive the terminal, and brackets not read as markup. Every string
+    that came from a file or a path goes through here (or :func:`_markup_literal`)."""
+    return Text(printable(value))
+
+
+def _markup_literal(value: object) -> str:
+    """``value`` escaped like :func:`_literal`, for splicing into a markup string."""
+    return escape(printable(value))
 
 
 @contextmanager
@@ -76,7 +89,9 @@ def _reported_errors():
         yield
     except (AdvgradError, ValueError, OSError) as error:
         errors.print(
-            f"[bold red]advgrad: error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+            f"[bold red]advgrad: error:[/] {_markup_literal(error)}",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -118,7 +133,7 @@ def _stop_on_signals():
         yield stop
     except Interrupted as interruption:
         errors.print(
-            f"[bold red]advgrad: interrupted:[/] {escape(str(interruption))}",
+            f"[bold red]advgrad: interrupted:[/] {_markup_literal(interruption)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -215,6 +230,11 @@ AllowNonfiniteOption = Annotated[
 ]
 
 
+OverwriteOption = Annotated[
+    bool, typer.Option(help="Replace an existing output file (never an input).")
+]
+
+
 def _clip(clip_min: float | None, clip_max: float | None) -> tuple[float, float] | None:
     if (clip_min is None) != (clip_max is None):
         errors.print(
@@ -246,21 +266,24 @@ def _progress_bar(description: str):
         TimeRemainingColumn(),
         console=errors,
         transient=True,
+        disable=not errors.is_terminal,
     )
 
 
 def _summary_table(title: str, rows) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=_literal(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(_literal(name), _literal(value))
     return table
 
 
 def _quartiles(values) -> str:
     import numpy as np
 
+    if len(values) == 0:
+        return "-"
     q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75], method="lower")
     found = np.isfinite(values).mean()
     return f"median {median:.4g} (quartiles {q25:.4g}, {q75:.4g}); found for {100 * found:.1f} %"
@@ -430,7 +453,7 @@ def attack(
                 stop=stop,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
                 notice=lambda message: errors.print(
-                    f"advgrad: {escape(message)}", highlight=False, soft_wrap=True
+                    f"advgrad: {_markup_literal(message)}", highlight=False, soft_wrap=True
                 ),
             )
     config = reports[0].attack
@@ -438,13 +461,13 @@ def attack(
     if len(reports) == 1:
         console.print(_summary_table(title, _attack_report_rows(reports[0])))
         return
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_literal(title), title_justify="left")
     columns = [dict(_attack_report_rows(report)) for report in reports]
     table.add_column(style="bold", no_wrap=True)
     for column in columns:
         table.add_column(f"eps {column.pop('eps')}", justify="right", overflow="fold")
     for name in columns[0]:
-        table.add_row(name, *(column[name] for column in columns))
+        table.add_row(name, *(_literal(column[name]) for column in columns))
     console.print(table)
 
 
@@ -513,26 +536,31 @@ def evaluate(
     device: DeviceOption = Device.cpu,
     json_path: Annotated[
         Path | None,
-        typer.Option("--json", dir_okay=False, help="Write the results as JSON here."),
+        typer.Option("--json", help="Write the results as JSON here."),
     ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
-            dir_okay=False,
             help="Save accuracy vs eps, one line per method (needs the plot extra).",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace existing --json and --plot files (never an input)."),
+    ] = False,
 ) -> None:
     """Accuracy under attack per method and eps, and each method's minimal-eps summary.
 
     With no --model/--data it evaluates the bundled digits network on its test set. The
     dataset needs labels (/y). "wrong conf." is the mean probability the model gives its
-    wrong predictions.
+    wrong predictions. --json and --plot appear only once complete, and never replace an
+    input.
     """
     clip = _clip(clip_min, clip_max)
-    with _reported_errors():
+    with _reported_errors(), ExitStack() as side_outputs:
         from advgrad.attacks import Attack
         from advgrad.evaluate import evaluate_file, plot_curves, require_matplotlib
+        from advgrad.io import atomic_output, same_file
 
         if plot is not None:
             require_matplotlib()
@@ -557,6 +585,15 @@ def evaluate(
         for name in methods[1:]:
             Attack(name, norm=norm.value)
         model_path, data_path = _defaults(model, data)
+        if json_path is not None and plot is not None and same_file(json_path, plot):
+            raise ValueError("--json and --plot name the same file; give two paths")
+        temporary = {
+            path: side_outputs.enter_context(
+                atomic_output(path, overwrite=overwrite, inputs=(model_path, data_path))
+            )
+            for path in (json_path, plot)
+            if path is not None
+        }
         with _progress_bar("evaluating rows") as bar:
             task = bar.add_task("", total=None)
             result = evaluate_file(
@@ -573,9 +610,9 @@ def evaluate(
                 progress=lambda done: bar.update(task, completed=done),
             )
         if json_path is not None:
-            json_path.write_text(result.to_json())
+            temporary[json_path].write_text(result.to_json())
         if plot is not None:
-            plot_curves(result, plot)
+            plot_curves(result, temporary[plot])
     table = Table(
         title=f"Accuracy under attack, L{result.norm}, {result.n_rows} rows "
         f"(clean {_percent(result.clean_accuracy)})",
@@ -593,7 +630,7 @@ def evaluate(
                 else (f" ({100 * point.wrong_confidence:.0f} %)")
             )
             cells.append(f"{_percent(point.accuracy)}{confidence}")
-        table.add_row(name, *cells)
+        table.add_row(_literal(name), *map(_literal, cells))
     table.caption = "accuracy (mean confidence of the wrong predictions)"
     console.print(table)
     if result.minimal_eps:
@@ -602,7 +639,7 @@ def evaluate(
             summary.add_column(column, justify="right")
         for item in result.minimal_eps:
             summary.add_row(
-                item.method,
+                _literal(item.method),
                 f"{item.q25:.4g}",
                 f"{item.median:.4g}",
                 f"{item.q75:.4g}",
@@ -611,7 +648,7 @@ def evaluate(
         console.print(summary)
     for path in (json_path, plot):
         if path is not None:
-            console.print(f"wrote {path}")
+            console.print(f"wrote {_markup_literal(path)}")
 
 
 @app.command()
@@ -621,7 +658,6 @@ def certify(
     out: Annotated[
         Path | None,
         typer.Option(
-            dir_okay=False,
             help="Output file. Default: <data name>-certify-l<norm>.h5 in the current directory.",
             show_default=False,
         ),
@@ -744,7 +780,7 @@ def certify(
 
 @app.command()
 def info(
-    path: Annotated[Path, typer.Argument(dir_okay=False, help="A model or dataset file (.h5).")],
+    path: Annotated[Path, typer.Argument(help="A model or dataset file (.h5).")],
     allow_nonfinite: AllowNonfiniteOption = False,
 ) -> None:
     """Show what a model or dataset file holds, and whether advgrad accepts it.
@@ -756,11 +792,13 @@ def info(
         from advgrad.io import describe_file
 
         description = describe_file(path, allow_nonfinite=allow_nonfinite)
-    table = Table(title=f"{path} ({description.kind})", show_header=False, title_justify="left")
+    table = Table(
+        title=_literal(f"{path} ({description.kind})"), show_header=False, title_justify="left"
+    )
     table.add_column(style="bold")
     table.add_column()
     for name, value in description.items:
-        table.add_row(name, value)
+        table.add_row(_literal(name), _literal(value))
     table.add_row("valid", "[green]yes[/]")
     console.print(table)
 
@@ -815,17 +853,11 @@ class Precision(StrEnum):
     float64 = "float64"
 
 
-OverwriteOption = Annotated[
-    bool, typer.Option(help="Replace an existing output file (never an input).")
-]
-
-
 @app.command()
 def train(
     data: Annotated[
         Path | None,
         typer.Option(
-            dir_okay=False,
             help="Labelled training set (.h5 with /X and /y). Default: the bundled digits "
             "training set.",
             show_default=False,
@@ -834,15 +866,12 @@ def train(
     test: Annotated[
         Path | None,
         typer.Option(
-            dir_okay=False,
             help="Labelled test set, scored after training. Default: the bundled digits test "
             "set when --data is not given, else none.",
             show_default=False,
         ),
     ] = None,
-    out: Annotated[Path, typer.Option(dir_okay=False, help="Output model file.")] = Path(
-        "model.h5"
-    ),
+    out: Annotated[Path, typer.Option(help="Output model file.")] = Path("model.h5"),
     hidden: Annotated[int, typer.Option(min=1, help="Hidden units H.")] = 64,
     epochs: Annotated[int, typer.Option(min=1, help="Most passes over the data.")] = 300,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per mini-batch.")] = 32,
@@ -977,11 +1006,11 @@ def train(
 def convert_model(
     source: Annotated[
         Path,
-        typer.Argument(dir_okay=False, help="Model file: .h5, .npz or .safetensors."),
+        typer.Argument(help="Model file: .h5, .npz or .safetensors."),
     ],
     target: Annotated[
         Path,
-        typer.Argument(dir_okay=False, help="Output: .h5, .npz or .safetensors."),
+        typer.Argument(help="Output: .h5, .npz or .safetensors."),
     ],
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -1008,16 +1037,14 @@ def convert_data(
     source: Annotated[
         Path,
         typer.Argument(
-            dir_okay=False,
             help=".npy, .npz, an IDX file (MNIST's train-images-idx3-ubyte[.gz]) or CSV "
             "(.csv, .tsv, .txt, optionally .gz).",
         ),
     ],
-    target: Annotated[Path, typer.Argument(dir_okay=False, help="Output dataset file (.h5).")],
+    target: Annotated[Path, typer.Argument(help="Output dataset file (.h5).")],
     labels: Annotated[
         Path | None,
         typer.Option(
-            dir_okay=False,
             help="Labels of a .npy or IDX source: .npy or IDX (train-labels-idx1-ubyte).",
             show_default=False,
         ),
