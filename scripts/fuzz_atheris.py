@@ -1,8 +1,10 @@
 """Coverage-guided fuzzing of advgrad's readers of untrusted files, with atheris (libFuzzer).
 
-Every input is written to a file and loaded as a model and as a dataset; anything but valid data
-or :class:`advgrad.errors.InputFileError` is a finding, and so is a crash, which libFuzzer reports
-with the input that caused it. The corpus starts from the valid files of tests/test_fuzz.py.
+Every input is written to a file, shown by ``advgrad info`` and loaded as a model and as a
+dataset; anything but valid data or :class:`advgrad.errors.InputFileError` is a finding, and so
+is an unsafe report (a traceback, more than one error line, a control character reaching the
+terminal) or a crash, which libFuzzer reports with the input that caused it. The corpus starts
+from the valid files of tests/test_fuzz.py.
 
     pip install atheris
     python scripts/fuzz_atheris.py corpus/ -max_total_time=600 -timeout=20
@@ -29,10 +31,10 @@ SCRATCH = Path(tempfile.mkdtemp(prefix="advgrad-atheris-"))
 
 
 def load(data: bytes) -> None:
-    """Load ``data`` as a file; test_fuzz.load_everything asserts what comes back."""
+    """Examine ``data`` as a file; test_fuzz.examine asserts what is shown and loaded."""
     path = SCRATCH / "input.h5"
     path.write_bytes(data)
-    test_fuzz.load_everything(path)
+    test_fuzz.examine(path)
 
 
 def main() -> None:

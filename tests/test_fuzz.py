@@ -3,38 +3,49 @@
 Two kinds of fuzzing:
 
 - hypothesis strategies over what a file can hold (arrays with NaN/inf, odd dtypes and byte
-  orders, zero-size and huge shapes; attributes of every kind; the threats of SECURITY.md);
+  orders, zero-size and huge shapes; attributes of every kind; the threats of SECURITY.md;
+  terminal-hostile strings as attribute names and values and as link targets, shown by the
+  command line);
 - a mutation fuzzer over small valid model and dataset files (bit flips, overwritten words,
-  truncation, moved bytes, spliced headers). The mutated files are loaded in child processes,
-  many cases per child, one result line per case, so that a crash (a segfault inside HDF5), a
-  hang or a memory spike is caught and pinned to its case instead of killing the test run.
-  ``python tests/test_fuzz.py CASE...`` loads the mutated files of the given cases in-process,
-  to debug one.
+  truncation, moved bytes, spliced headers, names and string values overwritten with
+  terminal-hostile bytes). The mutated files are loaded, and shown by ``advgrad info``, in
+  child processes, many cases per child, one result line per case, so that a crash (a segfault
+  inside HDF5), a hang or a memory spike is caught and pinned to its case instead of killing
+  the test run. ``python tests/test_fuzz.py CASE...`` examines the mutated files of the given
+  cases in-process, to debug one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import operator
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from test_security import MODEL_ATTRS, THREATS, make_model_file
+from typer.testing import CliRunner, Result
 
+from advgrad.bundled import MODEL, TEST_DATA, bundled_path
+from advgrad.cli import app
 from advgrad.errors import InputFileError
 from advgrad.io import (
     AdversarialWriter,
@@ -114,6 +125,59 @@ def load_everything(path: Path) -> str:
     except InputFileError:
         pass
     return "refused"
+
+
+# --------------------------------------------------------------------------- the command line
+
+RUNNER = CliRunner()
+FORGED_LINE = "advgrad: file accepted"
+"""What a newline in a string from a file would forge, if it reached the terminal raw."""
+
+
+def unsafe_output(result: Result, files: Sequence[Path]) -> str | None:
+    """What is wrong with a command's report on untrusted ``files``, in words; None if nothing.
+
+    The report is exit code 0 with nothing on stderr, or exit code 1 with one stderr line
+    ``advgrad: error: ...`` naming one of ``files``; never an exception (a traceback). Every
+    character printed is printable, ``"\\n"`` between lines, and no line starts like
+    ``FORGED_LINE``. (Printable is stricter than "no Cc or Cf character": it also rules out
+    line separators and private-use or unassigned characters, which errors.printable escapes.)
+    """
+    if not isinstance(result.exception, SystemExit | None):
+        return "raised " + "".join(traceback.format_exception(result.exception))
+    output = result.stdout + result.stderr
+    raw = sorted({char for char in output if not char.isprintable()} - {"\n"})
+    if raw:
+        return f"raw {raw} in {output!r}"
+    if any(line.startswith(FORGED_LINE) for line in output.split("\n")):
+        return f"a forged line in {output!r}"
+    if "Traceback" in output:
+        return f"a traceback in {output!r}"
+    if result.exit_code == 0:
+        return f"exit code 0 with stderr {result.stderr!r}" if result.stderr else None
+    line, _, rest = result.stderr.partition("\n")
+    one_error = line.startswith("advgrad: error: ") and not rest and result.stderr.endswith("\n")
+    if result.exit_code != 1 or not one_error or not any(str(file) in line for file in files):
+        return (
+            f"exit code {result.exit_code} with stderr {result.stderr!r}; expected 1 with "
+            f"one line 'advgrad: error: ...' naming {[str(file) for file in files]}"
+        )
+    return None
+
+
+def checked_invoke(args: Sequence[object], files: Sequence[Path]) -> Result:
+    """Run ``advgrad ARGS`` in-process, asserting that its report on ``files`` is safe
+    (:func:`unsafe_output`)."""
+    result = RUNNER.invoke(app, list(map(str, args)))
+    problem = unsafe_output(result, files)
+    assert problem is None, f"advgrad {' '.join(map(str, args))}: {problem}"
+    return result
+
+
+def examine(path: Path) -> str:
+    """:func:`load_everything` of ``path``, after checking what ``advgrad info`` shows of it."""
+    checked_invoke(["info", path], [path])
+    return load_everything(path)
 
 
 # --------------------------------------------------------------------------- hypothesis: arrays
@@ -297,6 +361,230 @@ def test_any_attributes_give_a_model_or_one_error(tmp_path_factory, plain, speci
         assert model is not None  # only those four are checked; any other attribute is kept
 
 
+# --------------------------------------------------------------------------- hypothesis: strings
+
+HOSTILE_PIECES = (
+    "\x1b[2J",  # CSI: clear the screen
+    "\x1b]0;title\x07",  # OSC: set the window title
+    "\x9b2J",  # the same CSI as one C1 control
+    "\r",  # back to the start of the line, to overprint it
+    f"\n{FORGED_LINE}",
+    f"\r\n{FORGED_LINE}\n",
+    "\u202e",  # bidi override: the rest of the line shows reversed
+    "\u2028",  # line separator
+    "\x08\x7f\t",
+    "[/oops]",  # a closing tag without an opening one raises inside rich
+    "[bold]x",
+    "[link=file:///etc/passwd]x[/link]",
+    "\\",
+)
+"""Text that drives a terminal, forges a line, or is rich markup."""
+INVALID_UTF8 = (b"\xff", b"\xc3", b"\xc0\xaf", b"\xed\xa0\x80", b"\x9b", b"\x00")
+"""A stray byte, a cut sequence, an overlong "/", a surrogate, a raw C1 CSI, and NUL."""
+HOSTILE_BYTE_PIECES = (*(piece.encode() for piece in HOSTILE_PIECES), *INVALID_UTF8)
+
+SHORT_HOSTILE_TEXT = st.lists(
+    st.sampled_from(HOSTILE_PIECES)
+    | st.text(st.characters(exclude_characters="\x00", codec="utf-8"), max_size=3),
+    min_size=1,
+    max_size=6,
+).map("".join)
+"""Hostile pieces and any other characters HDF5 can store in a name (UTF-8, no NUL)."""
+HOSTILE_TEXT = SHORT_HOSTILE_TEXT | st.builds(
+    operator.mul, st.sampled_from(HOSTILE_PIECES), st.integers(1_000, 3_000)
+)
+"""Also very long strings (up to 100,000 characters)."""
+HOSTILE_BYTES = st.lists(
+    SHORT_HOSTILE_TEXT.map(str.encode) | st.sampled_from(INVALID_UTF8), min_size=1, max_size=4
+).map(b"".join)
+"""Hostile text as bytes, with invalid UTF-8 and NUL."""
+HOSTILE_NAMES = SHORT_HOSTILE_TEXT.filter(bool) | HOSTILE_BYTES.map(
+    lambda name: name.replace(b"\x00", b"")
+).filter(bool)
+"""Names of attributes and link targets: no NUL, which ends a name inside HDF5."""
+HOSTILE_VALUES = st.one_of(
+    HOSTILE_TEXT,
+    HOSTILE_BYTES.map(np.bytes_),
+    st.lists(SHORT_HOSTILE_TEXT, min_size=1, max_size=12).map(
+        lambda texts: np.array(texts, dtype=h5py.string_dtype())
+    ),
+    st.lists(HOSTILE_BYTES, min_size=1, max_size=12).map(np.array),
+)
+"""String attributes: variable-length str and fixed-length bytes, scalars and arrays."""
+CHECKED_ATTRS = ("x_min", "x_max", "input_shape", "class_names")
+"""The attributes advgrad checks (a string there is refused); any other is shown as it is."""
+DIGITS_CLASSES = 10
+"""Classes of the bundled digits model."""
+
+
+@st.composite
+def hostile_attributes(draw, n_classes: int) -> dict[str | bytes, object]:
+    """Attributes whose names and values are hostile strings; sometimes one of
+    ``CHECKED_ATTRS`` too, or ``n_classes`` hostile class names (which are valid)."""
+    attrs = draw(st.dictionaries(HOSTILE_NAMES, HOSTILE_VALUES, max_size=4))
+    attrs.update(draw(st.dictionaries(st.sampled_from(CHECKED_ATTRS), HOSTILE_VALUES, max_size=1)))
+    if draw(st.booleans()):
+        names = draw(st.lists(SHORT_HOSTILE_TEXT, min_size=n_classes, max_size=n_classes))
+        attrs["class_names"] = np.array(names, dtype=h5py.string_dtype())
+    return attrs
+
+
+def write_file(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, dict]) -> Path:
+    """A file of ``arrays`` with ``attrs[where]`` on each object ``where`` ("/", "/X", ...);
+    libver "latest", so that attributes may be longer than 64 KiB."""
+    with h5py.File(path, "w", libver="latest") as f:
+        for name, data in arrays.items():
+            f[name] = data
+        for where, values in attrs.items():
+            f[where].attrs.update(values)
+    return path
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+COMMAND_LINE_SETTINGS = settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=(Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink),
+)
+"""Examples that run commands take up to a second each: 50 of them, and no explain phase
+(which would rerun a failure hundreds of times before reporting it)."""
+
+
+@COMMAND_LINE_SETTINGS
+@given(
+    model_root=hostile_attributes(DIGITS_CLASSES),
+    model_W1=hostile_attributes(DIGITS_CLASSES),
+    data_root=hostile_attributes(DIGITS_CLASSES),
+    data_X=hostile_attributes(DIGITS_CLASSES),
+)
+def test_hostile_attribute_strings_are_shown_as_text(
+    tmp_path_factory, digits_model, digits_test, model_root, model_W1, data_root, data_X
+):
+    directory = tmp_path_factory.mktemp("strings")
+    arrays = {name: getattr(digits_model, name) for name in ("W1", "b1", "W2", "b2")}
+    model = write_file(
+        directory / "model.h5", arrays, {"/": {**model_root, **MODEL_ATTRS}, "/W1": model_W1}
+    )
+    X, y = digits_test
+    data = write_file(
+        directory / "data.h5", {"X": X[:8], "y": y[:8]}, {"/": data_root, "/X": data_X}
+    )
+    out = directory / "out.h5"
+    before = {path: digest(path) for path in (model, data)}
+    for path in (model, data):
+        event(f"info {path.stem}: exit code {checked_invoke(['info', path], [path]).exit_code}")
+    attack = checked_invoke(
+        ["attack", "--model", model, "--data", data, "--out", out], [model, data]
+    )
+    event(f"attack: exit code {attack.exit_code}")
+    assert before == {path: digest(path) for path in (model, data)}
+    assert set(directory.iterdir()) == {model, data, *([out] if attack.exit_code == 0 else [])}
+
+
+# --------------------------------------------------------------------------- hypothesis: links
+
+
+WATCH_FIFO = """
+import errno, os, sys, time
+while True:
+    try:
+        os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))
+        print("opened", flush=True)
+    except OSError as error:
+        if error.errno != errno.ENXIO:  # ENXIO: no reader has it open
+            raise
+    time.sleep(0.01)
+"""
+"""Report each time a reader opens the FIFO ``argv[1]``, and let it through (it reads an empty
+file) instead of blocking forever."""
+
+
+@contextmanager
+def watched_fifo(path: bytes) -> Iterator[list[str]]:
+    """A FIFO at ``path`` that nothing may open; after the block, the list yielded holds one
+    line for each time something opened it. The watcher is another process, because h5py
+    holds the GIL while HDF5 blocks in open()."""
+    os.mkfifo(path)
+    opened: list[str] = []
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", WATCH_FIFO, path], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield opened
+    finally:
+        watcher.kill()
+        opened += watcher.communicate()[0].splitlines()
+
+
+LINK_KINDS = {"soft link": "create_soft", "external link": "create_external"}
+LINKED = {"/X": "data", "/y": "data", "/W1": "model", "/g/X": "data"}
+"""Where a link stands in for a dataset, or (/g) for a group on the dataset's path, and in which
+file."""
+FILE_NAMES = (
+    HOSTILE_NAMES.map(lambda name: name if isinstance(name, bytes) else name.encode())
+    .map(lambda name: name.replace(b"/", b"")[:200])
+    .filter(lambda name: name not in (b"", b".", b".."))
+)
+"""External link targets: names a file in a directory can have (no "/", at most 200 bytes)."""
+
+
+@COMMAND_LINE_SETTINGS
+@given(
+    kind=st.sampled_from(sorted(LINK_KINDS)),
+    linked=st.sampled_from(sorted(LINKED)),
+    object_name=HOSTILE_NAMES,
+    file_name=FILE_NAMES,
+)
+def test_hostile_link_targets_are_refused_unfollowed(
+    tmp_path_factory, digits_model, digits_test, kind, linked, object_name, file_name
+):
+    directory = tmp_path_factory.mktemp("links")
+    (directory / "targets").mkdir()
+    target = os.fsencode(directory / "targets") + b"/" + file_name
+    object_name = object_name if isinstance(object_name, bytes) else object_name.encode()
+    link_target = (target, object_name) if kind == "external link" else (object_name,)
+    X, y = digits_test
+    role = LINKED[linked]
+    arrays = {
+        "model": {name: getattr(digits_model, name) for name in ("W1", "b1", "W2", "b2")},
+        "data": {"X": X[:8], "y": y[:8]},
+    }[role]
+    link_name = linked.split("/")[1]
+    path = directory / f"{role}.h5"
+    with h5py.File(path, "w") as f:
+        for name, data in arrays.items():
+            if name != link_name:
+                f[name] = data
+        if role == "model":
+            f.attrs.update(MODEL_ATTRS)
+        getattr(f.id.links, LINK_KINDS[kind])(link_name.encode(), *link_target)
+    before = digest(path)
+    model, data = (
+        (path, bundled_path(TEST_DATA)) if role == "model" else (bundled_path(MODEL), path)
+    )
+    with watched_fifo(target) as opened:
+        if linked == "/g/X":  # no command reads below the root: ask the reader itself
+            with safe.open_input(path) as f, pytest.raises(InputFileError) as error:
+                safe.checked_dataset(f, linked, kind="float")
+            assert (error.value.path, error.value.dataset) == (str(path), linked)
+            assert error.value.reason.startswith("/g is a") and kind in error.value.reason
+        else:
+            for args in (
+                ["info", path],
+                ["attack", "--model", model, "--data", data, "--out", directory / "o.h5"],
+            ):
+                result = checked_invoke(args, [path])
+                assert result.exit_code == 1
+                assert f"{linked} is a" in result.stderr and kind in result.stderr
+    assert not opened, f"{target!r}, the target of an {kind}, was opened"
+    assert digest(path) == before
+    assert set(directory.iterdir()) == {path, directory / "targets"}
+
+
 # --------------------------------------------------------------------------- hypothesis: threats
 
 
@@ -376,14 +664,61 @@ def seed_files(directory: Path) -> list[Path]:
 
 
 INTERESTING = [0, 1, 2, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 2**31 - 1, 2**31, 2**32 - 1, 2**63]
+MUTATIONS = (
+    *("flip", "flip", "word", "word", "truncate", "splice", "header", "move"),
+    *("string", "string"),
+)
+"""The kinds of mutation, as often as each is drawn."""
 
 
-def mutate(data: bytes, donor: bytes, rng: random.Random) -> tuple[bytes, str]:
-    """``data`` with one to three random mutations; and what they were, in words."""
+def stored_strings(path: Path) -> list[bytes]:
+    """The names of the links and attributes in ``path`` and the values of its string
+    attributes, as stored (UTF-8), sorted: what the ``string`` mutation overwrites."""
+    with h5py.File(path, "r") as f:
+        strings = {name.encode() for name in f}
+        for obj in (f, *f.values()):
+            for name in obj.attrs:
+                strings.add(name.encode())
+                if h5py.check_string_dtype(obj.attrs.get_id(name).dtype):
+                    values = np.atleast_1d(obj.attrs[name]).ravel()
+                    strings.update(v.encode() if isinstance(v, str) else bytes(v) for v in values)
+    return sorted(strings)
+
+
+def string_sites(data: bytes | bytearray, strings: Iterable[bytes]) -> list[slice]:
+    """Every place in ``data`` that holds one of ``strings``. A string of one or two bytes
+    counts only between NULs (as HDF5 pads names and heap objects) or after its length (as in
+    a link message), not wherever those bytes happen to be."""
+    sites = []
+    for string in strings:
+        pattern = re.escape(string)
+        if len(string) <= 2:
+            length = re.escape(bytes([len(string)]))
+            pattern = b"(?<=\\x00)%s(?=\\x00)|(?<=%s)%s" % (pattern, length, pattern)
+        sites += [slice(*match.span()) for match in re.finditer(pattern, data)]
+    return sites
+
+
+def hostile_bytes(length: int, rng: random.Random) -> bytes:
+    """``length`` bytes of ``HOSTILE_BYTE_PIECES`` drawn one after another."""
+    pieces = b""
+    while len(pieces) < length:
+        pieces += rng.choice(HOSTILE_BYTE_PIECES)
+    return pieces[:length]
+
+
+def mutate(
+    data: bytes, donor: bytes, rng: random.Random, strings: Sequence[bytes] = ()
+) -> tuple[bytes, str]:
+    """``data`` with one to three random mutations; and what they were, in words.
+
+    The ``string`` mutation overwrites one of ``strings`` (names and string values stored in
+    ``data``, see :func:`stored_strings`) with hostile bytes of the same length.
+    """
     data = bytearray(data)
     done = []
     for _ in range(rng.choice((1, 1, 2, 3))):
-        kind = rng.choice(("flip", "flip", "word", "word", "truncate", "splice", "header", "move"))
+        kind = rng.choice(MUTATIONS)
         at = rng.randrange(len(data) or 1)
         if kind == "flip":
             bits = [rng.randrange(8 * len(data)) for _ in range(rng.randint(1, 8))]
@@ -405,13 +740,19 @@ def mutate(data: bytes, donor: bytes, rng: random.Random) -> tuple[bytes, str]:
             length = rng.randint(1, 512)
             data[at : at + length] = donor[start : start + length]
             done.append(f"{kind}: donor[{start}:{start + length}] at {at}")
-        else:
+        elif kind == "move":
             length = rng.randint(1, 64)
             piece = data[at : at + length]
             del data[at : at + length]
             target = rng.randrange(len(data) + 1)
             data[target:target] = piece
             done.append(f"move {length} bytes from {at} to {target}")
+        elif sites := string_sites(data, strings):  # kind == "string"
+            site = rng.choice(sites)
+            before, data[site] = bytes(data[site]), hostile_bytes(site.stop - site.start, rng)
+            done.append(f"string {before!r} at {site.start} now {bytes(data[site])!r}")
+        else:
+            done.append("string: none left to overwrite")
     return bytes(data), "; ".join(done)
 
 
@@ -420,7 +761,7 @@ def mutated_case(seeds: list[Path], case: int) -> tuple[bytes, str]:
     rng = random.Random(case)
     seed = seeds[case % len(seeds)]
     donor = seeds[rng.randrange(len(seeds))]
-    data, how = mutate(seed.read_bytes(), donor.read_bytes(), rng)
+    data, how = mutate(seed.read_bytes(), donor.read_bytes(), rng, stored_strings(seed))
     return data, f"{seed.name} (donor {donor.name}): {how}"
 
 
@@ -460,7 +801,7 @@ def child(seeds_dir: Path, work_dir: Path, first: int, stop: int) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) drops to the current use
         before = memory_kib("VmRSS")
         try:
-            outcome = load_everything(path)
+            outcome = examine(path)
         except Exception as exc:
             outcome = f"BUG {type(exc).__name__}: {exc}"
         grown = (memory_kib("VmHWM") - before) >> 10
@@ -619,4 +960,4 @@ if __name__ == "__main__":
                 data, how = mutated_case(seeds, number)
                 print(f"case {number}: {how}", flush=True)
                 (Path(scratch) / "case.h5").write_bytes(data)
-                print("   ", load_everything(Path(scratch) / "case.h5"), flush=True)
+                print("   ", examine(Path(scratch) / "case.h5"), flush=True)
