@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -46,14 +47,44 @@ def blas_threads(n_threads: int):
             lib.set_num_threads(count)
 
 
+def _kernel_threads(n_rows: int):
+    """The BLAS setting of batch kernels on ``n_rows`` rows: pinned to one thread when they
+    run their row blocks in parallel (more than ``cpu.ROWS_PER_BLOCK`` rows)."""
+    return blas_threads(1) if n_rows > cpu.ROWS_PER_BLOCK else nullcontext()
+
+
 def _run_kernel(kernel, *args) -> None:
-    """Call a batch kernel on args[0]'s rows, with BLAS pinned to one thread when the
-    kernel will run its row blocks in parallel (more than ``cpu.ROWS_PER_BLOCK`` rows)."""
-    if args[0].shape[0] > cpu.ROWS_PER_BLOCK:
-        with blas_threads(1):
-            kernel(*args)
-    else:
+    """Call a batch kernel on args[0]'s rows under ``_kernel_threads``."""
+    with _kernel_threads(args[0].shape[0]):
         kernel(*args)
+
+
+SLICE_MULTIPLY_ADDS = 2**26
+"""Work of one slice of an iterative attack (at most about 0.1 s on one core). The iterative
+kernels run in slices of steps, and between two slices control is back in Python, where a
+signal handler can act (a second Ctrl-C stops a job at once); a small job is one slice."""
+
+
+def gradient_work(model: Model) -> int:
+    """Multiply-adds of one row's loss gradient: forward and backward through both layers."""
+    d, H, C = model.n_inputs, model.n_hidden, model.n_classes
+    return 2 * (d * H + H * C)
+
+
+def deepfool_work(model: Model) -> int:
+    """Multiply-adds of one row's DeepFool iteration: logits, their Jacobian (d, C), the
+    distances to the C linearised boundaries."""
+    d, H, C = model.n_inputs, model.n_hidden, model.n_classes
+    return d * H + 2 * H * C + d * H * C + d * C
+
+
+def step_slices(steps: int, n_rows: int, row_step_work: int, budget: int) -> Iterator[int]:
+    """The step counts of the slices that ``steps`` steps on ``n_rows`` rows run in: as many
+    steps a slice as fit ``budget`` multiply-adds at ``row_step_work`` per row and step, at
+    least one; the last slice takes the rest."""
+    per_slice = max(1, budget // max(1, n_rows * row_step_work))
+    for done in range(0, steps, per_slice):
+        yield min(per_slice, steps - done)
 
 
 def output_rows(X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -110,24 +141,44 @@ class CpuBackend:
         return X_adv
 
     def iterate(self, model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, *, out=None):
-        """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64."""
+        """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64.
+
+        The steps run in slices (``step_slices``), the momentum carried between them.
+        """
         X_adv = output_rows(X, out)
-        _run_kernel(
-            cpu.iterate_into,
-            *(X, model.W1, model.b1, model.W2, model.b2, Y, X_start, eps, alpha, steps, p),
-            *(decay, x_min, x_max, X_adv),
-        )
+        n_rows = X.shape[0]
+        momentum = np.empty((n_rows if decay > 0.0 else 0, X.shape[1]), dtype=X.dtype)
+        settings = (p, decay, x_min, x_max)
+        with _kernel_threads(n_rows):
+            cpu.iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum)
+            for count in step_slices(steps, n_rows, gradient_work(model), SLICE_MULTIPLY_ADDS):
+                cpu.iterate_steps_into(
+                    *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, alpha, count),
+                    *(*settings, X_adv, momentum),
+                )
         return X_adv
 
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
-        """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""
+        """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64.
+
+        The iterations run in slices (``step_slices``) until no row moves any more.
+        """
         X_adv = output_rows(X, out)
-        iterations = np.empty(X.shape[0], dtype=np.int64)
-        _run_kernel(
-            cpu.deepfool_into,
-            *(X, model.W1, model.b1, model.W2, model.b2, p, overshoot, max_iter, x_min, x_max),
-            *(X_adv, iterations),
-        )
+        n_rows = X.shape[0]
+        iterations = np.empty(n_rows, dtype=np.int64)
+        total = np.empty(X.shape, dtype=np.float64)
+        original = np.empty(n_rows, dtype=np.int64)
+        active = np.empty(n_rows, dtype=np.bool_)
+        state = (X_adv, total, original, active, iterations)
+        with _kernel_threads(n_rows):
+            cpu.deepfool_start_into(X, *state)
+            for count in step_slices(max_iter, n_rows, deepfool_work(model), SLICE_MULTIPLY_ADDS):
+                cpu.deepfool_steps_into(
+                    *(X, model.W1, model.b1, model.W2, model.b2, p, overshoot, count),
+                    *(x_min, x_max, *state),
+                )
+                if not active.any():
+                    break
         return X_adv, iterations
 
     def forward(self, model: Model, X: np.ndarray, Y: np.ndarray):

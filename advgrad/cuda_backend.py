@@ -20,12 +20,14 @@ import weakref
 
 import numpy as np
 
-from advgrad.backend import output_rows
+from advgrad.backend import gradient_work, output_rows, step_slices
 from advgrad.model import Model
 
 DEFAULT_CHUNK_ROWS = 65536  # most rows on the GPU at once, over all lanes
 LANES = 3  # chunks in flight: one copied in, one computed, one copied out, each on its stream
 MIN_CHUNK_ROWS = 1024  # a call is cut into 2 * lanes chunks, but none smaller than this
+SLICE_MULTIPLY_ADDS = 2**37  # iterative attacks: most work queued on the GPU between waits
+MAX_SLICE_STEPS = 1024  # and most steps (a small chunk's steps are bound by their launches)
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -181,31 +183,36 @@ class CudaBackend:
     def iterate(self, model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, *, out=None):
         """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64.
 
-        Each chunk of rows is copied to the GPU once and runs every step there.
+        Each chunk of rows is copied to the GPU once and runs every step there, in slices
+        (``step_slices``, at most ``MAX_SLICE_STEPS`` steps): the host waits for one slice
+        before queuing the next, so that a signal handler acts within a slice and nothing
+        long is left queued when it stops the call.
         """
         from advgrad.kernels import cuda as kernels
 
         X_adv = output_rows(X, out)
         eps, alpha = (np.ascontiguousarray(a, dtype=np.float64) for a in (eps, alpha))
+        settings = (p, decay, x_min, x_max)
 
         def launch(weights, inputs, outputs, stream, workspace):
             X_d, Y_d, X_start_d, eps_d, alpha_d = inputs
-            kernels.iterate_into(
-                X_d,
-                *weights,
-                Y_d,
-                X_start_d,
-                eps_d,
-                alpha_d,
-                steps,
-                p,
-                decay,
-                x_min,
-                x_max,
-                *outputs,
-                stream=stream,
-                workspace=workspace,
+            (X_adv_d,) = outputs
+            n_rows = X_d.shape[0]
+            shape = (n_rows if decay > 0.0 else 0, X_d.shape[1])
+            momentum = workspace.array("momentum", shape, X_d.dtype)
+            kernels.iterate_start_into(
+                X_d, X_start_d, eps_d, p, decay, x_min, x_max, X_adv_d, momentum, stream=stream
             )
+            work = gradient_work(model)
+            budget = min(SLICE_MULTIPLY_ADDS, MAX_SLICE_STEPS * n_rows * work)
+            for k, count in enumerate(step_slices(steps, n_rows, work, budget)):
+                if k:
+                    stream.synchronize()
+                kernels.iterate_steps_into(
+                    *(X_d, *weights, Y_d, eps_d, alpha_d, count, *settings, X_adv_d, momentum),
+                    stream=stream,
+                    workspace=workspace,
+                )
 
         self._stream(model, (X, Y, X_start, eps, alpha), (X_adv,), launch)
         return X_adv

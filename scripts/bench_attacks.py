@@ -5,26 +5,33 @@ On the bundled digits model (d, H, C) = (64, 64, 10), float32, the test set tile
 DeepFool (L2 and L-inf), all through ``advgrad.attacks.perturb`` (what the CLI runs), and
 prints rows per second and the ratio of PGD-20 to 20 FGSM steps (an iterative attack that
 allocated or re-entered Python per step would show here). ``--device cuda`` runs them on
-the GPU (``advgrad.cuda_backend``), host arrays in and out as the CLI does::
+the GPU (``advgrad.cuda_backend``), host arrays in and out as the CLI does.
+``--one-slice`` also times each attack with all its steps in one kernel call (as before the
+iterative kernels ran in slices of steps) and prints the time ratio, sliced / one slice::
 
     python scripts/bench_attacks.py [--rows 16384] [--rounds 5] [--device cpu|cuda|auto]
+        [--one-slice]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
+import advgrad.backend
 from advgrad import attacks, load_dataset, load_model
 from advgrad.attacks import Attack
 from advgrad.backend import DEVICES, get_backend
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 
 
-def best_time(function, rounds: int) -> float:
-    function()
+def best_time(function, rounds: int, warm: bool = False) -> float:
+    if not warm:
+        function()
     best = np.inf
     for _ in range(rounds):
         started = time.perf_counter()
@@ -33,11 +40,43 @@ def best_time(function, rounds: int) -> float:
     return best
 
 
+@contextmanager
+def one_slice(device: str):
+    """The iterative attacks of ``device`` run all their steps in one slice."""
+    settings = [(advgrad.backend, "SLICE_MULTIPLY_ADDS")]
+    if device == "cuda":
+        from advgrad import cuda_backend
+
+        settings += [(cuda_backend, "SLICE_MULTIPLY_ADDS"), (cuda_backend, "MAX_SLICE_STEPS")]
+    saved = [getattr(module, name) for module, name in settings]
+    for module, name in settings:
+        setattr(module, name, sys.maxsize)
+    try:
+        yield
+    finally:
+        for (module, name), value in zip(settings, saved, strict=True):
+            setattr(module, name, value)
+
+
+def best_times_sliced_and_not(function, rounds: int, device: str) -> tuple[float, float]:
+    """Best times of ``function`` in slices and in one slice, the two alternating."""
+    function()
+    with one_slice(device):
+        function()
+    best = [np.inf, np.inf]
+    for _ in range(rounds):
+        best[0] = min(best[0], best_time(function, 1, warm=True))
+        with one_slice(device):
+            best[1] = min(best[1], best_time(function, 1, warm=True))
+    return best[0], best[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument("--one-slice", action="store_true", help="compare with one slice")
     args = parser.parse_args()
     model = load_model(bundled_path(MODEL))
     X, y = load_dataset(bundled_path(TEST_DATA))
@@ -53,22 +92,27 @@ def main() -> None:
         "deepfool-l2": Attack("deepfool", norm="2"),
         "deepfool-linf": Attack("deepfool", norm="inf"),
     }
-    seconds = {}
+    seconds, unsliced = {}, {}
     for name, attack in configs.items():
         labels = attacks.attack_labels(model, rows, labels_y, attack, backend=backend)
-        seconds[name] = best_time(
-            lambda a=attack, l=labels: attacks.perturb(
-                model, rows, l, a, (0.0, 1.0), backend=backend
-            ),
-            args.rounds,
-        )
+
+        def run(a=attack, l=labels):
+            attacks.perturb(model, rows, l, a, (0.0, 1.0), backend=backend)
+
+        if args.one_slice:
+            seconds[name], unsliced[name] = best_times_sliced_and_not(
+                run, args.rounds, backend.name
+            )
+        else:
+            seconds[name] = best_time(run, args.rounds)
     print(
         f"bundled digits model, float32, {args.rows} rows, best of {args.rounds}, "
         f"device {backend.name}"
     )
-    print(f"{'attack':<16}{'rows/s':>14}{'us/row':>10}")
+    print(f"{'attack':<16}{'rows/s':>14}{'us/row':>10}" + ("  sliced / one slice" * bool(unsliced)))
     for name, value in seconds.items():
-        print(f"{name:<16}{args.rows / value:>14,.0f}{1e6 * value / args.rows:>10.3f}")
+        ratio = f"{value / unsliced[name]:>20.3f}" if unsliced else ""
+        print(f"{name:<16}{args.rows / value:>14,.0f}{1e6 * value / args.rows:>10.3f}{ratio}")
     ratio = seconds["pgd-20"] / (20 * seconds["fgsm (1 step)"])
     print(f"PGD-20 time / (20 x FGSM step time) = {ratio:.2f}  (target <= 1.3)")
 

@@ -377,6 +377,54 @@ def test_iterate_matches_cpu(dtype, p, method, decay, random_start):
 
 
 @needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", NORMS)
+@pytest.mark.parametrize(("method", "decay", "random_start"), ITERATIVE)
+def test_iterate_in_slices_is_bitwise_one_call(dtype, p, method, decay, random_start):
+    """``iterate_start_into`` then ``iterate_steps_into`` with 1 + 2 steps, the momentum
+    carried between them: bitwise ``iterate_into`` with 3 steps."""
+    from advgrad.kernels import cuda as kernels
+
+    net, Y, X_start, eps, alpha = iterate_problem((7, 23, 17, 3), dtype, p, random_start)
+    arrays = to_device(*net, Y)
+    eps_d, alpha_d = to_device(eps, alpha)
+    one_call_d = to_device(np.full_like(X_start, np.nan))[0]
+    kernels.iterate_into(
+        *arrays, to_device(X_start)[0], eps_d, alpha_d, 3, p, decay, 0.0, 1.0, one_call_d
+    )
+    sliced_d = to_device(X_start)[0]  # in place, as X_start may be X_adv
+    momentum_d = to_device(
+        np.full((len(X_start) if decay > 0 else 0, X_start.shape[1]), np.nan, dtype=dtype)
+    )[0]
+    kernels.iterate_start_into(arrays[0], sliced_d, eps_d, p, decay, 0.0, 1.0, sliced_d, momentum_d)
+    for steps in (1, 2):
+        kernels.iterate_steps_into(
+            *arrays, eps_d, alpha_d, steps, p, decay, 0.0, 1.0, sliced_d, momentum_d
+        )
+    one_call, sliced = one_call_d.copy_to_host(), sliced_d.copy_to_host()
+    assert not np.array_equal(one_call, X_start)
+    assert sliced.tobytes() == one_call.tobytes()
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_backend_iterate_in_slices_is_bitwise_one_slice(monkeypatch, decay):
+    """The backend's slices of one step (a wait between them) give bitwise one slice."""
+    import advgrad.cuda_backend
+
+    (X, *weights), Y, X_start, eps, alpha = iterate_problem((9, 23, 17, 4), np.float32, 1.0, True)
+    model = Model(*weights)
+    args = (model, X, Y, X_start, eps, alpha, 4, 1.0, decay, 0.0, 1.0)
+    one_slice = CudaBackend(chunk_rows=9, lanes=3).iterate(*args)
+    monkeypatch.setattr(advgrad.cuda_backend, "MAX_SLICE_STEPS", 1)
+    sliced = CudaBackend(chunk_rows=9, lanes=3).iterate(*args)
+    assert not np.array_equal(one_slice, X_start)
+    assert sliced.tobytes() == one_slice.tobytes()
+
+
+@needs_cuda
 @pytest.mark.usefixtures("one_launch")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p", NORMS)

@@ -306,3 +306,51 @@ def test_projection_onto_a_zero_radius_ball_returns_the_centre(p):
     x = x0 + rng.normal(0.0, 0.3, 9)
     cpu.project_row(x, x0, 0.0, p, -10.0, 10.0, np.empty(9))
     np.testing.assert_array_equal(x, x0)
+
+
+def test_iterative_kernels_in_slices_are_bitwise_one_call():
+    """The state-carrying pieces, called from Python as users may: ``iterate_start_into``
+    then ``iterate_steps_into`` with 2 + 3 steps (in place, MI-FGSM's momentum carried) and
+    ``deepfool_start_into`` then ``deepfool_steps_into`` with 1 + 4 iterations give bitwise
+    ``iterate_into`` with 5 steps and ``deepfool_into`` with max_iter 5."""
+    rng = np.random.default_rng(9)
+    net = random_network(rng, 10, 6, 4, scale=3.0)
+    X = rng.random((30, 10))
+    Y = one_hot(rng.integers(0, 4, 30), 4)
+    eps = np.full(30, 0.2)
+    alpha = 0.05 * np.where(np.arange(30) % 2, 1.0, -1.0)
+    one_call = np.empty_like(X)
+    cpu.iterate_into(X, *net, Y, X, eps, alpha, 5, 2.0, 0.9, 0.0, 1.0, one_call)
+    sliced = X.copy()
+    momentum = np.full_like(X, np.nan)
+    cpu.iterate_start_into(X, sliced, eps, 2.0, 0.9, 0.0, 1.0, sliced, momentum)
+    for steps in (2, 3):
+        cpu.iterate_steps_into(X, *net, Y, eps, alpha, steps, 2.0, 0.9, 0.0, 1.0, sliced, momentum)
+    assert not np.array_equal(one_call, X)
+    assert sliced.tobytes() == one_call.tobytes()
+
+    iterations = np.empty(30, dtype=np.int64)
+    cpu.deepfool_into(X, *net, np.inf, 0.02, 5, 0.0, 1.0, one_call, iterations)
+    X_adv, total = np.empty_like(X), np.empty(X.shape)
+    original, sliced_iterations = np.empty(30, dtype=np.int64), np.empty(30, dtype=np.int64)
+    active = np.empty(30, dtype=np.bool_)
+    cpu.deepfool_start_into(X, X_adv, total, original, active, sliced_iterations)
+    for steps in (1, 4):
+        cpu.deepfool_steps_into(
+            X,
+            *net,
+            np.inf,
+            0.02,
+            steps,
+            0.0,
+            1.0,
+            X_adv,
+            total,
+            original,
+            active,
+            sliced_iterations,
+        )
+    assert len(set(iterations)) > 2
+    assert X_adv.tobytes() == one_call.tobytes()
+    assert sliced_iterations.tobytes() == iterations.tobytes()
+    assert not active[iterations < 5].any()  # rows that crossed, or had nowhere to go

@@ -509,17 +509,27 @@ def add_momentum_row(momentum, g, decay):
 
 
 @njit(cache=True, error_model="numpy")
-def iterate_block(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
-    """Iterative FGM on a block of rows, serial (see ``iterate_into``); buffers are reused."""
+def iterate_start_block(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum):
+    """The first iterate of a block of rows, serial (see ``iterate_start_into``)."""
+    scratch = np.empty(X.shape[1], dtype=X.dtype)
+    for n in range(X.shape[0]):
+        X_adv[n] = X_start[n]
+        project_row(X_adv[n], X[n], eps[n], p, x_min, x_max, scratch)
+        if decay > 0.0:
+            momentum[n] = 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def iterate_steps_block(
+    X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum
+):
+    """``steps`` more iterative FGM steps on a block of rows, serial (see
+    ``iterate_steps_into``); buffers are reused across the steps."""
     B = X.shape[0]
     work = gradient_workspace(B, W1, W2)
     G = np.empty_like(X)
-    momentum = np.zeros_like(X)
     predicted = np.empty(B, dtype=np.int64)
     scratch = np.empty(X.shape[1], dtype=X.dtype)
-    for n in range(B):
-        X_adv[n] = X_start[n]
-        project_row(X_adv[n], X[n], eps[n], p, x_min, x_max, scratch)
     for _ in range(steps):
         gradient_block(X_adv, W1, b1, W2, b2, Y, G, predicted, work)
         for n in range(B):
@@ -531,6 +541,89 @@ def iterate_block(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_
             project_row(X_adv[n], X[n], eps[n], p, x_min, x_max, scratch)
 
 
+@njit(cache=True, error_model="numpy")
+def iterate_block(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
+    """Iterative FGM on a block of rows, serial (see ``iterate_into``)."""
+    momentum = np.empty((X.shape[0] if decay > 0.0 else 0, X.shape[1]), dtype=X.dtype)
+    iterate_start_block(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum)
+    iterate_steps_block(
+        X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum
+    )
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum):
+    """The first iterate of ``iterate_steps_into``: X_start projected as ``project_row`` does
+    into the eps-ball of norm p around X and into [x_min, x_max], and a zero momentum.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64, the clean rows (centres of the balls)
+    X_start : (N, d) same dtype, X for BIM, a random point of the ball for PGD
+    eps : (N,) float64, radius per row
+    p : float, np.inf, 2.0 or 1.0
+    decay : float, momentum decay; 0 for plain BIM/PGD
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) same dtype, output: the first iterate; may be X_start itself
+    momentum : (N, d) same dtype, output: zeros when decay > 0; unused (0 rows allowed)
+        otherwise
+    """
+    N = X.shape[0]
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        iterate_start_block(
+            X[start:stop],
+            X_start[start:stop],
+            eps[start:stop],
+            p,
+            decay,
+            x_min,
+            x_max,
+            X_adv[start:stop],
+            momentum[start:stop],  # 0 rows when unused
+        )
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def iterate_steps_into(
+    X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum
+):
+    """``steps`` more steps of the iterative attack from the iterate X_adv and momentum.
+
+    ``iterate_start_into`` then ``iterate_steps_into`` with s_1, s_2, ... steps gives
+    bitwise what ``iterate_into`` gives with s_1 + s_2 + ... steps, so that a long attack
+    can run in slices with control back to the caller between them.
+
+    Parameters
+    ----------
+    X, W1, b1, W2, b2, Y, eps, alpha, p, decay, x_min, x_max : as in ``iterate_into``
+    steps : int, the steps of this slice
+    X_adv : (N, d) same dtype as X, the iterate; updated
+    momentum : (N, d) same dtype, the MI-FGSM momentum when decay > 0; updated. Unused
+        (0 rows allowed) otherwise
+    """
+    N = X.shape[0]
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        iterate_steps_block(
+            X[start:stop],
+            W1,
+            b1,
+            W2,
+            b2,
+            Y[start:stop],
+            eps[start:stop],
+            alpha[start:stop],
+            steps,
+            p,
+            decay,
+            x_min,
+            x_max,
+            X_adv[start:stop],
+            momentum[start:stop],  # 0 rows when unused
+        )
+
+
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
     """Iterative fast-gradient attack (BIM, PGD, MI-FGSM) on every row, in one jitted loop.
@@ -538,7 +631,8 @@ def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_m
     From X_start projected into the ball, ``steps`` times: G = dJ/dX at the iterate (with
     ``decay > 0``, the direction is the MI-FGSM momentum of G / ||G||_1 instead), a step
     of length alpha in norm p as in ``step_row``, then ``project_row`` back into the
-    eps-ball around X and into [x_min, x_max].
+    eps-ball around X and into [x_min, x_max]. ``iterate_start_into`` and
+    ``iterate_steps_into`` run the same in slices of steps.
 
     Parameters
     ----------
@@ -577,18 +671,24 @@ def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_m
 
 
 @njit(cache=True, error_model="numpy")
-def logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J):
-    """Logits z (C,) of one row x (d,) and all their gradients at once, J (d, C) = dz/dx.
-
-    J = W1 diag(a (1 - a)) W2 with a = sigmoid(x W1 + b1): one (d, H) x (H, C) product, not
-    C backward passes. ``a`` (H,) and ``M`` (H, C) are scratch.
-    """
+def logits_row(x, W1, b1, W2, b2, a, z):
+    """Logits z (C,) of one row x (d,); ``a`` (H,) receives its hidden activations."""
     np.dot(x, W1, a)
     for j in range(a.shape[0]):
         a[j] = sigmoid(a[j] + b1[j])
     np.dot(a, W2, z)
     for k in range(z.shape[0]):
         z[k] += b2[k]
+
+
+@njit(cache=True, error_model="numpy")
+def logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J):
+    """Logits z (C,) of one row x (d,) and all their gradients at once, J (d, C) = dz/dx.
+
+    J = W1 diag(a (1 - a)) W2 with a = sigmoid(x W1 + b1): one (d, H) x (H, C) product, not
+    C backward passes. ``a`` (H,) and ``M`` (H, C) are scratch.
+    """
+    logits_row(x, W1, b1, W2, b2, a, z)
     for j in range(M.shape[0]):
         slope = a[j] * (1.0 - a[j])
         for k in range(M.shape[1]):
@@ -597,46 +697,166 @@ def logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J):
 
 
 @njit(cache=True, error_model="numpy")
-def deepfool_block(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv, iterations):
-    """DeepFool on a block of rows, serial (see ``deepfool_into``)."""
+def deepfool_start_block(X, X_adv, total, original, active, iterations):
+    """DeepFool's state before its first iteration, for a block of rows, serial (see
+    ``deepfool_start_into``)."""
+    for n in range(X.shape[0]):
+        X_adv[n] = X[n]
+        total[n] = 0.0
+        original[n] = -1
+        active[n] = True
+        iterations[n] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def deepfool_steps_block(
+    X, W1, b1, W2, b2, p, overshoot, steps, x_min, x_max, X_adv, total, original, active, iterations
+):
+    """At most ``steps`` more DeepFool iterations of a block of rows, serial (see
+    ``deepfool_steps_into``)."""
     d, H = W1.shape
     C = W2.shape[1]
     a = np.empty(H, dtype=X.dtype)
     M = np.empty((H, C), dtype=X.dtype)
     z = np.empty(C, dtype=X.dtype)
     J = np.empty((d, C), dtype=X.dtype)
-    total = np.empty(d, dtype=np.float64)
     for n in range(X.shape[0]):
+        if not active[n]:
+            continue
         x = X_adv[n]
-        x[:] = X[n]
-        total[:] = 0.0
         logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J)
-        original = np.argmax(z)
-        done = 0
-        while done < max_iter and np.argmax(z) == original:
+        if original[n] < 0:
+            original[n] = np.argmax(z)
+        label = original[n]
+        for taken in range(steps):
+            if np.argmax(z) != label:
+                break
             best, best_ratio, best_norm = -1, np.inf, 0.0
             for k in range(C):
-                if k == original:
+                if k == label:
                     continue
                 norm = 0.0
                 for i in range(d):
-                    w = J[i, k] - J[i, original]
+                    w = J[i, k] - J[i, label]
                     norm += w * w if p == 2.0 else abs(w)
                 norm = math.sqrt(norm) if p == 2.0 else norm
-                ratio = abs(z[k] - z[original]) / norm if norm > 0.0 else np.inf
+                ratio = abs(z[k] - z[label]) / norm if norm > 0.0 else np.inf
                 if ratio < best_ratio:
                     best, best_ratio, best_norm = k, ratio, norm
             if best < 0:
-                break  # every logit difference is flat: no direction to move in
+                active[n] = False  # every logit difference is flat: no direction to move in
+                break
             # the linearised boundary is (|f| + 1e-4) / ||w||_q away, q the dual norm of p
-            length = (abs(z[best] - z[original]) + 1e-4) / best_norm
+            length = (abs(z[best] - z[label]) + 1e-4) / best_norm
             for i in range(d):
-                w = J[i, best] - J[i, original]
-                total[i] += length * w / best_norm if p == 2.0 else length * np.sign(w)
-                x[i] = clip(X[n, i] + (1.0 + overshoot) * total[i], x_min, x_max)
-            done += 1
-            logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J)
-        iterations[n] = done
+                w = J[i, best] - J[i, label]
+                total[n, i] += length * w / best_norm if p == 2.0 else length * np.sign(w)
+                x[i] = clip(X[n, i] + (1.0 + overshoot) * total[n, i], x_min, x_max)
+            iterations[n] += 1
+            if taken + 1 < steps:
+                logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J)
+            else:  # the slice is over: the next one computes the Jacobian
+                logits_row(x, W1, b1, W2, b2, a, z)
+        if np.argmax(z) != label:
+            active[n] = False  # the prediction changed: done
+
+
+@njit(cache=True, error_model="numpy")
+def deepfool_block(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv, iterations):
+    """DeepFool on a block of rows, serial (see ``deepfool_into``)."""
+    B, d = X.shape
+    total = np.empty((B, d), dtype=np.float64)
+    original = np.empty(B, dtype=np.int64)
+    active = np.empty(B, dtype=np.bool_)
+    deepfool_start_block(X, X_adv, total, original, active, iterations)
+    deepfool_steps_block(
+        X,
+        W1,
+        b1,
+        W2,
+        b2,
+        p,
+        overshoot,
+        max_iter,
+        x_min,
+        x_max,
+        X_adv,
+        total,
+        original,
+        active,
+        iterations,
+    )
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def deepfool_start_into(X, X_adv, total, original, active, iterations):
+    """DeepFool's state before its first iteration (for ``deepfool_steps_into``).
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64
+    X_adv : (N, d) same dtype, output: X
+    total : (N, d) float64, output: zeros, the accumulated perturbation
+    original : (N,) int64, output: -1, the clean prediction not yet known
+    active : (N,) bool, output: True, every row may move
+    iterations : (N,) int64, output: zeros
+    """
+    N = X.shape[0]
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        deepfool_start_block(
+            X[start:stop],
+            X_adv[start:stop],
+            total[start:stop],
+            original[start:stop],
+            active[start:stop],
+            iterations[start:stop],
+        )
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def deepfool_steps_into(
+    X, W1, b1, W2, b2, p, overshoot, steps, x_min, x_max, X_adv, total, original, active, iterations
+):
+    """At most ``steps`` more DeepFool iterations of every row still active.
+
+    ``deepfool_start_into`` then ``deepfool_steps_into`` with s_1, s_2, ... steps gives
+    bitwise the X_adv and iterations of ``deepfool_into`` with max_iter = s_1 + s_2 + ...,
+    so that a long attack can run in slices with control back to the caller between them
+    (stop once no row is active). A slice ends with each row's logits only; the next one
+    starts with its Jacobian, so slicing adds no Jacobian to the work.
+
+    Parameters
+    ----------
+    X, W1, b1, W2, b2, p, overshoot, x_min, x_max : as in ``deepfool_into``
+    steps : int, the iterations of this slice
+    X_adv : (N, d) same dtype as X, the iterate; updated
+    total : (N, d) float64, the accumulated perturbation; updated
+    original : (N,) int64, the clean prediction (-1 before the first slice); updated
+    active : (N,) bool, whether the row may move further: its prediction is still the
+        original class and it found a boundary to move to; updated
+    iterations : (N,) int64, iterations used per row; updated
+    """
+    N = X.shape[0]
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        deepfool_steps_block(
+            X[start:stop],
+            W1,
+            b1,
+            W2,
+            b2,
+            p,
+            overshoot,
+            steps,
+            x_min,
+            x_max,
+            X_adv[start:stop],
+            total[start:stop],
+            original[start:stop],
+            active[start:stop],
+            iterations[start:stop],
+        )
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -647,6 +867,8 @@ def deepfool_into(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv
     moves to the nearest linearised class boundary in norm p (2.0, or np.inf with the
     L1 dual norm and a sign step), and stops when the predicted class changes or after
     ``max_iter`` iterations. The accumulated perturbation is scaled by 1 + overshoot.
+    ``deepfool_start_into`` and ``deepfool_steps_into`` run the same in slices of
+    iterations.
 
     Parameters
     ----------

@@ -1356,6 +1356,100 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted, *, stream=0, wor
     _forward_rows(X, W1, b1, W2, b2, Y, A, P, losses, predicted, workspace, stream)
 
 
+def iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum, *, stream=0):
+    """The first iterate of ``iterate_steps_into`` (``cpu.iterate_start_into``): X_start
+    projected into the eps-ball of norm p around X and into [x_min, x_max], and a zero
+    momentum. One launch of ``iterate_step_kernel``.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64 device array, the clean rows (centres of the balls)
+    X_start : (N, d) device array of X's dtype (X for BIM, a random point of the ball for PGD)
+    eps : (N,) float64 device array, radius per row
+    p : float, np.inf, 2.0 or 1.0
+    decay : float, momentum decay; 0 for plain BIM/PGD
+    x_min, x_max : float, the clip range
+    X_adv : (N, d) device array of X's dtype, output: the first iterate; may be X_start itself
+    momentum : (N, d) device array of X's dtype, output: zeros when decay > 0; unused (0 rows
+        allowed) otherwise
+    stream : numba stream the kernel is queued on (default: the default stream)
+    """
+    X, X_start, eps, X_adv, momentum = map(_device, (X, X_start, eps, X_adv, momentum))
+    n_rows = X.shape[0]
+    if n_rows == 0:
+        return
+    blocks, row_threads = _row_grid(n_rows)
+    kernel = iterate_step_kernel(THREADS_PER_BLOCK, row_threads)
+    # without a step the kernel reads neither the gradient nor the step length: X_start
+    # and eps stand in for them
+    options = (eps, eps, float(p), float(decay), float(x_min), float(x_max))
+    _launch(
+        kernel,
+        blocks,
+        THREADS_PER_BLOCK,
+        stream,
+        X,
+        X_start,
+        X_start,
+        momentum,
+        *options,
+        False,
+        X_adv,
+    )
+
+
+def iterate_steps_into(
+    X,
+    W1,
+    b1,
+    W2,
+    b2,
+    Y,
+    eps,
+    alpha,
+    steps,
+    p,
+    decay,
+    x_min,
+    x_max,
+    X_adv,
+    momentum,
+    *,
+    stream=0,
+    workspace=None,
+):
+    """``steps`` more steps of the iterative attack from the iterate X_adv and momentum
+    (``cpu.iterate_steps_into``): ``iterate_start_into`` then this with s_1, s_2, ... steps
+    queues exactly the launches of ``iterate_into`` with s_1 + s_2 + ... steps.
+
+    Parameters
+    ----------
+    X, W1, b1, W2, b2, Y, eps, alpha, p, decay, x_min, x_max : as in ``iterate_into``
+    steps : int, the steps of this slice
+    X_adv : (N, d) device array of X's dtype, the iterate; updated
+    momentum : (N, d) device array of X's dtype, the MI-FGSM momentum when decay > 0;
+        updated. Unused (0 rows allowed) otherwise
+    stream : numba stream the kernels are queued on (default: the default stream)
+    workspace : Workspace for scratch buffers; None allocates fresh ones
+    """
+    arrays = map(_device, (X, W1, b1, W2, b2, Y, eps, alpha, X_adv, momentum))
+    X, W1, b1, W2, b2, Y, eps, alpha, X_adv, momentum = arrays
+    n_rows = X.shape[0]
+    if n_rows == 0:
+        return
+    workspace = Workspace() if workspace is None else workspace
+    predicted = workspace.array("iterate_predicted", (n_rows,), np.int64)
+    G = workspace.array("iterate_G", X.shape, X.dtype)
+    blocks, row_threads = _row_grid(n_rows)
+    kernel = iterate_step_kernel(THREADS_PER_BLOCK, row_threads)
+    options = (eps, alpha, float(p), float(decay), float(x_min), float(x_max))
+    for _ in range(steps):
+        _gradient(X_adv, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
+        _launch(
+            kernel, blocks, THREADS_PER_BLOCK, stream, X, X_adv, G, momentum, *options, True, X_adv
+        )
+
+
 def iterate_into(
     X,
     W1,
@@ -1384,7 +1478,8 @@ def iterate_into(
     exact Euclidean projection) and into [x_min, x_max]; as ``cpu.iterate_into``. Each step
     is the gradient (one launch, or three for more than ``SMALL_BATCH_ROWS`` rows; see
     ``input_gradient_into``) and ``iterate_step_kernel``; nothing is copied between the host
-    and the device.
+    and the device. ``iterate_start_into`` and ``iterate_steps_into`` queue the same in
+    slices of steps.
 
     Parameters
     ----------
@@ -1404,23 +1499,16 @@ def iterate_into(
     stream : numba stream the kernels are queued on (default: the default stream)
     workspace : Workspace for scratch buffers; None allocates fresh ones
     """
-    arrays = map(_device, (X, W1, b1, W2, b2, Y, X_start, eps, alpha, X_adv))
-    X, W1, b1, W2, b2, Y, X_start, eps, alpha, X_adv = arrays
-    n_rows = X.shape[0]
-    if n_rows == 0:
-        return
+    X = _device(X)
     workspace = Workspace() if workspace is None else workspace
-    predicted = workspace.array("iterate_predicted", (n_rows,), np.int64)
-    G = workspace.array("iterate_G", X.shape, X.dtype)
-    momentum = workspace.array("iterate_momentum", X.shape, X.dtype) if decay > 0.0 else G
-    blocks, row_threads = _row_grid(n_rows)
-    kernel = iterate_step_kernel(THREADS_PER_BLOCK, row_threads)
-    options = (eps, alpha, float(p), float(decay), float(x_min), float(x_max))
-    launch = functools.partial(_launch, kernel, blocks, THREADS_PER_BLOCK, stream, X)
-    launch(X_start, G, momentum, *options, False, X_adv)
-    for _ in range(steps):
-        _gradient(X_adv, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
-        launch(X_adv, G, momentum, *options, True, X_adv)
+    shape = (X.shape[0] if decay > 0.0 else 0, X.shape[1])
+    momentum = workspace.array("iterate_momentum", shape, X.dtype)
+    iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum, stream=stream)
+    iterate_steps_into(
+        *(X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum),
+        stream=stream,
+        workspace=workspace,
+    )
 
 
 def deepfool_into(
