@@ -13,6 +13,7 @@ row whatever the batch size it is processed in.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,75 @@ TARGET_MODES = ("random", "least-likely")
 RANDOM_GROUP_ROWS = 256
 TARGET_STREAM = 2**31  # random-number stream of random targets; PGD restart r uses stream r
 SOFT_LABEL_TOLERANCE = 1e-3  # largest |sum_k Y_nk - 1| accepted for soft labels
+MAX_COUNT = 2**31 - 1
+"""Largest value of a count setting (steps, restarts, max_iter here; hidden, epochs,
+batch_size, patience and adv_steps of training): what every loop counter and HDF5 attribute
+holds."""
+SEED_LIMIT = 2**63
+"""Seeds are integers in [0, SEED_LIMIT), so that they are stored as int64 attributes."""
+MAX_BISECTIONS = 64
+"""Most halvings of a minimal-eps search. The tolerance is at least the float64 spacing at
+eps_max (``check_search``), so [0, eps_max] narrows to it in at most 54 halvings (a float64
+significand and rounding); the bound makes the search end whatever the rounding does."""
+
+
+def check_count(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int in [minimum, MAX_COUNT]; ValueError naming ``name`` otherwise."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r:.40}") from None
+    if not minimum <= count <= MAX_COUNT:
+        raise ValueError(f"{name} must be at least {minimum} and at most {MAX_COUNT}, got {count}")
+    return count
+
+
+def check_seed(value) -> int:
+    """``value`` as an int in [0, SEED_LIMIT); ValueError otherwise."""
+    try:
+        seed = operator.index(value)
+    except TypeError:
+        raise ValueError(f"seed must be an integer, got {value!r:.40}") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def check_radius(name: str, value, dtype=np.float64) -> float:
+    """``value`` as a float: >= 0 and finite in ``dtype`` (the compute dtype), else a
+    ValueError naming ``name``. A radius beyond dtype's largest value would turn every
+    perturbed input into inf, and a bisection up to it would never end."""
+    radius = float(value)
+    largest = float(np.finfo(dtype).max)
+    if not 0.0 <= radius <= largest:  # NaN fails too
+        raise ValueError(
+            f"{name} must be >= 0 and finite (at most {largest:.4g} in {np.dtype(dtype)}), "
+            f"got {radius:g}"
+        )
+    return radius
+
+
+def check_search(
+    eps_max, tolerance, dtype, *, names: tuple[str, str] = ("eps_max", "tolerance")
+) -> tuple[float, float]:
+    """The top ``eps_max`` and the ``tolerance`` of a bisection on [0, eps_max], as floats.
+
+    eps_max must be > 0 and finite in ``dtype`` (``check_radius``); the tolerance must be
+    finite and at least the float64 spacing at eps_max: no bisection of float64 values can
+    resolve eps more finely there, so a smaller one would never be reached. Refusals are
+    ValueErrors naming the option (``names``: the eps_max's and the tolerance's).
+    """
+    eps_max = check_radius(names[0], eps_max, dtype)
+    if eps_max == 0.0:
+        raise ValueError(f"{names[0]}, the top of the search, must be > 0")
+    tolerance = float(tolerance)
+    spacing = float(np.spacing(eps_max))
+    if not (math.isfinite(tolerance) and tolerance > 0.0 and tolerance >= spacing):
+        raise ValueError(
+            f"{names[1]} must be finite and at least {spacing:.3g} (the float64 spacing at "
+            f"{names[0]} = {eps_max:g}: a bisection resolves eps no finer), got {tolerance:g}"
+        )
+    return eps_max, tolerance
 
 
 def as_rows(model: Model, X) -> np.ndarray:
@@ -120,20 +190,26 @@ class Attack:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         object.__setattr__(self, "norm", str(self.norm).removesuffix(".0"))
         norm_order(self.norm)
-        if not (math.isfinite(self.eps) and self.eps >= 0.0):
-            raise ValueError(f"eps must be >= 0 and finite, got {self.eps}")
-        if self.steps < 1 or self.restarts < 1 or self.max_iter < 1:
-            raise ValueError("steps, restarts and max_iter must be at least 1")
-        if self.step_size is not None and not self.step_size > 0.0:
+        check_radius("eps", self.eps)
+        for name in ("steps", "restarts", "max_iter"):
+            check_count(name, getattr(self, name))
+        check_seed(self.seed)
+        if self.step_size is not None and not check_radius("step size", self.step_size) > 0.0:
             raise ValueError(f"step size must be > 0, got {self.step_size}")
-        if not (self.decay >= 0.0 and self.overshoot >= 0.0):
-            raise ValueError("decay and overshoot must be >= 0")
+        if not (0.0 <= self.decay < math.inf and 0.0 <= self.overshoot < math.inf):
+            raise ValueError("decay and overshoot must be >= 0 and finite")
         if isinstance(self.target, str) and self.target not in TARGET_MODES:
             raise ValueError(
                 f"target must be a class index, 'random' or 'least-likely', got {self.target!r}"
             )
         if self.method == "deepfool" and (self.norm == "1" or self.target is not None):
             raise ValueError("deepfool is untargeted and supports the norms inf and 2")
+
+    def check_range(self, dtype) -> None:
+        """Refuse (ValueError) an eps or step size beyond the largest value of ``dtype``,
+        the compute dtype: every perturbed input would be inf."""
+        check_radius("eps", self.eps, dtype)
+        check_radius("step size", self.alpha, dtype)
 
     @property
     def targeted(self) -> bool:
@@ -304,7 +380,8 @@ def perturb(
         start = rows
         if attack.method == "pgd":
             ball = random_in_ball(attack.seed, restart, index, rows.shape[1], p)
-            start = (rows + radius[:, None] * ball).astype(rows.dtype)
+            with np.errstate(over="ignore"):  # inf past dtype's range; jobs refuse such rows
+                start = (rows + radius[:, None] * ball).astype(rows.dtype)
         X_adv = backend.iterate(
             *(model, rows, labels.Y, start, radius, alpha, steps, p, decay, x_min, x_max),
             out=out if best is None else None,
@@ -340,10 +417,11 @@ def minimal_eps(
     Returns (N,) float64: a verified successful eps within ``tolerance`` of a verified
     failing one (0 where the clean prediction already fails, inf where eps_max fails too).
     DeepFool is not bisected: its result is the norm of its perturbation where it succeeds.
+    eps_max and the tolerance are checked by ``check_search`` (ValueError), so the search
+    ends, after at most ``MAX_BISECTIONS`` halvings.
     """
     backend = backend or get_backend()
-    if not (eps_max > 0 and tolerance > 0):
-        raise ValueError("eps_max and the tolerance must be > 0")
+    check_search(eps_max, tolerance, rows.dtype)
 
     def succeeds(subset, eps):
         sub = Labels(labels.Y[subset], labels.reference[subset], labels.predicted[subset])
@@ -372,7 +450,9 @@ def minimal_eps(
         hit, _ = succeeds(active, high[active])
         high[active[~hit]] = np.inf
         active = active[hit]
-    while active.size:
+    for _ in range(MAX_BISECTIONS):
+        if not active.size:
+            break
         middle = 0.5 * (low[active] + high[active])
         hit, _ = succeeds(active, middle)
         high[active[hit]] = middle[hit]
@@ -381,7 +461,18 @@ def minimal_eps(
     return high
 
 
-def _prepared(model, X, clip, device):
+def quartiles(values) -> tuple[float, float, float] | None:
+    """The lower quartile, median and upper quartile of ``values`` (numpy's "lower"
+    method: each is one of the values, inf included), or None when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    if not values.size:
+        return None
+    q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75], method="lower")
+    return float(q25), float(median), float(q75)
+
+
+def _prepared(model, X, attack: Attack, clip, device):
+    attack.check_range(model.dtype)
     rows = as_rows(model, X)
     x_min, x_max = (-np.inf, np.inf) if clip is None else (float(clip[0]), float(clip[1]))
     if not x_min <= x_max:
@@ -395,7 +486,7 @@ def run(model: Model, X, y=None, attack: Attack = DEFAULT_ATTACK, *, clip=(0.0, 
     ``y``: (N,) int labels, (N, C) soft labels, or None for the model's predictions;
     targets come from ``attack.target``. ``clip``: (x_min, x_max) or None.
     """
-    rows, clip, backend = _prepared(model, X, clip, device)
+    rows, clip, backend = _prepared(model, X, attack, clip, device)
     labels = attack_labels(model, rows, y, attack, backend=backend)
     return perturb(model, rows, labels, attack, clip, backend=backend).reshape(np.shape(X))
 
@@ -449,7 +540,7 @@ def fgsm(
     if targeted and y is None:
         raise ValueError("a targeted attack needs the target classes as y")
     attack = Attack("fgsm", eps=eps, norm=norm)
-    rows, clip, backend = _prepared(model, X, clip, device)
+    rows, clip, backend = _prepared(model, X, attack, clip, device)
     Y = label_matrix(model, y, len(rows))
     step = -attack.eps if targeted else attack.eps
     p = norm_order(attack.norm)
@@ -496,7 +587,7 @@ def minimal_eps_of(
     device="cpu",
 ) -> np.ndarray:
     """Per row of X (N, ...), the smallest eps at which ``attack`` succeeds (see minimal_eps)."""
-    rows, clip, backend = _prepared(model, X, clip, device)
+    rows, clip, backend = _prepared(model, X, attack, clip, device)
     labels = attack_labels(model, rows, y, attack, backend=backend)
     return minimal_eps(
         model, rows, labels, attack, clip, eps_max=eps_max, tolerance=tolerance, backend=backend

@@ -34,6 +34,8 @@ from advgrad.attacks import (
     DEFAULT_ATTACK,
     Attack,
     attack_labels,
+    check_radius,
+    check_search,
     minimal_eps,
     norm_order,
     perturb,
@@ -45,14 +47,27 @@ from advgrad.io import AdversarialWriter, load_model, open_dataset, read_column,
 from advgrad.io.safe import MAX_READ_BYTES
 from advgrad.kernels import cpu
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
+from advgrad.model import MAX_WEIGHTS, Model
 
 DEFAULT_BATCH_SIZE = 8192
+BLOCK_WORKING_BYTES = 2**30
+"""Bound on one set of a block's working arrays, rows x (d + H + C) values of the compute
+dtype (the pipeline holds a few such sets: input and output buffers, hidden activations).
+Wide networks get fewer rows per block (``rows_per_block``), never fewer than
+``ROWS_PER_BLOCK``: a network whose d + H + C values per row exceed this bound over 256 rows
+uses 256-row blocks."""
 WRITES_IN_FLIGHT = 2
 """Blocks handed to the writer thread and not yet written, at most (bounds memory)."""
 TASKS_PER_WORKER_THREAD = 2
 """With Dask: blocks in flight per worker thread of the cluster."""
 SCHEDULER_TIMEOUT_S = 10.0
 """With Dask: seconds to wait for the scheduler to answer."""
+
+
+class NonFiniteResult(ValueError):
+    """An attack turned a finite input row into one holding inf or NaN (an eps or step size
+    that takes it past the largest value of the data's dtype). Such a row is never written:
+    the job's outputs are discarded."""
 
 
 class Interrupted(AdvgradError):
@@ -81,8 +96,9 @@ class AttackReport:
     ``success_rate`` is the fraction of rows where the attack succeeded: the prediction
     moved off the attacked label (untargeted) or onto the target (targeted). The accuracies
     are None when the dataset has no labels. Perturbation norms are means over rows of
-    ||X_adv - X|| on the flattened rows. ``eps_min`` holds the per-row minimal eps when it
-    was searched. ``seconds`` covers reading, attacking and writing the rows of this run
+    ||X_adv - X|| on the flattened rows. The rates, accuracies and means are None for a
+    dataset of 0 rows. ``eps_min`` holds the per-row minimal eps when it was searched (0
+    values for 0 rows). ``seconds`` covers reading, attacking and writing the rows of this run
     (not loading the model or hashing the inputs); ``resumed_rows`` were done by an
     interrupted run before it.
     """
@@ -94,9 +110,9 @@ class AttackReport:
     clip: tuple[float, float]
     clean_accuracy: float | None
     adversarial_accuracy: float | None
-    success_rate: float
-    mean_linf: float
-    mean_l2: float
+    success_rate: float | None
+    mean_linf: float | None
+    mean_l2: float | None
     seconds: float
     eps_min: np.ndarray | None = None
     resumed_rows: int = 0
@@ -124,6 +140,59 @@ def clip_range(clip, reader, model) -> tuple[float, float]:
     return -math.inf, math.inf
 
 
+def rows_per_block(batch_size: int, model: Model) -> int:
+    """Rows in one block of a file job on ``model`` (in its compute dtype).
+
+    ``aligned_batch_size(batch_size)``, capped for a wide network so that one set of a
+    block's working arrays, rows x (d + H + C) values, takes at most ``BLOCK_WORKING_BYTES``,
+    but never below ``ROWS_PER_BLOCK``: every block size stays a multiple of it, so every
+    batch size still gives bitwise the same output.
+
+    Raises
+    ------
+    ValueError
+        The batch size is below 1, or the block's rows take more than the ``MAX_READ_BYTES``
+        read at once.
+    """
+    aligned = aligned_batch_size(batch_size)
+    itemsize = model.dtype.itemsize
+    values_per_row = model.n_inputs + model.n_hidden + model.n_classes
+    widest = BLOCK_WORKING_BYTES // (values_per_row * itemsize) // ROWS_PER_BLOCK
+    rows = min(aligned, max(widest, 1) * ROWS_PER_BLOCK)
+    row_bytes = model.n_inputs * itemsize
+    if rows * row_bytes > MAX_READ_BYTES:
+        largest = MAX_READ_BYTES // row_bytes // ROWS_PER_BLOCK * ROWS_PER_BLOCK
+        remedy = f"use a batch size of at most {largest}" if largest else "the rows are too wide"
+        raise ValueError(
+            f"a block of {rows} rows takes {rows * row_bytes} bytes, more than the "
+            f"{MAX_READ_BYTES} read at once; {remedy}"
+        )
+    return rows
+
+
+def perturbation_norms(X_adv: np.ndarray, rows: np.ndarray, first_row: int, output):
+    """L-inf and L2 norms (m,) float64 of each row of X_adv - rows, both (m, d).
+
+    Raises
+    ------
+    NonFiniteResult
+        Naming the first row (absolute index, from ``first_row``) whose adversarial values
+        are not finite while its input row is, and ``output``.
+    """
+    linf, l2 = np.empty(len(rows)), np.empty(len(rows))
+    cpu.perturbation_norms_into(X_adv, rows, linf, l2)
+    suspects = np.flatnonzero(~np.isfinite(linf))
+    if suspects.size:
+        made = ~np.isfinite(X_adv[suspects]).all(axis=1) & np.isfinite(rows[suspects]).all(axis=1)
+        if made.any():
+            raise NonFiniteResult(
+                f"{output}: the attack made row {first_row + int(suspects[made][0])} "
+                f"non-finite (inf or NaN): its eps or step size goes past the largest "
+                f"{X_adv.dtype} value; use a smaller eps or a clip range"
+            )
+    return linf, l2
+
+
 def aligned_batch_size(batch_size: int) -> int:
     """``batch_size`` rounded up to a multiple of ``ROWS_PER_BLOCK``.
 
@@ -136,14 +205,17 @@ def aligned_batch_size(batch_size: int) -> int:
 
 
 @contextmanager
-def open_for_model(model_path, data_path, *, allow_nonfinite: bool = False):
+def open_for_model(
+    model_path, data_path, *, allow_nonfinite: bool = False, max_weights: int = MAX_WEIGHTS
+):
     """Load a model and open a dataset it can read; yields (model, reader).
 
-    Refuses data whose rows do not flatten to the model's d; the model comes back in the
+    Refuses a model with more than ``max_weights`` elements in W1 or W2 (before reading it),
+    and data whose rows do not flatten to the model's d; the model comes back in the
     dataset's dtype, the compute dtype of every file-level job (a float64 weight beyond
     float32's range is refused rather than turned into inf).
     """
-    model = load_model(model_path)
+    model = load_model(model_path, max_weights=max_weights)
     with open_dataset(
         data_path, n_classes=model.n_classes, allow_nonfinite=allow_nonfinite
     ) as reader:
@@ -156,7 +228,7 @@ def open_for_model(model_path, data_path, *, allow_nonfinite: bool = False):
                 f"the model expects {model.n_inputs}",
             )
         if model.dtype != reader.dtype:
-            model = load_model(model_path, as_dtype=reader.dtype)
+            model = load_model(model_path, as_dtype=reader.dtype, max_weights=max_weights)
         yield model, reader
 
 
@@ -283,9 +355,9 @@ class _Totals:
     linf_total: float = 0.0
     l2_total: float = 0.0
 
-    def add(self, rows: np.ndarray, result: BlockResult, classes, targeted: bool) -> None:
-        linf, l2 = np.empty(len(rows)), np.empty(len(rows))
-        cpu.perturbation_norms_into(result.X_adv, rows, linf, l2)
+    def add(self, norms, result: BlockResult, classes, targeted: bool) -> None:
+        """Count a block: ``norms`` (linf, l2) of its rows (``perturbation_norms``)."""
+        linf, l2 = norms
         self.linf_total += float(linf.sum())
         self.l2_total += float(l2.sum())
         self.succeeded += int(success_of(result.reference, result.pred_adv, targeted).sum())
@@ -390,6 +462,7 @@ def attack_files(
     overwrite: bool = False,
     device: str = "cpu",
     allow_nonfinite: bool = False,
+    max_weights: int = MAX_WEIGHTS,
     resume: bool | None = None,
     scheduler: str | None = None,
     stop: threading.Event | None = None,
@@ -398,16 +471,19 @@ def attack_files(
 ) -> list[AttackReport]:
     """Attack every row of a dataset file once for each ``(attack, output path)``, in one pass.
 
-    Rows stream from ``data_path`` in blocks of ``aligned_batch_size(batch_size)``, so
+    Rows stream from ``data_path`` in blocks of ``rows_per_block(batch_size, model)``, so
     memory does not grow with the number of rows; each output is written beside its path
     and renamed into place once complete (DESIGN.md sections 3 and 4). Computation runs in
     the dataset's dtype. Labels are the model's predictions unless ``use_labels``, which
     takes the dataset's ``/y``. ``clip`` defaults to the dataset's (else the model's)
     x_min/x_max, else no clipping. With ``min_eps_tolerance``, the per-row minimal eps in
     [0, eps_max] is searched too and written as ``/eps_min`` (eps_max defaults to
-    x_max - x_min, or 10 eps without a clip range). Targeted attacks write their per-row
+    x_max - x_min, or 10 eps without a clip range; both are refused up front unless every
+    search ends: ``advgrad.attacks.check_search``). Targeted attacks write their per-row
     targets as ``/target``. ``allow_nonfinite`` accepts NaN and inf in ``/X`` (they pass
-    through to the output).
+    through to the output); ``max_weights`` bounds the model (``open_for_model``); an attack
+    that makes a finite row non-finite (an eps or step size too large for the data's dtype)
+    raises ``NonFiniteResult`` and discards the outputs.
 
     Crash safety: every block is checkpointed. ``resume`` None continues the partial outputs
     of an interrupted run of the same job (same inputs and settings), else starts afresh;
@@ -429,23 +505,21 @@ def attack_files(
     paths = [Path(path) for _, path in outputs]
     if len({path.resolve() for path in paths}) < len(paths):
         raise ValueError("two outputs have the same path")
-    rows_per_block = aligned_batch_size(batch_size)
     get_backend(device)
     attacks = tuple(attack for attack, _ in outputs)
     with (
-        open_for_model(model_path, data_path, allow_nonfinite=allow_nonfinite) as (model, reader),
+        open_for_model(
+            model_path, data_path, allow_nonfinite=allow_nonfinite, max_weights=max_weights
+        ) as (model, reader),
         ExitStack() as stack,
     ):
         if use_labels and not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; attack the predictions instead")
-        row_bytes = math.prod(reader.row_shape) * reader.dtype.itemsize
-        if rows_per_block * row_bytes > MAX_READ_BYTES:
-            largest = MAX_READ_BYTES // row_bytes // ROWS_PER_BLOCK * ROWS_PER_BLOCK
-            raise ValueError(
-                f"a block of {rows_per_block} rows takes {rows_per_block * row_bytes} bytes, "
-                f"more than the {MAX_READ_BYTES} read at once; use a batch size of at most "
-                f"{largest}"
-            )
+        block = rows_per_block(batch_size, model)
+        for attack in attacks:
+            attack.check_range(reader.dtype)
+        if eps_max is not None:
+            check_radius("eps_max (--eps-max)", eps_max, reader.dtype)
         x_min, x_max = clip_range(clip, reader, model)
         if not x_min <= x_max:
             raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
@@ -461,6 +535,14 @@ def attack_files(
             ),
             device=device,
         )
+        if min_eps_tolerance is not None:
+            for limit in plan.eps_max:
+                check_search(
+                    limit,
+                    min_eps_tolerance,
+                    reader.dtype,
+                    names=("eps_max (--eps-max)", "min_eps_tolerance (--min-eps)"),
+                )
         shared = {
             "labels": "dataset" if use_labels else "predictions",
             "x_min": x_min if math.isfinite(x_min) else None,  # None: not stored
@@ -470,7 +552,7 @@ def attack_files(
         }
         # Compressed outputs get chunks of one aligned row group, so that every block writes
         # whole chunks, compressed in parallel (AdversarialWriter), at any batch size.
-        chunk_rows = ROWS_PER_BLOCK if compression else rows_per_block
+        chunk_rows = ROWS_PER_BLOCK if compression else block
         writers = []
         for attack, path, limit in zip(attacks, paths, plan.eps_max, strict=True):
             columns = {}
@@ -504,10 +586,18 @@ def attack_files(
         tasks = _DaskTasks(scheduler, model) if scheduler else _LocalTasks()
         stack.callback(tasks.close)
         started = time.perf_counter()
-        totals = _stream(reader, model, plan, writers, tasks, rows_per_block, stop, progress)
+        try:
+            totals = _stream(reader, model, plan, writers, tasks, block, stop, progress)
+        except NonFiniteResult:
+            for writer in writers:
+                writer.discard()
+            raise
         seconds = time.perf_counter() - started
         n_rows, labelled = reader.n_rows, reader.has_labels
-    denominator = max(n_rows, 1)
+
+    def mean(total: float, labels_needed: bool = False) -> float | None:
+        return None if n_rows == 0 or (labels_needed and not labelled) else total / n_rows
+
     reports = []
     for attack, writer, total in zip(attacks, writers, totals, strict=True):
         eps_min = read_column(writer.target, "eps_min") if min_eps_tolerance is not None else None
@@ -518,11 +608,11 @@ def attack_files(
                 n_rows=n_rows,
                 labels=shared["labels"],
                 clip=(x_min, x_max),
-                clean_accuracy=total.clean_correct / denominator if labelled else None,
-                adversarial_accuracy=total.adversarial_correct / denominator if labelled else None,
-                success_rate=total.succeeded / denominator,
-                mean_linf=total.linf_total / denominator,
-                mean_l2=total.l2_total / denominator,
+                clean_accuracy=mean(total.clean_correct, labels_needed=True),
+                adversarial_accuracy=mean(total.adversarial_correct, labels_needed=True),
+                success_rate=mean(total.succeeded),
+                mean_linf=mean(total.linf_total),
+                mean_l2=mean(total.l2_total),
                 seconds=seconds,
                 eps_min=eps_min,
                 resumed_rows=writer.resumed_rows,
@@ -602,7 +692,10 @@ def _stream(reader, model, plan: Plan, writers, tasks, rows_per_block, stop, pro
                 offset = max(done[i] - start, 0)
                 result = results[i].rows_from(offset)
                 part = None if classes is None else classes[offset:]
-                totals[i].add(rows[offset:], result, part, plan.attacks[i].targeted)
+                norms = perturbation_norms(
+                    result.X_adv, rows[offset:], start + offset, writers[i].target
+                )
+                totals[i].add(norms, result, part, plan.attacks[i].targeted)
                 y_part = None if y is None else y[offset:]
                 state = dataclasses.asdict(totals[i])
                 release = functools.partial(results_of[i].give_back, out[i]) if out else None

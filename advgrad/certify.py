@@ -40,12 +40,28 @@ from pathlib import Path
 
 import numpy as np
 
-from advgrad.attacks import Attack, as_rows, attack_labels, label_matrix, minimal_eps, perturb
+from advgrad.attacks import (
+    Attack,
+    as_rows,
+    attack_labels,
+    check_radius,
+    check_search,
+    label_matrix,
+    minimal_eps,
+    perturb,
+)
 from advgrad.backend import blas_threads, get_backend
-from advgrad.batch import aligned_batch_size, clip_range, open_for_model, provenance
+from advgrad.batch import (
+    NonFiniteResult,
+    clip_range,
+    open_for_model,
+    perturbation_norms,
+    provenance,
+    rows_per_block,
+)
 from advgrad.io import AdversarialWriter
 from advgrad.kernels import cpu
-from advgrad.model import Model
+from advgrad.model import MAX_WEIGHTS, Model
 
 NORMS = ("inf", "2")
 METHODS = ("crown", "ibp")
@@ -94,6 +110,8 @@ class CertifyResult:
     certify_seconds, attack_seconds : time spent on bounds and on attacks
     output : the file written by ``certify_file``, else None
     label_source : "labels" (given or the dataset's /y) or "predictions"
+
+    The fractions and the time per row are None for 0 rows (one None per eps).
     """
 
     norm: str
@@ -120,21 +138,24 @@ class CertifyResult:
         return len(self.radius)
 
     @property
-    def clean_accuracy(self) -> float:
+    def clean_accuracy(self) -> float | None:
         """Fraction of rows whose clean prediction is the label."""
-        return float(np.mean(self.predicted == self.labels)) if self.n_rows else 0.0
+        return float(np.mean(self.predicted == self.labels)) if self.n_rows else None
 
     @property
-    def certified_accuracy(self) -> tuple[float, ...]:
+    def certified_accuracy(self) -> tuple[float | None, ...]:
         """Per eps, the fraction of rows certified."""
-        return tuple(float(v) for v in self.certified.mean(axis=0)) if self.n_rows else ()
+        return self._per_eps(self.certified)
 
     @property
-    def robust_accuracy(self) -> tuple[float, ...] | None:
+    def robust_accuracy(self) -> tuple[float | None, ...] | None:
         """Per eps, the fraction of rows the attack failed on (None without attack)."""
-        if self.robust is None:
-            return None
-        return tuple(float(v) for v in self.robust.mean(axis=0)) if self.n_rows else ()
+        return None if self.robust is None else self._per_eps(self.robust)
+
+    def _per_eps(self, flags: np.ndarray) -> tuple[float | None, ...]:
+        if not self.n_rows:
+            return (None,) * len(self.eps_values)
+        return tuple(float(v) for v in flags.mean(axis=0))
 
     @property
     def contradictions(self) -> int:
@@ -144,9 +165,9 @@ class CertifyResult:
         return int((self.certified & ~self.robust).any(axis=1).sum())
 
     @property
-    def seconds_per_row(self) -> float:
+    def seconds_per_row(self) -> float | None:
         """Certification time per row (attacks excluded)."""
-        return self.certify_seconds / max(self.n_rows, 1)
+        return self.certify_seconds / self.n_rows if self.n_rows else None
 
     def bracket(self) -> Bracket | None:
         """Medians of the per-row brackets (None without attack or correct rows)."""
@@ -389,17 +410,25 @@ def _certify_block(model: Model, rows, y, settings: _Settings, first_row: int) -
 
 
 def _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack) -> _Settings:
+    """The checked settings; every radius finite in the model's dtype and a tolerance that
+    the bisections reach (``check_search``), so every search ends."""
     norm = _check_norm(norm)
     eps_values, clip = _check_options(method, eps_values, tolerance, clip)
     if not eps_values:
         raise ValueError("give at least one eps value")
+    for eps in eps_values:
+        check_radius("eps", eps, model.dtype)
+    name = "eps_max"
     if eps_max is None:
         eps_max = default_eps_max(norm, clip, model.n_inputs, eps_values)
-    if not (math.isfinite(eps_max) and eps_max > 0.0):
-        raise ValueError(f"eps_max must be > 0 and finite, got {eps_max}")
-    if attack is not None and attack.method != "pgd":
-        raise ValueError(f"the empirical side runs pgd, got {attack.method!r}")
-    return _Settings(norm, method, eps_values, float(eps_max), float(tolerance), clip, attack)
+        name = "the default eps_max"
+    eps_max, tolerance = check_search(eps_max, tolerance, model.dtype, names=(name, "tolerance"))
+    if attack is not None:
+        if attack.method != "pgd":
+            raise ValueError(f"the empirical side runs pgd, got {attack.method!r}")
+        for eps in (*eps_values, eps_max):
+            replace(attack, norm=norm, eps=eps, target=None).check_range(model.dtype)
+    return _Settings(norm, method, eps_values, eps_max, tolerance, clip, attack)
 
 
 def _combine(
@@ -495,24 +524,26 @@ def certify_file(
     use_labels: bool = True,
     batch_size: int = 8192,
     overwrite: bool = False,
+    max_weights: int = MAX_WEIGHTS,
     progress: Callable[[int, int], None] | None = None,
 ) -> CertifyResult:
     """Certify every row of a dataset file and write the per-row results.
 
-    Rows stream in blocks of ``aligned_batch_size(batch_size)``. ``clip`` defaults to the
+    Rows stream in blocks of ``rows_per_block(batch_size, model)``. ``clip`` defaults to the
     dataset's (else the model's) x_min/x_max, else none; labels are the dataset's ``/y``
     (``use_labels``, when it has one) or the clean predictions. The output is written
     crash-safely as an adversarial dataset (DESIGN.md section 3): ``/X`` holds the attack's
     examples at the largest eps with ``/pred_clean``, ``/pred_adv`` and ``/y``, and the
     columns ``/radius`` (N,) (certified radius) and ``/attack_eps`` (N,) (smallest
     adversarial eps found, inf: none up to eps_max), so that a row is certified at eps > 0
-    exactly when its radius is >= eps; the settings are root attributes.
-    ``progress(rows_done, n_rows)`` is called after each block.
+    exactly when its radius is >= eps; the settings are root attributes. ``max_weights``
+    bounds the model (``open_for_model``); ``progress(rows_done, n_rows)`` is called after
+    each block.
     """
     if attack is None:
         raise ValueError("certify_file needs the attack whose examples it writes as /X")
-    rows_per_block = aligned_batch_size(batch_size)
-    with open_for_model(model_path, data_path) as (model, reader):
+    with open_for_model(model_path, data_path, max_weights=max_weights) as (model, reader):
+        block = rows_per_block(batch_size, model)
         labelled = use_labels and reader.has_labels
         clip = clip_range(clip, reader, model)
         settings = _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
@@ -542,14 +573,19 @@ def certify_file(
             dtype=reader.dtype,
             y_template=reader.y_template,
             attrs=attrs,
-            rows_per_chunk=min(rows_per_block, max(reader.n_rows, 1)),
+            rows_per_chunk=min(block, max(reader.n_rows, 1)),
             overwrite=overwrite,
             inputs=(model_path, data_path),
             columns={"radius": np.float64, "attack_eps": np.float64},
         ) as writer:
-            for start, X, y in reader.chunks(rows_per_block):
+            for start, X, y in reader.chunks(block):
                 rows = np.ascontiguousarray(X.reshape(len(X), -1))
                 part = _certify_block(model, rows, y if labelled else None, settings, start)
+                try:
+                    perturbation_norms(part.X_adv, rows, start, out_path)
+                except NonFiniteResult:
+                    writer.discard()
+                    raise
                 writer.write(
                     start,
                     part.X_adv.reshape(X.shape),
@@ -559,7 +595,7 @@ def certify_file(
                     radius=part.radius,
                     attack_eps=part.attack_eps,
                 )
-                parts.append(part)
+                parts.append(replace(part, X_adv=None, predicted_adv=None))  # rows written
                 if progress is not None:
                     progress(start + len(rows), reader.n_rows)
     return _combine(parts, settings, attrs["labels"], Path(out_path))

@@ -16,53 +16,59 @@ from advgrad.attacks import (
     Attack,
     as_rows,
     attack_labels,
+    check_radius,
+    check_search,
     minimal_eps,
     perturb,
+    quartiles,
 )
 from advgrad.backend import get_backend
-from advgrad.batch import aligned_batch_size, clip_range, open_for_model
+from advgrad.batch import clip_range, open_for_model, rows_per_block
 from advgrad.errors import InputFileError
-from advgrad.model import Model
+from advgrad.model import MAX_WEIGHTS, Model
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """Accuracy of one method at one eps; ``wrong_confidence`` is the mean probability the
-    model gives its (wrong) prediction on the rows it gets wrong (None if there are none)."""
+    """Accuracy of one method at one eps (None for 0 rows); ``wrong_confidence`` is the mean
+    probability the model gives its (wrong) prediction on the rows it gets wrong (None if
+    there are none)."""
 
     method: str
     eps: float
-    accuracy: float
+    accuracy: float | None
     wrong_confidence: float | None
 
 
 @dataclass(frozen=True)
 class MinimalEpsSummary:
-    """Quartiles of the per-row minimal eps of one method (inf: not found up to eps_max)."""
+    """Quartiles of the per-row minimal eps of one method (inf: not found up to eps_max) and
+    the fraction of rows where one was found; None for 0 rows."""
 
     method: str
-    q25: float
-    median: float
-    q75: float
-    found: float
+    q25: float | None
+    median: float | None
+    q75: float | None
+    found: float | None
     eps_max: float
     tolerance: float
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Result of ``evaluate``: one ``CurvePoint`` per (method, eps), one summary per method."""
+    """Result of ``evaluate``: one ``CurvePoint`` per (method, eps), one summary per method
+    whose minimal eps was searched. ``clean_accuracy`` is None for 0 rows."""
 
     n_rows: int
     norm: str
-    clean_accuracy: float
+    clean_accuracy: float | None
     points: tuple[CurvePoint, ...]
     minimal_eps: tuple[MinimalEpsSummary, ...]
 
-    def accuracy(self, method: str, eps: float) -> float:
-        """The accuracy of ``method`` at ``eps``."""
+    def accuracy(self, method: str, eps: float) -> float | None:
+        """The accuracy of ``method`` at ``eps`` (None for 0 rows)."""
         for point in self.points:
             if point.method == method and point.eps == eps:
                 return point.accuracy
@@ -101,7 +107,12 @@ class _Tally:
     def point(self, method: str, eps: float, n_rows: int) -> CurvePoint:
         has_confidence = self.wrong and method != "deepfool"
         confidence = self.wrong_confidence / self.wrong if has_confidence else None
-        return CurvePoint(method, eps, self.correct / max(n_rows, 1), confidence)
+        return CurvePoint(method, eps, _fraction(self.correct, n_rows), confidence)
+
+
+def _fraction(count: float, n_rows: int) -> float | None:
+    """count / n_rows, or None for 0 rows."""
+    return count / n_rows if n_rows else None
 
 
 def evaluate_blocks(
@@ -126,13 +137,29 @@ def evaluate_blocks(
     classified correctly and DeepFool fails or needs a perturbation larger than eps. The
     minimal eps of each method is bisected in [0, eps_max] (default: the largest eps) to
     ``min_eps_tolerance`` (None: skipped, except for DeepFool, which needs it).
+
+    Raises
+    ------
+    ValueError
+        An eps or step size that is negative or not finite in the model's dtype; an eps_max
+        or tolerance that a bisection cannot reach (``check_search``).
     """
     backend = backend or get_backend()
-    eps_values = sorted({float(e) for e in eps_values})
+    eps_values = sorted({check_radius("eps", e, model.dtype) for e in eps_values})
+    if not eps_values:
+        raise ValueError("give at least one eps value")
+    for eps in eps_values:
+        for method in methods:
+            replace(attack, method=method, eps=eps).check_range(model.dtype)
     eps_max = eps_max if eps_max is not None else max(eps_values)
     tolerance = min_eps_tolerance if min_eps_tolerance is not None else 1e-3
+    searched = [m for m in methods if m == "deepfool" or min_eps_tolerance is not None]
+    if searched:
+        eps_max, tolerance = check_search(
+            eps_max, tolerance, model.dtype, names=("eps_max", "min_eps_tolerance (--min-eps)")
+        )
     tallies = {(method, eps): _Tally() for method in methods for eps in eps_values}
-    minimal = {method: [] for method in methods}
+    minimal = {method: [] for method in searched}
     no_labels = np.zeros((0, model.n_classes), dtype=model.dtype)
     n_rows = clean_correct = 0
     for first_row, X, y in blocks:
@@ -145,7 +172,7 @@ def evaluate_blocks(
             labels = attack_labels(
                 model, rows, y if use_labels else None, config, first_row, backend
             )
-            if method == "deepfool" or min_eps_tolerance is not None:
+            if method in minimal:
                 minimal[method].append(
                     minimal_eps(
                         model,
@@ -179,22 +206,19 @@ def evaluate_blocks(
             progress(n_rows)
     summaries = []
     for method, parts in minimal.items():
-        if parts:
-            values = np.concatenate(parts)
-            q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75], method="lower")
-            summaries.append(
-                MinimalEpsSummary(
-                    method,
-                    float(q25),
-                    float(median),
-                    float(q75),
-                    float(np.isfinite(values).mean()),
-                    float(eps_max),
-                    float(tolerance),
-                )
+        values = np.concatenate(parts) if parts else np.empty(0)
+        summaries.append(
+            MinimalEpsSummary(
+                method,
+                *(quartiles(values) or (None, None, None)),
+                _fraction(int(np.isfinite(values).sum()), n_rows),
+                eps_max,
+                tolerance,
             )
+        )
     points = tuple(tallies[key].point(*key, n_rows) for key in tallies)
-    return Evaluation(n_rows, attack.norm, clean_correct / max(n_rows, 1), points, tuple(summaries))
+    clean_accuracy = _fraction(clean_correct, n_rows)
+    return Evaluation(n_rows, attack.norm, clean_accuracy, points, tuple(summaries))
 
 
 def evaluate(model: Model, X, y, **options) -> Evaluation:
@@ -209,19 +233,22 @@ def evaluate_file(
     batch_size: int = 8192,
     clip: tuple[float, float] | None = None,
     device: str = "cpu",
+    max_weights: int = MAX_WEIGHTS,
     **options,
 ) -> Evaluation:
-    """Evaluate a model on a labelled dataset file, streaming it in blocks of rows.
+    """Evaluate a model on a labelled dataset file, streaming it in blocks of
+    ``rows_per_block(batch_size, model)`` rows.
 
     ``clip`` defaults to the dataset's (else the model's) x_min/x_max, else none;
-    ``options`` as in ``evaluate_blocks``. Computation runs in the dataset's dtype.
+    ``max_weights`` bounds the model (``open_for_model``); ``options`` as in
+    ``evaluate_blocks``. Computation runs in the dataset's dtype.
     """
-    with open_for_model(model_path, data_path) as (model, reader):
+    with open_for_model(model_path, data_path, max_weights=max_weights) as (model, reader):
         if not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; evaluation needs labels")
         return evaluate_blocks(
             model,
-            reader.chunks(aligned_batch_size(batch_size)),
+            reader.chunks(rows_per_block(batch_size, model)),
             clip=clip_range(clip, reader, model),
             backend=get_backend(device),
             **options,

@@ -28,12 +28,22 @@ from pathlib import Path
 import numpy as np
 
 import advgrad
-from advgrad.attacks import Attack, Labels, as_rows, label_matrix, perturb, predict
+from advgrad.attacks import (
+    Attack,
+    Labels,
+    as_rows,
+    check_count,
+    check_radius,
+    check_seed,
+    label_matrix,
+    perturb,
+    predict,
+)
 from advgrad.backend import blas_threads, get_backend
 from advgrad.errors import InputFileError
-from advgrad.io import open_dataset, save_model, sha256_file
+from advgrad.io import open_dataset, refuse_clobbering, save_model, sha256_file
 from advgrad.kernels import cpu
-from advgrad.model import FLOAT_DTYPES, Model
+from advgrad.model import FLOAT_DTYPES, MAX_WEIGHTS, Model
 
 OPTIMIZERS = ("adam", "sgd")
 ADVERSARIAL_METHODS = ("fgsm", "pgd")
@@ -65,6 +75,9 @@ class TrainConfig:
     adv_method : "fgsm" (the paper) or "pgd" (Madry et al.; ``adv_steps`` steps, one start)
     adv_steps : PGD's number of steps
     dtype : the compute dtype, "float32" or "float64"
+
+    The counts (hidden, epochs, batch_size, patience, adv_steps) are integers in
+    [1, ``advgrad.attacks.MAX_COUNT``], the seed in [0, 2**63); ValueError otherwise.
     """
 
     hidden: int = 64
@@ -84,8 +97,11 @@ class TrainConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.hidden < 1 or self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ValueError("hidden, epochs, batch_size and patience must be at least 1")
+        for name in ("hidden", "epochs", "batch_size", "patience", "adv_steps"):
+            check_count(name, getattr(self, name))
+        check_seed(self.seed)
+        if np.dtype(self.dtype) not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -98,16 +114,11 @@ class TrainConfig:
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
             )
-        if not (math.isfinite(self.adv_eps) and self.adv_eps >= 0.0):
-            raise ValueError(f"adv_eps must be >= 0, got {self.adv_eps}")
+        check_radius("adv_eps", self.adv_eps, self.dtype)
         if not 0.0 <= self.adv_alpha <= 1.0:
             raise ValueError(f"adv_alpha must be in [0, 1], got {self.adv_alpha}")
         if self.adv_method not in ADVERSARIAL_METHODS:
             raise ValueError(f"adv_method must be fgsm or pgd, got {self.adv_method!r}")
-        if self.adv_steps < 1:
-            raise ValueError(f"adv_steps must be at least 1, got {self.adv_steps}")
-        if np.dtype(self.dtype) not in FLOAT_DTYPES:
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -184,14 +195,56 @@ def _evaluate(params: _Parameters, rows: np.ndarray, Y: np.ndarray) -> tuple[flo
     return float(np.mean(losses, dtype=np.float64)), accuracy
 
 
-def _n_classes(y: np.ndarray, n_classes: int | None) -> int:
+def network_shape(
+    d: int,
+    y: np.ndarray,
+    config: TrainConfig,
+    n_classes: int | None = None,
+    *,
+    max_weights: int = MAX_WEIGHTS,
+    labels_file: str | os.PathLike | None = None,
+) -> tuple[int, int, int]:
+    """(d, H, C) of the network ``train`` makes, checked before anything is allocated.
+
+    C is ``n_classes``, else the columns of soft labels, else the largest integer label + 1
+    (at least 2).
+
+    Raises
+    ------
+    ValueError
+        ``y`` is not (N,) integer or (N, C) soft labels, or W1 (d x H) or W2 (H x C) would
+        have more than ``max_weights`` elements.
+    InputFileError
+        Instead of the ValueError, naming ``labels_file``'s /y, when C comes from its labels.
+    """
+    H = config.hidden
+    if d * H > max_weights:
+        raise ValueError(
+            f"W1 would have {d} x {H} = {d * H} weights ({d} features, hidden {H}), more than "
+            f"max_weights = {max_weights}; use fewer hidden units or raise max_weights"
+        )
+    source = None
     if n_classes is not None:
-        return int(n_classes)
-    if y.ndim == 2:
-        return y.shape[1]
-    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) == 0:
+        C = int(n_classes)
+    elif y.ndim == 2:
+        C, source = y.shape[1], f"the soft labels have {y.shape[1]} columns"
+    elif y.ndim == 1 and y.dtype.kind in "iu" and len(y):
+        row = int(np.argmax(y))
+        C, source = max(int(y[row]) + 1, 2), f"label {int(y[row])} in row {row}"
+    else:
         raise ValueError(f"y must be (N,) integer labels or (N, C) soft labels, got {y.shape}")
-    return max(int(y.max()) + 1, 2)
+    w2_weights = H * C
+    if w2_weights > max_weights:
+        reason = (
+            f"{C} classes: W2 would have {H} x {C} = {w2_weights} weights, more than "
+            f"max_weights = {max_weights}"
+        )
+        if source is None:
+            raise ValueError(reason)
+        if labels_file is None:
+            raise ValueError(f"{source} makes {reason}")
+        raise InputFileError(labels_file, "/y", f"{source} makes {reason}")
+    return d, H, C
 
 
 def data_sha256(X: np.ndarray, y: np.ndarray) -> str:
@@ -246,6 +299,7 @@ def train(
     n_classes: int | None = None,
     clip: tuple[float, float] | None = None,
     progress: Callable[[EpochStats], None] | None = None,
+    max_weights: int = MAX_WEIGHTS,
 ) -> TrainResult:
     """Train a two-layer sigmoid network on labelled rows, by mini-batches.
 
@@ -263,6 +317,8 @@ def train(
         The valid input range: adversarial rows are clipped to it. None: no clipping.
     progress : callable, optional
         Called with each epoch's ``EpochStats``.
+    max_weights : int
+        Most elements of W1 (d x H) and of W2 (H x C) (``network_shape``).
 
     Returns
     -------
@@ -275,14 +331,16 @@ def train(
     Raises
     ------
     ValueError
-        Bad shapes or labels, or training diverged (non-finite weights).
+        Bad shapes or labels, no rows, a network beyond ``max_weights``, or training
+        diverged (non-finite weights).
     """
     started = time.perf_counter()
     dtype = np.dtype(config.dtype)
     y = np.asarray(y)
-    C = _n_classes(y, n_classes)
-    d = math.prod(np.shape(X)[1:])
-    H = config.hidden
+    shape = np.shape(X)
+    if not shape or shape[0] == 0:
+        raise ValueError(f"X has no rows (shape {shape}); training needs at least one")
+    d, H, C = network_shape(math.prod(shape[1:]), y, config, n_classes, max_weights=max_weights)
     params, grad = _Parameters(d, H, C, dtype), _Parameters(d, H, C, dtype)
     rows = as_rows(Model(*params.network), X)
     Y = label_matrix(Model(*params.network), y, len(rows))
@@ -378,35 +436,42 @@ def train_file(
     test_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: Callable[[EpochStats], None] | None = None,
+    max_weights: int = MAX_WEIGHTS,
 ) -> TrainReport:
     """Train on a labelled dataset file and write the model file.
 
     The model takes the dataset's ``input_shape`` (else the trailing shape of ``/X``),
     ``class_names``, ``x_min`` and ``x_max`` (also the clip range of adversarial rows).
     Its attributes add to ``train``'s metadata the file names and SHA-256 hashes of the
-    training (and test) files, and ``test_accuracy`` on ``test_path``.
+    training (and test) files, and ``test_accuracy`` on ``test_path`` (None when the test
+    set has no rows). ``max_weights`` bounds the network as in ``train``.
 
     Raises
     ------
     InputFileError
-        ``out_path`` exists (without ``overwrite``) or is an input; a dataset is refused or
-        has no labels; the test set's rows do not fit the model.
+        ``out_path`` exists (without ``overwrite``) or is an input (by identity: a hard link
+        or symlink counts); a dataset is refused, has no labels or no rows; a label makes
+        too many classes; the test set's rows do not fit the model.
     """
     out = Path(out_path)
-    inputs = [Path(p) for p in (data_path, test_path) if p is not None]
-    for source in inputs:
-        if out.resolve() == source.resolve():
-            raise InputFileError(out, None, f"is the input file {source}; choose another path")
+    inputs = [p for p in (data_path, test_path) if p is not None]
+    refuse_clobbering(out, [out], inputs)
     if out.exists() and not overwrite:
         raise InputFileError(out, None, "exists; pass --overwrite")
     with open_dataset(data_path) as reader:
         if not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; training needs labels")
+        if reader.n_rows == 0:
+            raise InputFileError(data_path, "/X", "has no rows; training needs at least one")
         info = reader.info
+        n_classes = len(info.class_names) if info.class_names is not None else None
+        d = math.prod(reader.row_shape)
         X, y = reader.read(0, reader.n_rows)
-    n_classes = len(info.class_names) if info.class_names is not None else None
+    network_shape(d, y, config, n_classes, max_weights=max_weights, labels_file=data_path)
     clip = None if info.x_min is None or info.x_max is None else (info.x_min, info.x_max)
-    result = train(X, y, config, n_classes=n_classes, clip=clip, progress=progress)
+    result = train(
+        X, y, config, n_classes=n_classes, clip=clip, progress=progress, max_weights=max_weights
+    )
     metadata = {
         **result.model.metadata,
         "training_data": Path(data_path).name,
@@ -426,7 +491,8 @@ def train_file(
             X_test, y_test = reader.read(0, reader.n_rows)
         classes = y_test if y_test.ndim == 1 else np.argmax(y_test, axis=1)
         test_rows = len(X_test)
-        test_accuracy = float(np.mean(predict(result.model, X_test) == classes))
+        if test_rows:
+            test_accuracy = float(np.mean(predict(result.model, X_test) == classes))
         metadata |= {
             "test_data": Path(test_path).name,
             "test_file_sha256": sha256_file(test_path),
@@ -440,5 +506,5 @@ def train_file(
         x_max=info.x_max,
         metadata=metadata,
     )
-    save_model(model, out)
+    save_model(model, out, inputs=inputs)
     return TrainReport(replace(result, model=model), out, len(X), test_rows, test_accuracy)
