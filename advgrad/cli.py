@@ -153,6 +153,11 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+def _number(value: float | None, spec: str = ".4g") -> str:
+    """``value`` formatted by ``spec``, or "-" where it is undefined (no rows)."""
+    return "-" if value is None else format(value, spec)
+
+
 class Method(StrEnum):
     fgsm = "fgsm"
     bim = "bim"
@@ -230,9 +235,24 @@ AllowNonfiniteOption = Annotated[
 ]
 
 
+MaxWeightsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Most elements in one weight matrix of a model (d*H for W1, H*C for W2); a larger "
+        "model is refused before anything is allocated. Default: 2**27 (512 MiB of float32).",
+        show_default=False,
+    ),
+]
 OverwriteOption = Annotated[
     bool, typer.Option(help="Replace an existing output file (never an input).")
 ]
+
+
+def _weights_limit(max_weights: int | None) -> int:
+    from advgrad.model import MAX_WEIGHTS
+
+    return MAX_WEIGHTS if max_weights is None else max_weights
 
 
 def _clip(clip_min: float | None, clip_max: float | None) -> tuple[float, float] | None:
@@ -282,9 +302,11 @@ def _summary_table(title: str, rows) -> Table:
 def _quartiles(values) -> str:
     import numpy as np
 
-    if len(values) == 0:
+    from advgrad.attacks import quartiles
+
+    if (spread := quartiles(values)) is None:
         return "-"
-    q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75], method="lower")
+    q25, median, q75 = spread
     found = np.isfinite(values).mean()
     return f"median {median:.4g} (quartiles {q25:.4g}, {q75:.4g}); found for {100 * found:.1f} %"
 
@@ -387,6 +409,7 @@ def attack(
         ),
     ] = None,
     allow_nonfinite: AllowNonfiniteOption = False,
+    max_weights: MaxWeightsOption = None,
 ) -> None:
     """Attack every row of a dataset and write the adversarial dataset.
 
@@ -448,6 +471,7 @@ def attack(
                 overwrite=overwrite,
                 device=device.value,
                 allow_nonfinite=allow_nonfinite,
+                max_weights=_weights_limit(max_weights),
                 resume=resume,
                 scheduler=scheduler,
                 stop=stop,
@@ -483,15 +507,15 @@ def _attack_report_rows(report) -> list[tuple[str, str]]:
         ("clean accuracy", _percent(report.clean_accuracy)),
         ("adversarial accuracy", _percent(report.adversarial_accuracy)),
         ("attack success rate", _percent(report.success_rate)),
-        ("mean L-inf perturbation", f"{report.mean_linf:.4g}"),
-        ("mean L2 perturbation", f"{report.mean_l2:.4g}"),
+        ("mean L-inf perturbation", _number(report.mean_linf)),
+        ("mean L2 perturbation", _number(report.mean_l2)),
     ]
     if report.eps_min is not None:
         rows.append(("minimal eps", _quartiles(report.eps_min)))
     if report.resumed_rows:
         rows.append(("resumed after row", f"{report.resumed_rows}"))
     rows += [
-        ("rows per second", f"{report.rows_per_second:,.0f}"),
+        ("rows per second", _number(report.rows_per_second, ",.0f")),
         ("output", str(report.output)),
     ]
     return rows
@@ -548,6 +572,7 @@ def evaluate(
         bool,
         typer.Option(help="Replace existing --json and --plot files (never an input)."),
     ] = False,
+    max_weights: MaxWeightsOption = None,
 ) -> None:
     """Accuracy under attack per method and eps, and each method's minimal-eps summary.
 
@@ -607,6 +632,7 @@ def evaluate(
                 clip=clip,
                 batch_size=batch_size,
                 device=device.value,
+                max_weights=_weights_limit(max_weights),
                 progress=lambda done: bar.update(task, completed=done),
             )
         if json_path is not None:
@@ -640,10 +666,10 @@ def evaluate(
         for item in result.minimal_eps:
             summary.add_row(
                 _literal(item.method),
-                f"{item.q25:.4g}",
-                f"{item.median:.4g}",
-                f"{item.q75:.4g}",
-                f"{100 * item.found:.1f} % (eps <= {item.eps_max:g})",
+                _number(item.q25),
+                _number(item.median),
+                _number(item.q75),
+                f"{_percent(item.found)} (eps <= {item.eps_max:g})",
             )
         console.print(summary)
     for path in (json_path, plot):
@@ -699,9 +725,8 @@ def certify(
     clip_min: ClipMinOption = None,
     clip_max: ClipMaxOption = None,
     batch_size: BatchSizeOption = 8192,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing output file (never an input).")
-    ] = False,
+    overwrite: OverwriteOption = False,
+    max_weights: MaxWeightsOption = None,
 ) -> None:
     """Certified accuracy per eps next to PGD's empirical robust accuracy, and per-row radii.
 
@@ -739,6 +764,7 @@ def certify(
                 use_labels=labels,
                 batch_size=batch_size,
                 overwrite=overwrite,
+                max_weights=_weights_limit(max_weights),
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     table = Table(
@@ -755,6 +781,7 @@ def certify(
         table.add_row(f"{value:g}", _percent(certified), _percent(robust))
     console.print(table)
     bracket = result.bracket()
+    milliseconds = None if result.seconds_per_row is None else 1e3 * result.seconds_per_row
     rows = []
     if bracket is not None:
         rows += [
@@ -766,7 +793,7 @@ def certify(
     rows += [
         ("labels certified", result.label_source),
         ("clip range", f"[{result.clip[0]:g}, {result.clip[1]:g}]"),
-        ("certification time", f"{1e3 * result.seconds_per_row:.3g} ms per row"),
+        ("certification time", f"{_number(milliseconds, '.3g')} ms per row"),
         ("output", str(result.output)),
     ]
     console.print(_summary_table("Per-row bracket [certified radius, adversarial eps]", rows))
@@ -782,6 +809,7 @@ def certify(
 def info(
     path: Annotated[Path, typer.Argument(help="A model or dataset file (.h5).")],
     allow_nonfinite: AllowNonfiniteOption = False,
+    max_weights: MaxWeightsOption = None,
 ) -> None:
     """Show what a model or dataset file holds, and whether advgrad accepts it.
 
@@ -791,7 +819,9 @@ def info(
     with _reported_errors():
         from advgrad.io import describe_file
 
-        description = describe_file(path, allow_nonfinite=allow_nonfinite)
+        description = describe_file(
+            path, allow_nonfinite=allow_nonfinite, max_weights=_weights_limit(max_weights)
+        )
     table = Table(
         title=_literal(f"{path} ({description.kind})"), show_header=False, title_justify="left"
     )
@@ -812,6 +842,7 @@ def gradcheck(
     tolerance: Annotated[
         float, typer.Option(min=0.0, help="Largest accepted relative error.")
     ] = 1e-6,
+    max_weights: MaxWeightsOption = None,
 ) -> None:
     """Check the input gradient against central finite differences in float64.
 
@@ -824,7 +855,7 @@ def gradcheck(
         from advgrad.io import load_model, open_dataset
 
         model_path, data_path = _defaults(model, data)
-        network = load_model(model_path)
+        network = load_model(model_path, max_weights=_weights_limit(max_weights))
         with open_dataset(data_path, n_classes=network.n_classes) as reader:
             X, _ = reader.read(0, min(rows, reader.n_rows))
         result = check(network, X, step=step)
@@ -923,6 +954,7 @@ def train(
     adv_steps: Annotated[int, typer.Option(min=1, help="pgd: steps per batch.")] = 10,
     dtype: Annotated[Precision, typer.Option(help="Compute dtype.")] = Precision.float32,
     overwrite: OverwriteOption = False,
+    max_weights: MaxWeightsOption = None,
 ) -> None:
     """Train a two-layer sigmoid network and write the model file.
 
@@ -971,6 +1003,7 @@ def train(
                 config,
                 test_path=test_path,
                 overwrite=overwrite,
+                max_weights=_weights_limit(max_weights),
                 progress=progress,
             )
     result = report.result
@@ -1013,6 +1046,7 @@ def convert_model(
         typer.Argument(help="Output: .h5, .npz or .safetensors."),
     ],
     overwrite: OverwriteOption = False,
+    max_weights: MaxWeightsOption = None,
 ) -> None:
     """Convert a model between advgrad's HDF5 format, .npz and .safetensors.
 
@@ -1023,7 +1057,9 @@ def convert_model(
     with _reported_errors():
         from advgrad.io import convert_model as convert
 
-        model = convert(source, target, overwrite=overwrite)
+        model = convert(
+            source, target, overwrite=overwrite, max_weights=_weights_limit(max_weights)
+        )
     rows = [
         ("network", f"d = {model.n_inputs}, H = {model.n_hidden}, C = {model.n_classes}"),
         ("dtype", str(model.dtype)),
