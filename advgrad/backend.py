@@ -59,6 +59,22 @@ def _run_kernel(kernel, *args) -> None:
         kernel(*args)
 
 
+WORKSPACE_BYTES = 2**30
+"""Most scratch memory one block of a kernel may need (each thread runs one block at a time).
+A network whose scratch exceeds it is refused up front: the scratch grows with the network's
+shape, which a small compressed file can declare large (SECURITY.md)."""
+
+
+def check_workspace(what: str, n_bytes: int) -> None:
+    """Refuse ``what`` (e.g. "DeepFool") when one kernel block needs more than
+    ``WORKSPACE_BYTES`` of scratch; raises ValueError saying so."""
+    if n_bytes > WORKSPACE_BYTES:
+        raise ValueError(
+            f"{what} needs {n_bytes} bytes of scratch per block for this network, more than "
+            f"the {WORKSPACE_BYTES} allowed (advgrad.backend.WORKSPACE_BYTES)"
+        )
+
+
 SLICE_MULTIPLY_ADDS = 2**26
 """Work of one slice of an iterative attack (at most about 0.1 s on one core). The iterative
 kernels run in slices of steps, and between two slices control is back in Python, where a
@@ -163,6 +179,8 @@ class CpuBackend:
 
         The iterations run in slices (``step_slices``) until no row moves any more.
         """
+        d, H, C = model.n_inputs, model.n_hidden, model.n_classes
+        check_workspace("DeepFool", (H * C + d * C + H + C) * X.dtype.itemsize)
         X_adv = output_rows(X, out)
         n_rows = X.shape[0]
         iterations = np.empty(n_rows, dtype=np.int64)

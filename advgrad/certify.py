@@ -50,7 +50,7 @@ from advgrad.attacks import (
     minimal_eps,
     perturb,
 )
-from advgrad.backend import blas_threads, get_backend
+from advgrad.backend import blas_threads, check_workspace, get_backend
 from advgrad.batch import (
     NonFiniteResult,
     clip_range,
@@ -216,8 +216,17 @@ def default_eps_max(norm: str, clip: tuple[float, float], n_inputs: int, eps_val
     return 4.0 * max(eps_values, default=0.0) or 1.0
 
 
+def bound_workspace_bytes(model: Model) -> int:
+    """Bytes of scratch one block of the bound kernels needs: ``cpu.bound_workspace`` for
+    ``cpu.ROWS_PER_BLOCK`` rows, float64 (CROWN keeps C x (H + d) coefficients per row)."""
+    d, H, C = model.n_inputs, model.n_hidden, model.n_classes
+    return cpu.ROWS_PER_BLOCK * 8 * (2 * d + 9 * H + C * (H + d) + 3 * C + 1)
+
+
 def _kernel_arguments(model: Model, rows: np.ndarray, classes: np.ndarray, norm: str):
-    """Rows, classes, the network (all float64) and p, as the bound kernels take them."""
+    """Rows, classes, the network (all float64) and p, as the bound kernels take them;
+    refuses a network whose bound scratch exceeds ``WORKSPACE_BYTES``."""
+    check_workspace("certification", bound_workspace_bytes(model))
     network = (model.W1, model.b1, model.W2, model.b2)
     return (
         np.ascontiguousarray(rows, dtype=np.float64),
@@ -413,6 +422,7 @@ def _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
     """The checked settings; every radius finite in the model's dtype and a tolerance that
     the bisections reach (``check_search``), so every search ends."""
     norm = _check_norm(norm)
+    check_workspace("certification", bound_workspace_bytes(model))
     eps_values, clip = _check_options(method, eps_values, tolerance, clip)
     if not eps_values:
         raise ValueError("give at least one eps value")

@@ -582,3 +582,44 @@ def test_a_wide_network_attacks_within_a_memory_limit(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["8192"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.h5", "m.h5", "o.h5"]
+
+
+def test_bound_workspace_bytes_is_what_the_bound_kernels_allocate():
+    from advgrad.certify import bound_workspace_bytes
+    from advgrad.kernels import cpu
+
+    rng = np.random.default_rng(3)
+    model = Model(*random_network(rng, 7, 5, 3))
+    work = cpu.bound_workspace(cpu.ROWS_PER_BLOCK, model.W1, model.W2)
+    assert bound_workspace_bytes(model) == sum(array.nbytes for array in work)
+
+
+@pytest.mark.parametrize(
+    ("shape", "command"),
+    [
+        ((64, 2**17, 10), ["certify", "--eps", "0.1"]),
+        ((2**20, 1, 2**20), ["certify", "--eps", "0.1"]),
+        ((2**20, 1, 2**20), ["attack", "--method", "deepfool"]),
+    ],
+)
+def test_networks_whose_kernel_scratch_is_unbounded_are_refused_up_front(tmp_path, shape, command):
+    # the file stores zeros (a few KB of gzip); certify would need C x (H + d) float64 per row
+    # of a 256-row block, DeepFool a (d, C) Jacobian per thread
+    d, H, C = shape
+    model = tmp_path / "wide.h5"
+    with h5py.File(model, "w") as f:
+        f.attrs["advgrad_format"] = "two-layer-sigmoid"
+        f.attrs["format_version"] = 1
+        for name, array_shape in (("W1", (d, H)), ("b1", (H,)), ("W2", (H, C)), ("b2", (C,))):
+            f.create_dataset(name, shape=array_shape, dtype="f4", compression="gzip", chunks=True)
+            f[name][...] = 0
+    data = tmp_path / "data.h5"
+    with h5py.File(data, "w") as f:
+        f["X"] = np.zeros((4, d), np.float32)
+        f["y"] = np.zeros(4, np.int64)
+    before = digest(tmp_path)
+    result = advgrad_cli(*command, "--model", model, "--data", data, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "bytes of scratch per block" in result.stderr
+    assert digest(tmp_path) == before
