@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,14 +68,21 @@ def gradcheck(model: Model, X, y=None, *, step: float = DEFAULT_STEP) -> Gradche
 
     ``X`` (N, ...) and ``y`` as in ``input_gradient``; None takes the predictions at X.
     """
+    if not (math.isfinite(step) and step > 0.0):
+        raise ValueError(f"the finite-difference step must be finite and > 0, got {step}")
     model = model.astype(np.float64)
     rows = as_rows(model, X)
+    if not len(rows):
+        raise ValueError("gradcheck needs at least one row")
     labels = predict(model, rows) if y is None else y
     Y = label_matrix(model, labels, len(rows))
     analytic = input_gradient(model, rows, Y)
     numeric = finite_difference_gradient(model, rows, Y, step=step)
     error = analytic - numeric
-    relative = np.linalg.norm(error) / max(np.linalg.norm(numeric), np.finfo(np.float64).tiny)
+    error_norm = np.linalg.norm(error)
+    # a step too small or too large for the rows leaves F at 0 or tiny: the error is then inf
+    with np.errstate(over="ignore", divide="ignore"):
+        relative = error_norm / np.linalg.norm(numeric) if error_norm else 0.0
     return GradcheckResult(
         float(relative), float(np.abs(error).max()), rows.shape[0], rows.shape[1], step
     )

@@ -217,3 +217,26 @@ def test_side_outputs_follow_the_overwrite_rule_and_appear_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "report.json"]
     result = advgrad(*evaluate_args(model, data), "--json", report, "--plot", report, cwd=tmp_path)
     assert "the same file" in one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("command", "exit_code"),
+    [
+        (["gradcheck", "--step", "1e300"], 1),
+        (["gradcheck", "--step", "1e-300"], 1),
+        (["gradcheck", "--step", "0"], 1),
+        (["attack", "--method", "mifgsm", "--decay", "1e300", "--out", "o.h5"], 0),
+        (["attack", "--method", "pgd", "--step-size", "1e300", "--out", "o.h5"], 1),
+        (["certify", "--eps", "1e30", "--steps", "2", "--restarts", "1", "--out", "o.h5"], 0),
+        (["train", "--adv-eps", "1e30", "--epochs", "1", "--out", "m.h5"], 0),
+    ],
+)
+def test_absurd_arguments_print_no_warning(tmp_path, command, exit_code):
+    result = advgrad(*command, cwd=tmp_path)
+    assert result.returncode == exit_code, result.stderr
+    assert "Warning" not in result.stderr
+    assert "Traceback" not in result.stderr
+    if exit_code:
+        assert len(result.stderr.splitlines()) <= 1, result.stderr
+    else:
+        assert result.stderr == ""
