@@ -6,6 +6,8 @@ The model type, file loaders and savers, and array-level attacks::
     model = advgrad.load_model("model.h5")
     X, y = advgrad.load_dataset("data.h5")
     X_adv = advgrad.fgsm(model, X, eps=0.1)
+    X_adv = advgrad.pgd(model, X, eps=0.1, steps=20, restarts=5)
+    X_adv = advgrad.run(model, X, attack=advgrad.Attack("mifgsm", eps=0.1))
 
 The jitted kernels themselves live in ``advgrad.kernels.cpu``. Names load on first use,
 so that ``import advgrad`` (and the command line's ``--help``) stays fast.
@@ -25,6 +27,12 @@ _PUBLIC = {
     "save_dataset": "advgrad.io",
     "input_gradient": "advgrad.attacks",
     "fgsm": "advgrad.attacks",
+    "bim": "advgrad.attacks",
+    "pgd": "advgrad.attacks",
+    "mi_fgsm": "advgrad.attacks",
+    "deepfool": "advgrad.attacks",
+    "Attack": "advgrad.attacks",
+    "run": "advgrad.attacks",
     "predict": "advgrad.attacks",
     "predict_proba": "advgrad.attacks",
     "loss": "advgrad.attacks",

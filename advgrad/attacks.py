@@ -471,20 +471,41 @@ def quartiles(values) -> tuple[float, float, float] | None:
     return float(q25), float(median), float(q75)
 
 
+MODEL_RANGE = "model"
+"""The array API's default ``clip``: the model's declared range (see ``declared_range``)."""
+
+
+def declared_range(*sources) -> tuple[float, float] | None:
+    """The default clip range, one rule for the command line and the array API: the
+    ``(x_min, x_max)`` of the first source that declares both (a dataset's attributes, then
+    the model; the array API sees only the model), else None (no clipping)."""
+    for source in sources:
+        if source.x_min is not None and source.x_max is not None:
+            return float(source.x_min), float(source.x_max)
+    return None
+
+
 def _prepared(model, X, attack: Attack, clip, device):
     attack.check_range(model.dtype)
     rows = as_rows(model, X)
+    if isinstance(clip, str):
+        if clip != MODEL_RANGE:
+            raise ValueError(f"clip must be (x_min, x_max), None or {MODEL_RANGE!r}, got {clip!r}")
+        clip = declared_range(model)
     x_min, x_max = (-np.inf, np.inf) if clip is None else (float(clip[0]), float(clip[1]))
     if not x_min <= x_max:
         raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
     return rows, (x_min, x_max), get_backend(device)
 
 
-def run(model: Model, X, y=None, attack: Attack = DEFAULT_ATTACK, *, clip=(0.0, 1.0), device="cpu"):
+def run(
+    model: Model, X, y=None, attack: Attack = DEFAULT_ATTACK, *, clip=MODEL_RANGE, device="cpu"
+):
     """Run any ``Attack`` on X (N, ...); returns X_adv shaped like X, in the model's dtype.
 
     ``y``: (N,) int labels, (N, C) soft labels, or None for the model's predictions;
-    targets come from ``attack.target``. ``clip``: (x_min, x_max) or None.
+    targets come from ``attack.target``. ``clip``: (x_min, x_max), None (no clipping) or
+    "model" (the default: the model's declared range, else none; ``declared_range``).
     """
     rows, clip, backend = _prepared(model, X, attack, clip, device)
     labels = attack_labels(model, rows, y, attack, backend=backend)
@@ -516,7 +537,7 @@ def fgsm(
     *,
     eps: float,
     norm="inf",
-    clip: tuple[float, float] | None = (0.0, 1.0),
+    clip: tuple[float, float] | str | None = MODEL_RANGE,
     targeted: bool = False,
     device: str = "cpu",
 ) -> np.ndarray:
@@ -530,7 +551,8 @@ def fgsm(
         with ``targeted=True`` the target classes (required)
     eps : float >= 0, the step length in the chosen norm
     norm : "inf" (sign of the gradient), "2" (G / ||G||_2) or "1" (G / ||G||_1)
-    clip : (x_min, x_max) or None for no clipping
+    clip : (x_min, x_max); None for no clipping; default "model": the model's x_min/x_max
+        when it declares them, else no clipping (the command line's rule, ``declared_range``)
     targeted : descend the loss toward ``y`` instead of ascending it
 
     Returns
@@ -548,7 +570,7 @@ def fgsm(
     return X_adv.reshape(np.shape(X))
 
 
-def pgd(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", **options):
+def pgd(model: Model, X, y=None, *, eps: float, clip=MODEL_RANGE, device="cpu", **options):
     """Projected gradient descent (Madry et al.) from random starts in the eps-ball.
 
     ``options``: norm, steps, step_size, restarts, target, seed (see ``Attack``).
@@ -557,7 +579,7 @@ def pgd(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", *
     return run(model, X, y, Attack("pgd", eps=eps, **options), clip=clip, device=device)
 
 
-def bim(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", **options):
+def bim(model: Model, X, y=None, *, eps: float, clip=MODEL_RANGE, device="cpu", **options):
     """Basic iterative method (Kurakin et al.): iterated FGM from X, projected into the ball.
 
     ``options``: norm, steps, step_size, target (see ``Attack``). Returns X_adv like X.
@@ -565,12 +587,12 @@ def bim(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", *
     return run(model, X, y, Attack("bim", eps=eps, **options), clip=clip, device=device)
 
 
-def mi_fgsm(model: Model, X, y=None, *, eps: float, clip=(0.0, 1.0), device="cpu", **options):
+def mi_fgsm(model: Model, X, y=None, *, eps: float, clip=MODEL_RANGE, device="cpu", **options):
     """Momentum iterative FGSM (Dong et al.); ``options``: decay, norm, steps, step_size."""
     return run(model, X, y, Attack("mifgsm", eps=eps, **options), clip=clip, device=device)
 
 
-def deepfool(model: Model, X, *, norm="2", clip=(0.0, 1.0), device="cpu", **options):
+def deepfool(model: Model, X, *, norm="2", clip=MODEL_RANGE, device="cpu", **options):
     """DeepFool (Moosavi-Dezfooli et al.); ``options``: overshoot, max_iter. X_adv like X."""
     return run(model, X, None, Attack("deepfool", norm=norm, **options), clip=clip, device=device)
 
@@ -583,7 +605,7 @@ def minimal_eps_of(
     *,
     eps_max: float = 1.0,
     tolerance: float = 1e-3,
-    clip=(0.0, 1.0),
+    clip=MODEL_RANGE,
     device="cpu",
 ) -> np.ndarray:
     """Per row of X (N, ...), the smallest eps at which ``attack`` succeeds (see minimal_eps)."""

@@ -36,6 +36,7 @@ from advgrad.attacks import (
     attack_labels,
     check_radius,
     check_search,
+    declared_range,
     minimal_eps,
     norm_order,
     perturb,
@@ -131,13 +132,11 @@ def default_output_name(data_path: str | os.PathLike, attack: Attack) -> Path:
 
 
 def clip_range(clip, reader, model) -> tuple[float, float]:
-    """The explicit clip, else the dataset's x_min/x_max, else the model's, else none."""
-    if clip is not None:
-        return float(clip[0]), float(clip[1])
-    for source in (reader, model):
-        if source.x_min is not None and source.x_max is not None:
-            return source.x_min, source.x_max
-    return -math.inf, math.inf
+    """The explicit clip, else the dataset's x_min/x_max, else the model's, else none
+    (``declared_range``), as a (x_min, x_max) pair with infinite ends for none."""
+    if clip is None:
+        clip = declared_range(reader, model)
+    return (-math.inf, math.inf) if clip is None else (float(clip[0]), float(clip[1]))
 
 
 def rows_per_block(batch_size: int, model: Model) -> int:

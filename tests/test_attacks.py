@@ -81,7 +81,8 @@ def test_fgsm_norms_match_the_reference(small_model, norm, p):
     y = rng.integers(0, 4, 15)
     m = small_model
     expected = reference.fgm_step(X, m.W1, m.b1, m.W2, m.b2, one_hot(y, 4), 0.2, p, 0.0, 1.0)
-    np.testing.assert_allclose(advgrad.fgsm(m, X, y, eps=0.2, norm=norm), expected, rtol=1e-12)
+    X_adv = advgrad.fgsm(m, X, y, eps=0.2, norm=norm, clip=(0.0, 1.0))
+    np.testing.assert_allclose(X_adv, expected, rtol=1e-12)
 
 
 def test_targeted_fgsm_lowers_the_loss_toward_the_target(small_model):
@@ -96,7 +97,9 @@ def test_clip_none_leaves_the_range_open(small_model):
     X = np.full((3, 12), 0.99)
     X_adv = advgrad.fgsm(small_model, X, eps=0.5, clip=None)
     assert X_adv.max() > 1.0
-    assert advgrad.fgsm(small_model, X, eps=0.5).max() <= 1.0
+    assert advgrad.fgsm(small_model, X, eps=0.5, clip=(0.0, 1.0)).max() <= 1.0
+    # the model declares no range, so the default clips nothing either
+    np.testing.assert_array_equal(advgrad.fgsm(small_model, X, eps=0.5), X_adv)
 
 
 def test_float32_model_computes_in_float32(small_model):
@@ -162,3 +165,42 @@ def test_model_validates_shapes_and_values():
     model = advgrad.Model(W1, b1, W2, b2)
     with pytest.raises(ValueError, match="read-only"):
         model.W1[0, 0] = 1.0
+
+
+def test_the_attack_api_is_exported_at_the_top_level():
+    from advgrad import attacks
+
+    for name in ("fgsm", "bim", "pgd", "mi_fgsm", "deepfool", "Attack", "run"):
+        assert getattr(advgrad, name) is getattr(attacks, name)
+        assert name in dir(advgrad)
+
+
+@pytest.mark.parametrize("declared", [(-1.0, 1.0), (-0.5, 0.25), None])
+def test_default_clip_is_the_models_declared_range_else_none(declared):
+    rng = np.random.default_rng(5)
+    W1, b1, W2, b2 = random_network(rng, 6, 5, 3, dtype=np.float32)
+    x_min, x_max = declared or (None, None)
+    model = advgrad.Model(W1, b1, W2, b2, x_min=x_min, x_max=x_max)
+    X = rng.uniform(-1.0, 1.0, size=(40, 6)).astype(np.float32)
+    expected_clip = declared  # None: no clipping at all
+    for attack in (
+        lambda clip: advgrad.fgsm(model, X, eps=0.3, **clip),
+        lambda clip: advgrad.bim(model, X, eps=0.3, steps=3, **clip),
+        lambda clip: advgrad.pgd(model, X, eps=0.3, steps=3, **clip),
+        lambda clip: advgrad.mi_fgsm(model, X, eps=0.3, steps=3, **clip),
+        lambda clip: advgrad.deepfool(model, X, **clip),
+    ):
+        default = attack({})
+        np.testing.assert_array_equal(default, attack({"clip": "model"}))
+        np.testing.assert_array_equal(default, attack({"clip": expected_clip}))
+    if declared is None:
+        # negative inputs are not zeroed as the old (0, 1) default did
+        assert (advgrad.fgsm(model, X, eps=0.3) < -1.0).any()
+    else:
+        X_adv = advgrad.fgsm(model, X, eps=0.3)
+        assert X_adv.min() >= declared[0] and X_adv.max() <= declared[1]
+
+
+def test_a_clip_name_other_than_model_is_refused(digits_model, digits_test):
+    with pytest.raises(ValueError, match="clip must be"):
+        advgrad.fgsm(digits_model, digits_test[0][:2], eps=0.1, clip="data")
