@@ -62,6 +62,9 @@ WRITES_IN_FLIGHT = 2
 TASKS_PER_WORKER_THREAD = 2
 """With Dask: blocks in flight per worker thread of the cluster."""
 SCHEDULER_TIMEOUT_S = 10.0
+COMPILE_NOTICE_AFTER_S = 1.0
+"""How long the first-row warm-up (``_compile_kernels``) runs before the user is told that
+the kernels are compiling: loading them from Numba's cache takes well under this."""
 """With Dask: seconds to wait for the scheduler to answer."""
 
 
@@ -584,8 +587,10 @@ def attack_files(
                 notice(f"{path}: resuming after row {writer.resumed_rows} of {reader.n_rows}")
         tasks = _DaskTasks(scheduler, model) if scheduler else _LocalTasks()
         stack.callback(tasks.close)
-        started = time.perf_counter()
         try:
+            if tasks.in_process and reader.n_rows:
+                _compile_kernels(reader, model, plan, writers, notice)
+            started = time.perf_counter()
             totals = _stream(reader, model, plan, writers, tasks, block, stop, progress)
         except NonFiniteResult:
             for writer in writers:
@@ -618,6 +623,29 @@ def attack_files(
             )
         )
     return reports
+
+
+def _compile_kernels(reader, model, plan: Plan, writers, notice) -> None:
+    """Attack the first row and throw the result away, so that the kernels the job uses are
+    compiled (or loaded from Numba's cache) before the rows-per-second clock starts. When
+    that takes longer than ``COMPILE_NOTICE_AFTER_S`` (a first run on this machine),
+    ``notice`` says so while it happens."""
+    timer = None
+    if notice is not None:
+        message = "compiling the kernels for this machine (first run only)"
+        timer = threading.Timer(COMPILE_NOTICE_AFTER_S, notice, [message])
+        timer.daemon = True
+        timer.start()
+    try:
+        X, y = reader.read(0, 1)
+        rows = X.reshape(1, -1)
+        outputs = range(len(plan.attacks))
+        results = attack_block(model, rows, y, plan, 0, outputs)
+        for writer, result in zip(writers, results, strict=True):
+            perturbation_norms(result.X_adv, rows, 0, writer.target)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 class _BlockBuffers:
