@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import reference
 from conftest import random_network
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 import advgrad
 from advgrad.attacks import Attack, attack_labels, minimal_eps_of, perturb, random_in_ball
-from advgrad.certify import certify, margin_bounds
+from advgrad.certify import LINE_STEPS, certify, margin_bounds
 from advgrad.cli import app
 from advgrad.kernels import cpu
 
@@ -50,6 +51,100 @@ def sample_region(rng, x, radius, norm, clip, count):
         edge /= np.linalg.norm(edge, axis=1, keepdims=True)
     points = x + radius * np.concatenate([inside, edge])
     return points if clip is None else np.clip(points, *clip)
+
+
+def kernel_bounds(X, labels, eps, p, clip, network, crown):
+    """``cpu.margin_bounds_into`` on float64 arrays: the worst-margin lower bound per row."""
+    worst = np.empty(len(X))
+    cpu.margin_bounds_into(X, labels, eps, p, *clip, *network, crown, LINE_STEPS, worst)
+    return worst
+
+
+def rounding_allowance(X, eps, network):
+    """An upper bound of how far the bound kernels lower a bound to cover float64 rounding:
+    ``cpu.BOUND_ROUNDING`` (2**-32) times the magnitude of the terms they sum, the
+    pre-activations' (at most (|x| + eps) ||W1[:, j]||_1 + |b1_j|, each carried through a
+    sigmoid of slope <= 1/4) weighted by |W2_jy - W2_jk| <= 2 max |W2|, and the output
+    terms themselves; a factor 4 covers the several places each is counted."""
+    W1, b1, W2, b2 = network
+    reach = (np.abs(X).max() + eps.max()) * np.abs(W1).sum(axis=0) + np.abs(b1)
+    weights = 2 * np.abs(W2).max(axis=1)
+    magnitude = 2 * np.abs(b2).max() + (weights * (1 + reach)).sum()
+    return 4 * cpu.BOUND_ROUNDING * magnitude
+
+
+@st.composite
+def bound_problems(draw):
+    """A float64 network, rows (some outside [0, 1]), labels (not always the predicted
+    class), radii (some 0), a norm and a clip range."""
+    n_rows = draw(st.sampled_from([1, 7, cpu.ROWS_PER_BLOCK + 3]))
+    d, H, C = draw(st.integers(1, 12)), draw(st.integers(1, 8)), draw(st.integers(2, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    network = random_network(rng, d, H, C, scale=draw(st.sampled_from([0.5, 2.0, 6.0])))
+    X = rng.uniform(-0.2, 1.2, size=(n_rows, d))
+    labels = rng.integers(0, C, n_rows)
+    p = draw(st.sampled_from([np.inf, 2.0]))
+    eps = rng.uniform(0.0, 0.3, n_rows) * (1.0 if p == np.inf else 3.0)
+    eps[::3] = 0.0
+    clip = draw(st.sampled_from([(0.0, 1.0), (-np.inf, np.inf)]))
+    return X, labels, eps, p, clip, network
+
+
+@given(bound_problems())
+@settings(max_examples=60, deadline=None)
+def test_interval_bounds_match_the_reference(problem):
+    """The IBP bound is the exact interval bound of ``reference.interval_margin_bound``,
+    lowered by no more than its rounding allowance, and never above it (soundness)."""
+    X, labels, eps, p, clip, network = problem
+    got = kernel_bounds(X, labels, eps, p, clip, network, crown=False)
+    want = reference.interval_margin_bound(X, labels, eps, p, *clip, *network)
+    gap = want - got
+    assert (gap >= 0.0).all()
+    assert (gap <= rounding_allowance(X, eps, network)).all(), gap.max()
+    # the region of eps = 0 is the row alone when clipping leaves it where it is: its
+    # interval bound is then its margin
+    point = (eps == 0.0) & (np.clip(X, *clip) == X).all(axis=1)
+    np.testing.assert_allclose(
+        want[point], reference.worst_margin(X[point], labels[point], *network), atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, cpu.ROWS_PER_BLOCK + 3, 2 * cpu.ROWS_PER_BLOCK + 45])
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_margin_bounds_of_a_float32_model_match_the_reference(n_rows, norm):
+    """``margin_bounds(method="ibp")`` bounds a float32 model exactly: in float64, from the
+    float32 weights and rows, as the reference does."""
+    rng = np.random.default_rng(n_rows)
+    model = advgrad.Model(*random_network(rng, 12, 7, 4, dtype=np.float32, scale=2.0))
+    X = rng.random((n_rows, 12)).astype(np.float32)
+    y = rng.integers(0, 4, n_rows)
+    p = np.inf if norm == "inf" else 2.0
+    eps = rng.uniform(0.0, 0.3, n_rows) * (1.0 if norm == "inf" else 3.0)
+    got = margin_bounds(model, X, y, eps=eps, norm=norm, method="ibp", clip=(0.0, 1.0))
+    network = tuple(a.astype(np.float64) for a in (model.W1, model.b1, model.W2, model.b2))
+    want = reference.interval_margin_bound(X, y, eps, p, 0.0, 1.0, *network)
+    gap = want - got
+    assert (gap >= 0.0).all()
+    assert (gap <= rounding_allowance(X.astype(np.float64), eps, network)).all()
+
+
+@given(bound_problems(), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_crown_bound_is_at_least_ibp_and_below_every_sampled_margin(problem, seed):
+    """CROWN keeps, per margin, the larger of its linear bound and the interval bound, so
+    its worst margin is >= IBP's; being sound, it is <= the true worst margin at every
+    point of the region (sampled: inside, on the surface, at corners, clipped)."""
+    X, labels, eps, p, clip, network = problem
+    crown = kernel_bounds(X, labels, eps, p, clip, network, crown=True)
+    ibp = kernel_bounds(X, labels, eps, p, clip, network, crown=False)
+    assert (crown >= ibp).all()
+    rng = np.random.default_rng(seed)
+    norm = "inf" if p == np.inf else "2"
+    box = None if clip == (-np.inf, np.inf) else clip
+    for n in range(min(len(X), 20)):
+        points = np.concatenate([X[n : n + 1], sample_region(rng, X[n], eps[n], norm, box, 100)])
+        margins = reference.worst_margin(points, np.full(len(points), labels[n]), *network)
+        assert crown[n] <= margins.min(), (n, crown[n], margins.min())
 
 
 @given(

@@ -167,15 +167,15 @@ def test_large_blocks_go_to_the_workers_without_a_warning(cluster, tmp_path):
     advgrad.save_model(model, tmp_path / "model.h5")
     X = rng.random((n_rows, d), dtype=np.float32)
     advgrad.save_dataset(tmp_path / "data.h5", X, attrs={"x_min": 0.0, "x_max": 1.0})
+    inputs = (tmp_path / "model.h5", tmp_path / "data.h5")
+    local = attack_file(*inputs, tmp_path / "local.h5", batch_size=n_rows)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attack_file(
-            tmp_path / "model.h5",
-            tmp_path / "data.h5",
-            tmp_path / "adv.h5",
-            batch_size=n_rows,
-            scheduler=cluster.scheduler_address,
+        remote = attack_file(
+            *inputs, tmp_path / "remote.h5", batch_size=n_rows, scheduler=cluster.scheduler_address
         )
+    assert_same_output(local.output, remote.output)
+    same_numbers(local, remote)
 
 
 # --------------------------------------------------------------------------- errors

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -9,7 +14,7 @@ import reference
 from conftest import one_hot, random_network
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from numba import njit
+from numba import njit, prange
 from scipy.special import expit
 
 from advgrad.backend import blas_threads
@@ -174,27 +179,90 @@ def test_float32_agrees_with_float64():
     np.testing.assert_allclose(J32, reference.loss(*arrays32, Y), rtol=1e-5, atol=1e-6)
 
 
-def test_results_do_not_depend_on_thread_count():
+@njit(parallel=True)
+def _thread_ids(n_items):
+    """The numba thread that ran each of ``n_items`` prange iterations."""
+    ids = np.empty(n_items, dtype=np.int64)
+    for i in prange(n_items):
+        ids[i] = numba.get_thread_id()
+    return ids
+
+
+def batch_kernel_outputs() -> dict[str, np.ndarray]:
+    """Every public batch kernel on 3 blocks of ``cpu.ROWS_PER_BLOCK`` rows and a partial
+    one: the gradient and FGM steps, the forward pass, the iterative attacks (L1, momentum,
+    some rows targeted), DeepFool, the training gradients (their block sums fused with
+    FGSM), the margin bounds (CROWN) and certified radii. float32, the bounds in float64."""
     rng = np.random.default_rng(8)
-    W1, b1, W2, b2 = random_network(rng, 40, 20, 5, dtype=np.float32)
-    X = rng.uniform(size=(3000, 40)).astype(np.float32)
-    Y = one_hot(rng.integers(0, 5, 3000), 5, np.float32)
-    outputs = []
-    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+    n_rows, d, C = 3 * cpu.ROWS_PER_BLOCK + 45, 40, 5
+    network = random_network(rng, d, 20, C, dtype=np.float32, scale=3.0)
+    X = rng.uniform(size=(n_rows, d)).astype(np.float32)
+    Y = one_hot(rng.integers(0, C, n_rows), C, np.float32)
+    out = {"G": np.empty_like(X), "X_fgm": np.empty_like(X), "P": np.empty((n_rows, C), "f4")}
+    predicted = np.empty(n_rows, dtype=np.int64)
+    cpu.input_gradient_into(X, *network, Y, out["G"], predicted)
+    cpu.fgm_step_into(X, *network, Y, 0.1, 2.0, 0.0, 1.0, out["X_fgm"], predicted)
+    out["losses"] = np.empty(n_rows, dtype=np.float32)
+    A = np.empty((n_rows, 20), dtype=np.float32)
+    cpu.forward_into(X, *network, Y, A, out["P"], out["losses"], predicted)
+    out["X_iterate"] = np.empty_like(X)
+    eps = np.full(n_rows, 2.0)
+    alpha = np.where(np.arange(n_rows) % 3, 0.3, -0.3)
+    cpu.iterate_into(X, *network, Y, X, eps, alpha, 4, 1.0, 0.9, 0.0, 1.0, out["X_iterate"])
+    out["X_deepfool"] = np.empty_like(X)
+    out["iterations"] = np.empty(n_rows, dtype=np.int64)
+    cpu.deepfool_into(X, *network, 2.0, 0.02, 10, 0.0, 1.0, out["X_deepfool"], out["iterations"])
+    gradients = [np.zeros_like(a) for a in network]
+    cpu.parameter_gradient_into(X, *network, Y, 0.5, 0.5, 0.1, 0.0, 1.0, *gradients)
+    out |= dict(zip(("dW1", "db1", "dW2", "db2"), gradients, strict=True))
+    X64, labels = X.astype(np.float64), np.argmax(Y, axis=1)
+    bounds = (0.0, 1.0, *(a.astype(np.float64) for a in network), True, 20)  # clip .. steps
+    out["worst"] = np.empty(n_rows)
+    cpu.margin_bounds_into(X64, labels, eps / 50, np.inf, *bounds, out["worst"])
+    out["radius"] = np.empty(n_rows)
+    out["certified"] = np.empty((n_rows, 2), dtype=np.bool_)
+    grid = np.array([0.01, 0.1])
+    cpu.certified_radius_into(
+        X64, labels, grid, 2.0, *bounds, 1e-4, out["radius"], out["certified"]
+    )
+    return out
+
+
+def save_outputs_at_one_and_two_threads(folder: str) -> None:
+    """Run in a process started with NUMBA_NUM_THREADS=2: ``batch_kernel_outputs`` at 1
+    and at 2 threads, saved as threads-1.npz and threads-2.npz with the thread ids that a
+    prange loop saw (so that the caller knows two threads really ran)."""
+    for threads in (1, 2):
         numba.set_num_threads(threads)
-        try:
-            with blas_threads(1):
-                outputs.append(
-                    (
-                        cpu.input_gradient(X, W1, b1, W2, b2, Y),
-                        cpu.fgm_step(X, W1, b1, W2, b2, Y, 0.1, 2.0, 0.0, 1.0),
-                        cpu.loss(X, W1, b1, W2, b2, Y),
-                    )
-                )
-        finally:
-            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    for one_thread, all_threads in zip(*outputs, strict=True):
-        np.testing.assert_array_equal(one_thread, all_threads)
+        np.savez(
+            Path(folder) / f"threads-{threads}.npz",
+            thread_ids=_thread_ids(64),
+            **batch_kernel_outputs(),
+        )
+
+
+def test_results_do_not_depend_on_thread_count(tmp_path):
+    """Bitwise the same results at 1 and 2 threads, in a fresh process that has 2 (this one
+    may have 1: numba's thread count is fixed when it starts)."""
+    tests = Path(__file__).parent
+    script = (
+        "import test_kernels_cpu\n"
+        f"test_kernels_cpu.save_outputs_at_one_and_two_threads({str(tmp_path)!r})"
+    )
+    environment = os.environ | {"NUMBA_NUM_THREADS": "2"}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(tests), environment.get("PYTHONPATH")])
+    )
+    subprocess.run([sys.executable, "-c", script], env=environment, check=True, timeout=300)
+    one, two = np.load(tmp_path / "threads-1.npz"), np.load(tmp_path / "threads-2.npz")
+    assert set(one["thread_ids"]) == {0}
+    assert set(two["thread_ids"]) == {0, 1}
+    assert len(one.files) > 10
+    for name in one.files:
+        if name != "thread_ids":
+            assert one[name].tobytes() == two[name].tobytes(), name
+    assert len(set(one["iterations"])) > 2  # DeepFool rows stop at different iterations
+    assert one["radius"].mean() > 0.0  # and some rows are certified
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
