@@ -56,7 +56,7 @@ from advgrad.io import (
     save_dataset,
     save_model,
 )
-from advgrad.io.files import SOFT_LABEL_TOL
+from advgrad.io.datasets import SOFT_LABEL_TOL
 from advgrad.model import Model
 
 N_CLASSES = 3

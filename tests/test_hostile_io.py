@@ -378,9 +378,9 @@ def test_oversized_npz_and_safetensors_models_are_refused(tmp_path, kind):
 
 
 def test_csv_line_longer_than_the_limit_is_refused_unread(tmp_path, monkeypatch):
-    from advgrad.io import convert
+    from advgrad.io import sources
 
-    monkeypatch.setattr(convert, "MAX_CSV_LINE_CHARS", 1000)
+    monkeypatch.setattr(sources, "MAX_CSV_LINE_CHARS", 1000)
     path = tmp_path / "x.csv.gz"
     with gzip.open(path, "wt") as handle:
         handle.write("1,2,3\n4,5,6\n" + "7," * 600 + "8\n")

@@ -259,7 +259,7 @@ def test_slow_reads_or_writes_leave_the_output_unchanged(
 ):
     """Blocks are read and attacked into reused buffers: however reading, attacking and
     writing happen to overlap, no buffer is refilled before its rows are written."""
-    from advgrad.io.files import AdversarialWriter, DatasetReader
+    from advgrad.io import AdversarialWriter, DatasetReader
 
     rng = np.random.default_rng(len(name) + len(slow))
     for cls, method in ((DatasetReader, "read"), (AdversarialWriter, "write")):

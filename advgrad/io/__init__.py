@@ -11,21 +11,20 @@ from advgrad.io.convert import (
     write_model_file,
     write_safetensors,
 )
-from advgrad.io.describe import FileDescription, describe_file
-from advgrad.io.files import (
-    AdversarialWriter,
+from advgrad.io.datasets import (
     DatasetAttrs,
     DatasetReader,
     dataset_attrs,
     load_dataset,
-    load_model,
     open_dataset,
     read_column,
     save_dataset,
-    save_model,
     sha256_file,
 )
+from advgrad.io.describe import FileDescription, describe_file
+from advgrad.io.models import load_model, save_model
 from advgrad.io.paths import atomic_output, refuse_clobbering, same_file
+from advgrad.io.writer import AdversarialWriter
 
 __all__ = [
     "AdversarialWriter",

@@ -4,7 +4,7 @@ A long job writing ``<dir>/<name>`` keeps, beside it:
 
 - ``.<name>.lock``: held with ``flock`` for as long as the job runs, so a second job writing the
   same output is refused instead of mixing rows into it; removed when the job ends.
-- ``.<name>.partial.h5``: the output so far (see ``advgrad.io.files.AdversarialWriter``).
+- ``.<name>.partial.h5``: the output so far (see ``advgrad.io.writer.AdversarialWriter``).
 - ``.<name>.partial.json``: the last checkpoint: which job it is (a fingerprint of every
   setting that shapes the output), how many rows are safely on disk with a CRC-32 of each written
   block, and the job's running totals. Replaced atomically (temporary file, fsync, rename), and

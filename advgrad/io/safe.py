@@ -551,7 +551,7 @@ def read_rows(
     if rows.dtype.kind != "f":
         return rows
     if not allow_nonfinite and not _all_finite(rows):
-        _refuse_rows(
+        refuse_rows(
             ~np.isfinite(rows),
             start,
             path,
@@ -564,7 +564,7 @@ def read_rows(
     with np.errstate(over="ignore"):
         converted = rows.astype(as_dtype)
     overflow = np.isinf(converted) & np.isfinite(rows)
-    _refuse_rows(overflow, start, path, dset.name, f"values that overflow {converted.dtype}")
+    refuse_rows(overflow, start, path, dset.name, f"values that overflow {converted.dtype}")
     return converted
 
 
@@ -574,7 +574,7 @@ def _all_finite(values: np.ndarray) -> bool:
     return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
-def _refuse_rows(
+def refuse_rows(
     bad: np.ndarray, start: int, path: str | os.PathLike, dataset: str, what: str, hint: str = ""
 ) -> None:
     """Raise InputFileError when ``bad`` (one flag per value of the rows) flags anything."""
