@@ -225,11 +225,11 @@ def get_backend(device: str = "cpu"):
         raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
     if device == "cpu":
         return CpuBackend()
-    from advgrad.cuda_backend import CudaBackend, cuda_available
+    from advgrad.cuda_backend import cuda_available, shared_backend
 
     usable, reason = cuda_available()
     if usable:
-        return CudaBackend()
+        return shared_backend()
     if device == "auto":
         return CpuBackend()
     raise ValueError(f"--device cuda is not usable here: {reason}")

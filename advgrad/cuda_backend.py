@@ -3,17 +3,21 @@
 Importing this module imports numba.cuda, so ``advgrad.backend`` imports it only when the
 ``"cuda"`` device is asked for; ``cuda_available`` says whether that can work here.
 
-Host numpy arrays go in and come out. The model's weights stay on the GPU between calls (one
-copy per ``Model`` object, freed with it). A call's rows stream through the GPU in chunks, over
-``lanes`` CUDA streams with a set of device buffers each (reused across calls): while one
-chunk's kernels run, the next chunk is copied in and the previous one copied out. The copies
-are asynchronous where the host arrays are page-locked (``CudaBackend.empty`` makes such
-arrays; file jobs read and write through them); from ordinary memory the driver copies
-synchronously, and chunks still overlap one another's kernels.
+Host numpy arrays go in and come out. Each ``CudaBackend`` keeps its own state on the GPU:
+the model's weights between calls (one copy per ``Model`` object, freed with it), and
+``lanes`` CUDA streams with a set of device buffers each (reused across calls). A call's rows
+stream through the GPU in chunks over the lanes: while one chunk's kernels run, the next
+chunk is copied in and the previous one copied out. The copies are asynchronous where the
+host arrays are page-locked (``CudaBackend.empty`` makes such arrays; file jobs read and
+write through them); from ordinary memory the driver copies synchronously, and chunks still
+overlap one another's kernels. Calls to one backend run one at a time; two backends share
+nothing, so they may run at once (from two threads). ``shared_backend`` is one backend for
+the calls of a whole process to share.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 import weakref
@@ -48,9 +52,7 @@ def cuda_available() -> tuple[bool, str]:
     try:
         if cuda.is_available():
             return True, _device_name(cuda.get_current_device())
-        from numba.cuda.cudadrv.driver import driver
-
-        if driver.get_device_count() == 0:
+        if kernels.internals.device_count() == 0:
             return False, "the CUDA driver sees no GPU"
         return False, "numba-cuda supports none of the GPUs the driver sees"
     except Exception as error:  # CudaSupportError and friends, from the driver
@@ -66,23 +68,6 @@ def _device_name(device) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-_weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_lock = threading.Lock()  # calls run one at a time, each over the lanes' streams
-_lanes: list = []  # (stream, Workspace) per lane, made on first use
-
-
-def device_weights(model: Model) -> tuple:
-    """``(W1, b1, W2, b2)`` of ``model`` as device arrays, uploaded once per model object."""
-    weights = _weights.get(model)
-    if weights is None:
-        from advgrad.kernels import cuda as kernels
-
-        to_device = kernels.cuda.to_device
-        weights = tuple(to_device(w) for w in (model.W1, model.b1, model.W2, model.b2))
-        _weights[model] = weights
-    return weights
-
-
 class CudaBackend:
     """Runs the numba.cuda kernels (``advgrad.kernels.cuda``) on the current GPU.
 
@@ -94,6 +79,9 @@ class CudaBackend:
     lanes : int
         Chunks in flight at once, each on its own CUDA stream with its own device buffers;
         1 runs the chunks one after another, copies and kernels in turn.
+
+    The backend owns its lanes' streams and buffers and its copies of the weights: two
+    backends share none of them.
     """
 
     name = "cuda"
@@ -105,6 +93,9 @@ class CudaBackend:
             raise ValueError(f"lanes must be at least 1, got {lanes}")
         self.chunk_rows = int(chunk_rows)
         self.lanes = int(lanes)
+        self._lock = threading.Lock()  # calls run one at a time, each over the lanes' streams
+        self._lanes: list = []  # (stream, Workspace) per lane, made on first use
+        self._weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @staticmethod
     def empty(shape, dtype) -> np.ndarray:
@@ -114,6 +105,18 @@ class CudaBackend:
         from advgrad.kernels import cuda as kernels
 
         return kernels.cuda.pinned_array(shape, dtype)
+
+    def device_weights(self, model: Model) -> tuple:
+        """``(W1, b1, W2, b2)`` of ``model`` as device arrays, uploaded once per model object
+        and kept while the model lives."""
+        weights = self._weights.get(model)
+        if weights is None:
+            from advgrad.kernels import cuda as kernels
+
+            to_device = kernels.cuda.to_device
+            weights = tuple(to_device(w) for w in (model.W1, model.b1, model.W2, model.b2))
+            self._weights[model] = weights
+        return weights
 
     def chunk_rows_for(self, n_rows: int) -> int:
         """Rows per chunk for a call of ``n_rows`` rows: with several lanes, 2 * lanes chunks
@@ -276,11 +279,11 @@ class CudaBackend:
 
         n_rows = inputs[0].shape[0]
         rows = self.chunk_rows_for(n_rows)
-        with _lock:
-            while len(_lanes) < self.lanes:
-                _lanes.append((kernels.cuda.stream(), kernels.Workspace()))
-            lanes = _lanes[: self.lanes]
-            weights = None if model is None else device_weights(model)
+        with self._lock:
+            while len(self._lanes) < self.lanes:
+                self._lanes.append((kernels.cuda.stream(), kernels.Workspace()))
+            lanes = self._lanes[: self.lanes]
+            weights = None if model is None else self.device_weights(model)
             queued = []  # (stream, start, stop, outputs_d) of the chunk not yet copied out
             try:
                 for k, start in enumerate(range(0, n_rows, rows)):
@@ -306,6 +309,14 @@ class CudaBackend:
             finally:
                 for stream, _ in lanes:  # nothing may still write into the outputs
                     stream.synchronize()
+
+
+@functools.cache
+def shared_backend() -> CudaBackend:
+    """The process's ``CudaBackend`` with the default settings, made on first use: calls that
+    ask for the "cuda" device share its streams, device buffers and copies of the weights
+    rather than making their own each time."""
+    return CudaBackend()
 
 
 def _copy_out(outputs, stream, start, stop, outputs_d) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import reference
 
 from advgrad import attacks
 from advgrad.backend import CpuBackend
-from advgrad.cuda_backend import CudaBackend, cuda_available, device_weights
+from advgrad.cuda_backend import CudaBackend, cuda_available, shared_backend
 from advgrad.kernels import cpu
 from advgrad.model import Model
 
@@ -64,12 +66,12 @@ def create_simulated_shared_arrays_under_a_lock() -> None:
     kernelapi.FakeCUDAShared.array = array
 
 
+AVAILABLE, REASON = cuda_available()  # first: advgrad.kernels.cuda imports numba.cuda
 if SIMULATOR:
     # The simulator runs each CUDA thread as a Python thread and polls them at every barrier:
     # switching threads more often than every 5 ms makes it several times faster.
     sys.setswitchinterval(1e-4)
     create_simulated_shared_arrays_under_a_lock()
-AVAILABLE, REASON = cuda_available()
 needs_cuda = pytest.mark.skipif(
     not AVAILABLE, reason=f"{REASON}; test_kernels_on_simulator runs these on the simulator"
 )
@@ -100,6 +102,79 @@ def test_import_advgrad_does_not_import_numba_cuda():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed"
+)
+def test_numba_cuda_internals_are_where_the_kernels_look():
+    """What ``advgrad.kernels.cuda`` takes from numba-cuda beyond its documented API is all
+    there (the simulator's on the simulator; with a GPU, a hand-packed launch runs). A
+    release that moves one fails here, naming it."""
+    from advgrad.kernels.cuda import internals
+
+    assert internals.missing() == []
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed"
+)
+def test_a_changed_numba_cuda_internal_is_named(monkeypatch):
+    from advgrad.kernels.cuda import internals
+
+    monkeypatch.delattr(internals.cuda.devicearray, "is_cuda_ndarray")
+    if SIMULATOR:
+        monkeypatch.setattr(internals.cuda, "to_device", lambda array: object())
+        assert internals.missing() == [
+            "numba.cuda.devicearray.is_cuda_ndarray",
+            "a simulated device array._ary",
+        ]
+        return
+    from numba.cuda.cudadrv.devicearray import DeviceNDArrayBase
+
+    monkeypatch.delattr(DeviceNDArrayBase, "_numba_type_")
+    assert internals.missing() == [
+        "numba.cuda.devicearray.is_cuda_ndarray",
+        "numba.cuda DeviceNDArray._numba_type_",
+    ]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed"
+)
+def test_only_internals_imports_numba_cuda():
+    """The other modules of the package take numba.cuda from ``internals``, which aliases
+    numpy's row_stack first; no other module of advgrad touches numpy's namespace."""
+    from advgrad.kernels import cuda as kernels
+
+    internals = Path(kernels.internals.__file__)
+    for path in sorted(internals.parents[2].rglob("*.py")):
+        source = path.read_text()
+        assert ("row_stack" in source) == (path == internals), path
+        if path.parent == internals.parent:
+            imports_numba = re.search(r"^\s*(from|import) numba\b", source, re.MULTILINE)
+            assert bool(imports_numba) == (path == internals), path
+    assert kernels.cuda is kernels.internals.cuda
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed"
+)
+def test_package_names_are_read_from_and_set_in_their_modules(monkeypatch):
+    """``advgrad.kernels.cuda.<name>`` is the name where the code reads it: a constant set on
+    the package is the one the launchers use, and one set in a module shows through."""
+    from advgrad.kernels import cuda as kernels
+    from advgrad.kernels.cuda import launchers, products
+
+    assert kernels.Tile is products.Tile
+    assert kernels.fgm_step_into is launchers.fgm_step_into
+    monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 8)
+    assert launchers.THREADS_PER_BLOCK == 8
+    monkeypatch.setattr(launchers, "SMALL_BATCH_ROWS", 3)
+    assert kernels.SMALL_BATCH_ROWS == 3
+    assert {"fgsm_step", "Workspace", "sigmoid", "gemm_kernel", "cuda"} <= set(dir(kernels))
+    with pytest.raises(AttributeError, match="no attribute 'fgsm'"):
+        _ = kernels.fgsm
 
 
 @pytest.mark.skipif(SIMULATOR or AVAILABLE, reason="the CUDA tests run in this process")
@@ -154,16 +229,16 @@ def one_launch(monkeypatch, small_blocks):
 @pytest.fixture
 def launches(monkeypatch):
     """The kernels launched, in order (names of their Python functions)."""
-    from advgrad.kernels import cuda as kernels
+    from advgrad.kernels.cuda import launchers
 
     names = []
-    launch = kernels._launch
+    launch = launchers.launch
 
     def record(kernel, *args):
         names.append(kernel.py_func.__name__)
         launch(kernel, *args)
 
-    monkeypatch.setattr(kernels, "_launch", record)
+    monkeypatch.setattr(launchers, "launch", record)
     return names
 
 
@@ -718,9 +793,9 @@ def test_fgm_step_and_gradient_in_place(p, launches):
     kernels.input_gradient_into(X_d, *net_d[1:], X_d, to_device(np.empty(len(X), int))[0])
     G = kernels.input_gradient(to_device(X)[0], *net_d[1:]).copy_to_host()
     np.testing.assert_array_equal(X_d.copy_to_host(), G)
-    assert kernels._overlap(X_d[1:], X_d[:2])
-    assert not kernels._overlap(X_d[2:], X_d[:2])
-    assert not kernels._overlap(X_d, to_device(X)[0])
+    assert kernels.launchers._overlap(X_d[1:], X_d[:2])
+    assert not kernels.launchers._overlap(X_d[2:], X_d[:2])
+    assert not kernels.launchers._overlap(X_d, to_device(X)[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -921,18 +996,70 @@ def test_backend_writes_into_a_given_array():
 
 @needs_cuda
 def test_backend_keeps_weights_on_device_per_model():
-    from advgrad import cuda_backend
-
+    """One upload per model and backend, kept across calls and freed with the model."""
     model = model_of(np.float32)
     X, *_, Y = network((3, 23, 17, 3), np.float32)
-    CudaBackend().input_gradient(model, X, Y)
-    cached = device_weights(model)
-    CudaBackend().fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0)
-    assert all(a is b for a, b in zip(device_weights(model), cached, strict=True))
-    count = len(cuda_backend._weights)
-    del model
+    gpu, other = CudaBackend(), CudaBackend()
+    gpu.input_gradient(model, X, Y)
+    cached = gpu.device_weights(model)
+    gpu.fgm_step(model, X, Y, 0.1, np.inf, 0.0, 1.0)
+    assert all(a is b for a, b in zip(gpu.device_weights(model), cached, strict=True))
+    assert not any(a is b for a, b in zip(other.device_weights(model), cached, strict=True))
+    freed = weakref.ref(cached[0])
+    del model, cached
     gc.collect()
-    assert len(cuda_backend._weights) == count - 1
+    assert freed() is None
+
+
+def test_shared_backend_is_one_backend_with_the_defaults():
+    from advgrad.cuda_backend import DEFAULT_CHUNK_ROWS, LANES
+
+    backend = shared_backend()
+    assert backend is shared_backend()
+    assert (backend.chunk_rows, backend.lanes) == (DEFAULT_CHUNK_ROWS, LANES)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+def test_backends_with_different_lanes_share_no_state(monkeypatch):
+    """Two backends (3 lanes of chunks of 3 rows; 1 lane of chunks of 3), used alternately,
+    each give bitwise what a fresh backend of their own kind gives and the CPU's results
+    (to rounding), on streams and workspaces of their own."""
+    from advgrad import cuda_backend
+    from advgrad.kernels import cuda as kernels
+
+    monkeypatch.setattr(cuda_backend, "MIN_CHUNK_ROWS", 3)
+    used = {}  # id(backend) -> {(stream, workspace)} its launches ran on
+    launch = kernels.fgm_step_into
+    model = model_of(np.float32)
+    X, *_, Y = network((17, 23, 17, 3), np.float32, seed=25)
+
+    def run(backend, p):
+        def record(*args, stream, workspace):
+            used.setdefault(id(backend), set()).add((stream, workspace))
+            launch(*args, stream=stream, workspace=workspace)
+
+        monkeypatch.setattr(kernels, "fgm_step_into", record)
+        return backend.fgm_step(model, X, Y, 0.05, p, 0.0, 1.0)
+
+    three, one = CudaBackend(chunk_rows=9, lanes=3), CudaBackend(chunk_rows=3, lanes=1)
+    for p in (np.inf, 2.0, 1.0):
+        first = run(three, p)
+        second = run(one, p)
+        again = run(three, p)
+        alone = run(CudaBackend(chunk_rows=3, lanes=1), p)
+        for a, b, c, d in zip(first, second, again, alone, strict=True):
+            assert a.tobytes() == c.tobytes() == b.tobytes() == d.tobytes()
+        G_cpu, predicted_cpu = CpuBackend().input_gradient(model, X, Y)
+        X_cpu, _ = CpuBackend().fgm_step(model, X, Y, 0.05, p, 0.0, 1.0)
+        assert_fgm_close(first[0], X_cpu, G_cpu, p, np.float32)
+        np.testing.assert_array_equal(first[1], predicted_cpu)
+    lanes_three, lanes_one = used[id(three)], used[id(one)]
+    assert (len(lanes_three), len(lanes_one)) == (3, 1)
+    streams = [id(stream) for stream, _ in lanes_three | lanes_one]
+    workspaces = [id(workspace) for _, workspace in lanes_three | lanes_one]
+    assert len(set(streams)) == len(set(workspaces)) == 4
+    assert not set(map(id, three.device_weights(model))) & set(map(id, one.device_weights(model)))
 
 
 def test_backend_rejects_empty_chunks():

@@ -1,0 +1,230 @@
+"""CUDA device functions: scalar and block helpers that the kernels call.
+
+``advgrad.kernels.cuda.products`` and ``.steps`` build the kernels from these; like the
+scalar helpers of ``advgrad.kernels.cpu``, they can be called from a user's own CUDA kernels.
+The ``block_*`` helpers and the reductions must be called by every thread of a block.
+"""
+
+import math
+
+from advgrad.kernels.cuda.internals import cuda
+
+__all__ = [
+    "UNROLL",
+    "block_logits",
+    "block_softmax",
+    "clip",
+    "hidden_delta",
+    "l1_threshold",
+    "row_reduce",
+    "segment_reduce",
+    "sigmoid",
+    "sign_step",
+    "softmax_row",
+]
+
+UNROLL = 4  # independent partial sums per thread in the row kernel's dot products
+
+
+@cuda.jit(device=True)
+def sigmoid(z):
+    """Logistic function 1 / (1 + exp(-z)), without overflow for any finite z."""
+    t = math.exp(-abs(z))  # exp of a non-positive number cannot overflow
+    r = 1.0 / (1.0 + t)
+    return r if z >= 0.0 else t * r
+
+
+@cuda.jit(device=True)
+def clip(v, lo, hi):
+    """v limited to [lo, hi] (NaN passes through)."""
+    v = lo if v < lo else v
+    return hi if v > hi else v
+
+
+@cuda.jit(device=True)
+def sign_step(x, g, eps, x_min, x_max):
+    """One L-inf step of one element: clip(x + eps * sign(g), x_min, x_max)."""
+    step = eps if g > 0.0 else (-eps if g < 0.0 else 0.0)
+    return clip(x + step, x_min, x_max)
+
+
+@cuda.jit(device=True)
+def segment_reduce(red, t, width, use_max):
+    """Reduce each aligned segment of ``width`` (a power of two) entries of shared ``red``.
+
+    Every thread of the block must call it; thread ``t`` owns ``red[t]``. Afterwards the first
+    entry of each segment holds the segment's sum (or maximum if ``use_max``).
+    """
+    part = t % width
+    stride = width // 2
+    while stride > 0:
+        if part < stride:
+            other = red[t + stride]
+            red[t] = max(red[t], other) if use_max else red[t] + other
+        cuda.syncthreads()
+        stride //= 2
+
+
+@cuda.jit(device=True)
+def row_reduce(red, t, width, value, use_max):
+    """Sum (or maximum if ``use_max``) of ``value`` over each aligned segment of ``width``
+    threads, returned to every thread of the segment.
+
+    Every thread of the block must call it; ``red`` is a shared float64 array with an entry
+    per thread, free again when it returns.
+    """
+    red[t] = value
+    cuda.syncthreads()
+    segment_reduce(red, t, width, use_max)
+    result = red[t - t % width]
+    cuda.syncthreads()
+    return result
+
+
+@cuda.jit(device=True)
+def l1_threshold(X_adv, X, n, live, radius, total, red, t, width):
+    """Soft threshold of the Euclidean projection of ``X_adv[n] - X[n]`` onto the L1 ball.
+
+    ``width`` threads share row n (``live``: n is a row) and ``total`` is the L1 norm of its
+    perturbation. Returns theta >= 0 with sum_i max(|X_adv[n, i] - X[n, i]| - theta, 0) =
+    radius, or 0 where ``total <= radius``. Michelot's algorithm (1986): theta = (sum of the
+    kept |v_i| - radius) / their count, keeping only the |v_i| > theta, repeated until the
+    kept set stops shrinking; theta only grows, so it ends in at most d rounds, at the
+    threshold the sort of Duchi et al. (2008) finds. Sums are float64. Every thread of the
+    block must call it.
+    """
+    d = X.shape[1]
+    lane = t % width
+    outside = live and total > radius
+    busy = outside
+    theta = (total - radius) / d
+    count = float(d)
+    while cuda.syncthreads_or(1 if busy else 0):
+        kept = 0.0
+        size = 0.0
+        if busy:
+            for i in range(lane, d, width):
+                a = float(abs(X_adv[n, i] - X[n, i]))
+                if a > theta:
+                    kept += a
+                    size += 1.0
+        kept = row_reduce(red, t, width, kept, False)
+        size = row_reduce(red, t, width, size, False)
+        if busy:
+            busy = 0.0 < size < count
+            if size > 0.0:  # none kept: every |v_i| equals theta (radius 0), the answer
+                theta = (kept - radius) / size
+            count = size
+    return theta if outside else 0.0
+
+
+@cuda.jit(device=True)
+def block_logits(A, a_first, W2, b2, count, pair_threads, red, t, Z, z_first):
+    """Logits of ``count`` rows: ``Z[z_first + r, k] = A[a_first + r] @ W2[:, k] + b2[k]``.
+
+    ``pair_threads`` (a power of two) threads share each (row, class) dot product, each with
+    ``UNROLL`` independent partial sums (the loads are latency-bound, not bandwidth-bound);
+    ``red`` is a shared array of A's dtype with an entry per thread. Every thread of the block
+    must call it; Z is written when it returns (its caller synchronises before reading it).
+    """
+    H = A.shape[1]
+    C = Z.shape[1]
+    groups = red.shape[0] // pair_threads
+    part = t % pair_threads
+    partial = cuda.local.array(UNROLL, A.dtype)
+    for base in range(0, count * C, groups):
+        pair = base + t // pair_threads
+        r = pair // C
+        k = pair % C
+        for u in range(UNROLL):
+            partial[u] = 0
+        if pair < count * C:
+            for j0 in range(part, H, UNROLL * pair_threads):
+                for u in range(UNROLL):
+                    j = j0 + u * pair_threads
+                    if j < H:
+                        partial[u] += A[a_first + r, j] * W2[j, k]
+        s = A.dtype.type(0)
+        for u in range(UNROLL):
+            s += partial[u]
+        red[t] = s
+        cuda.syncthreads()
+        segment_reduce(red, t, pair_threads, False)
+        if part == 0 and pair < count * C:
+            Z[z_first + r, k] = red[t] + b2[k]
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def softmax_row(Z, z, Y, n, delta, store, losses, predicted):
+    """Row z of Z: logits in, probabilities out (``P - Y`` with ``delta``), max-subtracted.
+
+    Y's row n holds the labels (Y with 0 rows: the one-hot predictions). With ``store``, it
+    also writes row n's cross-entropy to ``losses[n]`` and the argmax of its logits to
+    ``predicted[n]``.
+    """
+    C = Z.shape[1]
+    zero = Z.dtype.type(0)
+    best = Z[z, 0]
+    label_logit = zero
+    argmax = 0
+    for k in range(C):
+        logit = Z[z, k]
+        if Y.shape[0] != 0:
+            label_logit += Y[n, k] * logit
+        if logit > best:
+            best = logit
+            argmax = k
+    # rest = sum over the other classes of exp(z - max): P_top = 1 / (1 + rest) and
+    # 1 - P_top = rest * P_top keep full precision when one class dominates
+    rest = zero
+    for k in range(C):
+        e = math.exp(Z[z, k] - best)
+        Z[z, k] = e
+        if k != argmax:
+            rest += e
+    if store:
+        # logsumexp(Z) - Y.Z = (max - Y.Z) + log1p(rest): no cancellation near 0
+        losses[n] = (best - (best if Y.shape[0] == 0 else label_logit)) + math.log1p(rest)
+        predicted[n] = argmax
+    for k in range(C):
+        p = Z[z, k] / (1.0 + rest)
+        if delta:
+            label = (1.0 if k == argmax else 0.0) if Y.shape[0] == 0 else Y[n, k]
+            p = (1.0 - label) - rest * p if k == argmax else p - label
+        Z[z, k] = p
+
+
+@cuda.jit(device=True)
+def block_softmax(Z, z_first, Y, n_first, count, delta, store, losses, predicted, cache, t):
+    """``softmax_row`` on the block's ``count`` rows, one thread each: row ``z_first + r`` of Z
+    with the labels of row ``n_first + r``. Returns whether the rows also went to the shared
+    ``cache`` (row r at ``r * C``), which they do when they fit, for ``hidden_delta``.
+    """
+    C = Z.shape[1]
+    cached = count * C <= cache.shape[0]
+    if t < count:
+        softmax_row(Z, z_first + t, Y, n_first + t, delta, store, losses, predicted)
+        if cached:
+            for k in range(C):
+                cache[t * C + k] = Z[z_first + t, k]
+    return cached
+
+
+@cuda.jit(device=True)
+def hidden_delta(A, a_first, Z, z_first, W2, count, cache, cached, t, threads):
+    """``A[a_first + r, j]`` becomes ``D1 = (Z[z_first + r] @ W2[j]) * a * (1 - a)``.
+
+    Z holds ``P - Y``; with ``cached``, the block's Z rows are read from the shared ``cache``
+    (row r at ``r * C``) instead. Threads stride over the hidden units of each row.
+    """
+    H = A.shape[1]
+    C = Z.shape[1]
+    for r in range(count):
+        for j in range(t, H, threads):
+            s = A.dtype.type(0)
+            for k in range(C):
+                d2 = cache[r * C + k] if cached else Z[z_first + r, k]
+                s += d2 * W2[j, k]
+            a = A[a_first + r, j]
+            A[a_first + r, j] = s * (a * (1.0 - a))
