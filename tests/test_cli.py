@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import typer
 from conftest import random_network
 from typer.testing import CliRunner
 
@@ -21,6 +22,7 @@ from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 from advgrad.cli import app
 
 runner = CliRunner()
+COMMANDS = typer.main.get_command(app).commands
 
 
 def run(*args, cwd=None):
@@ -205,11 +207,106 @@ def test_gradcheck_command(tmp_path):
     assert "FAILED" in result.output
 
 
-def test_help_of_every_command():
-    for command in ("attack", "info", "gradcheck"):
-        result = run(command, "--help")
-        assert result.exit_code == 0
-        assert "Usage" in result.output
+def parsed(command: str, *args: str) -> dict:
+    """The values the parser hands ``command`` for ``args``; the command does not run."""
+    return COMMANDS[command].make_context(command, list(args)).params
+
+
+def usage_error(*args, cwd):
+    """The message of the usage error that ``advgrad *args`` stops with (exit 2), on one
+    line; ``cwd`` is left empty."""
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "500"})
+    finally:
+        os.chdir(previous)
+    assert result.exit_code == 2, result.output
+    assert list(cwd.iterdir()) == []
+    [message] = [line for line in result.output.splitlines() if "Invalid value" in line]
+    return " ".join(message.strip("│ ").split())
+
+
+EPS_DEFAULTS = {
+    "attack": [0.1],
+    "evaluate": [0.0, 0.05, 0.1, 0.15, 0.2, 0.25],
+    "certify": [0.01, 0.02, 0.05, 0.1],
+}
+
+
+@pytest.mark.parametrize("command", list(EPS_DEFAULTS))
+def test_eps_is_repeatable_and_comma_separated_in_every_command(command, tmp_path):
+    assert parsed(command)["eps"] == EPS_DEFAULTS[command]
+    assert parsed(command, "--eps", "0.05", "--eps", "0.1")["eps"] == [0.05, 0.1]
+    assert parsed(command, "--eps", "0.05,0.1")["eps"] == [0.05, 0.1]
+    assert parsed(command, "--eps", "0,0.05", "--eps", " 1e-3 ,")["eps"] == [0.0, 0.05, 1e-3]
+    assert parsed(command, "--eps", "inf")["eps"] == [np.inf]  # refused by the job, exit 1
+    for value, reason in [
+        ("x", "'x' is not a number"),
+        ("0.1,-0.2", "-0.2 is negative; a radius is >= 0"),
+        ("0.1,x", "'x' is not a number"),
+        (",", "no value given"),
+    ]:
+        message = usage_error(command, "--eps", value, cwd=tmp_path)
+        assert message == f"Invalid value for '--eps': {reason}"
+
+
+def test_evaluate_methods_are_repeatable_comma_separated_and_checked(tmp_path):
+    assert parsed("evaluate")["method"] == ["fgsm", "pgd"]
+    methods = parsed("evaluate", "--method", "bim", "--method", "deepfool,mifgsm")["method"]
+    assert methods == ["bim", "deepfool", "mifgsm"]
+    assert usage_error("evaluate", "--method", "fgsm,nope", cwd=tmp_path) == (
+        "Invalid value for '--method': 'nope' is not one of "
+        "'fgsm', 'bim', 'pgd', 'mifgsm', 'deepfool'."
+    )
+
+
+def test_both_eps_and_method_spellings_evaluate_the_same(tmp_path):
+    common = ("evaluate", "--steps", 2, "--min-eps", 0)
+    separate = (*common, "--eps", 0, "--eps", 0.1, "--method", "fgsm", "--method", "bim")
+    assert run(*separate, "--json", tmp_path / "a.json").exit_code == 0
+    joined = (*common, "--eps", "0,0.1", "--method", "fgsm,bim", "--json", tmp_path / "b.json")
+    assert run(*joined).exit_code == 0
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    assert '"method": "bim"' in (tmp_path / "a.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--norm", "1"), "Invalid value for '--norm': Value error, '1' is not one of 'inf', '2'."),
+        (
+            ("--method", "exact"),
+            "Invalid value for '--method': Value error, 'exact' is not one of 'crown', 'ibp'.",
+        ),
+    ],
+)
+def test_certify_norm_and_method_choices_are_checked_by_the_parser(tmp_path, args, message):
+    assert usage_error("certify", *args, cwd=tmp_path) == message
+    assert parsed("certify", "--norm", "2", "--method", "ibp")["norm"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("convert-data", "a.npy", "b.h5", "--x-min", "0"), "give both --x-min and --x-max"),
+        (("convert-data", "a.npy", "b.h5", "--x-max", "1"), "give both --x-min and --x-max"),
+        (("attack", "--clip-max", "1"), "give both --clip-min and --clip-max"),
+    ],
+)
+def test_a_half_given_range_is_refused_naming_the_options_typed(tmp_path, args, message):
+    result = run(*args, cwd=tmp_path)
+    assert result.exit_code == 2
+    assert error_line(result) == f"advgrad: error: {message}, or neither"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_several_eps_for_deepfool_write_one_output(tmp_path):
+    """DeepFool has no eps: several --eps write one output, so --out needs no {eps}."""
+    args = ("--method", "deepfool", "--eps", "0.1,0.2", "--out", "o.h5")
+    result = run("attack", *args, cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert [path.name for path in tmp_path.iterdir()] == ["o.h5"]
 
 
 def test_installed_console_script_runs_in_a_fresh_process(tmp_path):

@@ -1,0 +1,169 @@
+"""What the commands print: the consoles, escaping, errors, signals, progress and summaries.
+
+Every string that came from a file or a path is shown through :func:`literal` (or
+:func:`markup_literal`), so that it stays on one line and cannot drive the terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from threading import Event
+
+import typer
+
+from advgrad.errors import printable
+
+
+@cache
+def console():
+    """The rich console of the results (stdout); rich loads on first use, not with the CLI."""
+    from rich.console import Console
+
+    return Console()
+
+
+@cache
+def errors():
+    """The rich console of errors, notices and progress (stderr)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def literal(value: object):
+    """``value`` as rich text shown as it is: control characters escaped, so that it stays on
+    one line and cannot drive the terminal, and brackets not read as markup."""
+    from rich.text import Text
+
+    return Text(printable(value))
+
+
+def markup_literal(value: object) -> str:
+    """``value`` escaped like :func:`literal`, for splicing into a markup string."""
+    from rich.markup import escape
+
+    return escape(printable(value))
+
+
+def warn(message: str) -> None:
+    """Print ``message`` (markup) as one ``advgrad: warning:`` line on stderr."""
+    errors().print(f"[bold red]advgrad: warning:[/] {message}", soft_wrap=True)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Print expected failures (bad input, bad files, I/O) as one line and exit 1."""
+    from advgrad.errors import AdvgradError
+
+    try:
+        yield
+    except (AdvgradError, ValueError, OSError) as error:
+        errors().print(
+            f"[bold red]advgrad: error:[/] {markup_literal(error)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        errors().print(
+            "[bold red]advgrad: interrupted[/]; no complete output was written "
+            "(an interrupted attack keeps its last checkpoint: run it again to resume)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Event]:
+    """Yield an event that SIGINT (Ctrl-C) and SIGTERM set: a file-level job then stops after
+    the block in progress, keeping its partial output, and the command exits 128 + the
+    signal's number. A second signal stops at once (the last checkpoint is kept)."""
+    import signal
+
+    from advgrad.batch import Interrupted
+
+    stop = Event()
+    received: list[int] = []
+
+    def handle(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        received.append(signum)
+        stop.set()
+        errors().print(
+            "advgrad: stopping after the block in progress (Ctrl-C again stops at once)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, handle) for signum in watched}
+    try:
+        yield stop
+    except Interrupted as interruption:
+        errors().print(
+            f"[bold red]advgrad: interrupted:[/] {markup_literal(interruption)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(128 + received[0]) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def notice(message: str) -> None:
+    """Print a job's ``message`` (plain text, escaped) as one ``advgrad:`` line on stderr."""
+    errors().print(f"advgrad: {markup_literal(message)}", highlight=False, soft_wrap=True)
+
+
+def progress_bar(description: str):
+    """A rich progress bar on stderr, shown only when stderr is a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        f"[progress.description]{description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=errors(),
+        transient=True,
+        disable=not errors().is_terminal,
+    )
+
+
+def summary_table(title: str, rows: Iterable[tuple[str, str]]):
+    """A two-column table of ``(name, value)`` rows under ``title``, every cell escaped."""
+    from rich.table import Table
+
+    table = Table(title=literal(title), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in rows:
+        table.add_row(literal(name), literal(value))
+    return table
+
+
+def percent(value: float | None) -> str:
+    """``value`` (a fraction) as a percentage, or "-" where it is undefined (no rows)."""
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def number(value: float | None, spec: str = ".4g") -> str:
+    """``value`` formatted by ``spec``, or "-" where it is undefined (no rows)."""
+    return "-" if value is None else format(value, spec)
+
+
+def quartiles(values) -> str:
+    """Median and quartiles of the finite ``values``, and the share of them that is finite."""
+    import numpy as np
+
+    from advgrad.attacks import quartiles as spread_of
+
+    if (spread := spread_of(values)) is None:
+        return "-"
+    q25, median, q75 = spread
+    found = np.isfinite(values).mean()
+    return f"median {median:.4g} (quartiles {q25:.4g}, {q75:.4g}); found for {100 * found:.1f} %"
