@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from children import refusal_line, run_advgrad
 
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 
@@ -36,29 +35,8 @@ HOSTILE = (
 CONTROL = ("\x1b", "\x07", "\r", "\u202e")
 
 
-def advgrad(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "advgrad", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The only stderr line of a refused command, after checking it is exactly that."""
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("advgrad: error: ")
-    return lines[0]
 
 
 def assert_inert(text: str) -> None:
@@ -88,7 +66,7 @@ def test_info_shows_hostile_attribute_names_and_values_as_text(tmp_path):
             f.attrs[f"{text} name{i}"] = text
     before = {path: digest(path) for path in (model, data)}
     for path in (model, data):
-        result = advgrad("info", path, cwd=tmp_path)
+        result = run_advgrad("info", path, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""
         assert_inert(result.stdout)
@@ -106,12 +84,12 @@ def test_attack_and_evaluate_show_hostile_class_and_file_names_as_text(tmp_path)
     data = tmp_path / "data[red]x.h5"
     shutil.copy(bundled_path(TEST_DATA), data)
     out = tmp_path / "out [red]x.h5"
-    result = advgrad("attack", "--model", model, "--data", data, "--out", out, cwd=tmp_path)
+    result = run_advgrad("attack", "--model", model, "--data", data, "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert_inert(result.stdout + result.stderr)
     assert "[red]x.h5" in result.stdout
     assert out.exists()
-    result = advgrad("evaluate", "--model", model, "--data", data, "--eps", "0.1", cwd=tmp_path)
+    result = run_advgrad("evaluate", "--model", model, "--data", data, "--eps", "0.1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert_inert(result.stdout + result.stderr)
 
@@ -122,8 +100,8 @@ def test_attack_and_evaluate_show_hostile_class_and_file_names_as_text(tmp_path)
 def test_refusal_of_a_hostile_file_name_is_one_escaped_line(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"not an HDF5 file at all")
-    result = advgrad("info", path, cwd=tmp_path)
-    line = one_error_line(result)
+    result = run_advgrad("info", path, cwd=tmp_path)
+    line = refusal_line(result)
     assert_inert(result.stderr)
     assert "not an HDF5 file" in line
     assert path.read_bytes() == b"not an HDF5 file at all"
@@ -135,8 +113,8 @@ def test_hostile_link_target_is_refused_in_one_escaped_line(tmp_path):
         f["real"] = np.zeros((4, 64), np.float32)
         f["X"] = h5py.SoftLink("/\x1b]0;pwned\x07\nadvgrad: file accepted")
     before = digest(data)
-    result = advgrad("attack", "--data", data, "--out", tmp_path / "o.h5", cwd=tmp_path)
-    line = one_error_line(result)
+    result = run_advgrad("attack", "--data", data, "--out", tmp_path / "o.h5", cwd=tmp_path)
+    line = refusal_line(result)
     assert_inert(result.stderr)
     assert "soft link" in line
     assert digest(data) == before
@@ -147,8 +125,8 @@ def test_a_truncated_file_is_refused_in_one_line(tmp_path):
     data = tmp_path / "cut.h5"
     raw = bundled_path(TEST_DATA).read_bytes()
     data.write_bytes(raw[: len(raw) // 2])
-    result = advgrad("info", data, cwd=tmp_path)
-    line = one_error_line(result)
+    result = run_advgrad("info", data, cwd=tmp_path)
+    line = refusal_line(result)
     assert str(data) in line
 
 
@@ -169,8 +147,8 @@ def test_a_truncated_file_is_refused_in_one_line(tmp_path):
 def test_a_directory_as_an_input_is_one_line_and_exit_1(tmp_path, command):
     for name in ("DIR", "DIR.npy", "DIR.npz"):
         (tmp_path / name).mkdir()
-    result = advgrad(*command, cwd=tmp_path)
-    line = one_error_line(result)
+    result = run_advgrad(*command, cwd=tmp_path)
+    line = refusal_line(result)
     assert "DIR" in line
     assert "directory" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DIR", "DIR.npy", "DIR.npz"]
@@ -193,8 +171,8 @@ def test_side_outputs_never_replace_an_input(tmp_path, option, clash):
         side.symlink_to(model)
     before = {path: digest(path) for path in (model, data)}
     listing = sorted(p.name for p in tmp_path.iterdir())
-    result = advgrad(*evaluate_args(model, data), option, side, "--overwrite", cwd=tmp_path)
-    line = one_error_line(result)
+    result = run_advgrad(*evaluate_args(model, data), option, side, "--overwrite", cwd=tmp_path)
+    line = refusal_line(result)
     assert "is the input file" in line
     assert before == {path: digest(path) for path in (model, data)}
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
@@ -204,19 +182,23 @@ def test_side_outputs_follow_the_overwrite_rule_and_appear_whole(tmp_path):
     model, data = bundled_path(MODEL), bundled_path(TEST_DATA)
     report, curves = tmp_path / "report.json", tmp_path / "curves.png"
     report.write_text("precious")
-    result = advgrad(*evaluate_args(model, data), "--json", report, "--plot", curves, cwd=tmp_path)
-    assert "exists; pass --overwrite" in one_error_line(result)
+    result = run_advgrad(
+        *evaluate_args(model, data), "--json", report, "--plot", curves, cwd=tmp_path
+    )
+    assert "exists; pass --overwrite" in refusal_line(result)
     assert report.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
-    result = advgrad(
+    result = run_advgrad(
         *evaluate_args(model, data), "--json", report, "--plot", curves, "--overwrite", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(report.read_text())["n_rows"] == 450
     assert curves.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "report.json"]
-    result = advgrad(*evaluate_args(model, data), "--json", report, "--plot", report, cwd=tmp_path)
-    assert "the same file" in one_error_line(result)
+    result = run_advgrad(
+        *evaluate_args(model, data), "--json", report, "--plot", report, cwd=tmp_path
+    )
+    assert "the same file" in refusal_line(result)
 
 
 @pytest.mark.parametrize(
@@ -232,7 +214,7 @@ def test_side_outputs_follow_the_overwrite_rule_and_appear_whole(tmp_path):
     ],
 )
 def test_absurd_arguments_print_no_warning(tmp_path, command, exit_code):
-    result = advgrad(*command, cwd=tmp_path)
+    result = run_advgrad(*command, cwd=tmp_path)
     assert result.returncode == exit_code, result.stderr
     assert "Warning" not in result.stderr
     assert "Traceback" not in result.stderr

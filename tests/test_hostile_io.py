@@ -13,14 +13,12 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from children import refusal_line, run_advgrad, run_python, snapshot
 
 from advgrad.errors import InputFileError
 from advgrad.io import (
@@ -59,14 +57,6 @@ def make_data(path: Path, n=20, d=6) -> Path:
     return path
 
 
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every entry of ``directory`` (hidden ones too) with the SHA-256 of its bytes."""
-    return {
-        entry.name: hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else "dir"
-        for entry in directory.iterdir()
-    }
-
-
 def refused(path, reason: str, dataset: str | None = None):
     where = str(path) if dataset is None else f"{path}:{dataset}"
     return pytest.raises(InputFileError, match="^" + re.escape(where) + ": .*" + reason)
@@ -84,42 +74,6 @@ def writer_for(target, inputs, **options) -> AdversarialWriter:
         inputs=inputs,
         **options,
     )
-
-
-def run_python(code: str, cwd: Path, *, limits: str = "", timeout: float = 120):
-    """Run ``code`` in a fresh Python under the shell ``ulimit`` settings ``limits``."""
-    script = cwd / "hostile_case.py"
-    script.write_text(textwrap.dedent(code))
-    command = f"{limits} exec {sys.executable} {script.name}" if limits else None
-    args = ["bash", "-c", command] if command else [sys.executable, script.name]
-    try:
-        return subprocess.run(
-            args, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    finally:
-        script.unlink()
-
-
-def run_cli(*args, cwd: Path, timeout: float = 120):
-    return subprocess.run(
-        [sys.executable, "-m", "advgrad", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def assert_cli_refused(result, *words: str) -> str:
-    """Exit 1, exactly one stderr line holding ``words``, no traceback; the line."""
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0]
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- class 1
@@ -203,10 +157,10 @@ def test_cli_attack_does_not_delete_its_input(tmp_path):
     save_model(make_model(), tmp_path / "m.h5")
     make_data(tmp_path / ".o.h5.partial.h5")
     before = snapshot(tmp_path)
-    result = run_cli(
+    result = run_advgrad(
         "attack", "--model", "m.h5", "--data", ".o.h5.partial.h5", "--out", "o.h5", cwd=tmp_path
     )
-    assert_cli_refused(result, "o.h5", ".o.h5.partial.h5", "input file")
+    refusal_line(result, "o.h5", ".o.h5.partial.h5", "input file")
     assert snapshot(tmp_path) == before
 
 
@@ -520,6 +474,6 @@ def test_one_dimensional_npy_is_refused_at_conversion(tmp_path):
     with refused(tmp_path / "x.npy", r"holds a 1-D array of 7 values; expected rows \(N, d\)"):
         convert_dataset(tmp_path / "x.npy", tmp_path / "o.h5")
     assert snapshot(tmp_path) == before
-    result = run_cli("convert-data", "x.npy", "o.h5", cwd=tmp_path)
-    assert_cli_refused(result, "x.npy", "1-D array")
+    result = run_advgrad("convert-data", "x.npy", "o.h5", cwd=tmp_path)
+    refusal_line(result, "x.npy", "1-D array")
     assert snapshot(tmp_path) == before

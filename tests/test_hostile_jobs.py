@@ -12,18 +12,13 @@ inputs byte-for-byte unchanged and nothing left behind. Memory bounds run under 
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import subprocess
-import sys
-import tempfile
-import textwrap
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from children import refusal_line, run_advgrad, run_python, snapshot
 from conftest import random_network
 
 import advgrad
@@ -44,85 +39,31 @@ from advgrad.kernels.cpu import ROWS_PER_BLOCK
 from advgrad.model import MAX_WEIGHTS, Model
 from advgrad.train import TrainConfig, train, train_file
 
-CLI_TIMEOUT_S = 90
-"""Bound on one command: a refused or finished search takes seconds (mostly starting Python);
-an endless one is killed and fails the test."""
-CHILD_ENV = {
-    **os.environ,
-    "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR")
-    or str(Path(tempfile.gettempdir()) / "numba-resume-tests"),
-    "NUMBA_NUM_THREADS": "2",  # a memory limit must not depend on the machine's cores
-    "MALLOC_ARENA_MAX": "2",
-    "COLUMNS": "80",
-}
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def digest(directory: Path) -> dict[str, str]:
-    """SHA-256 of every file in ``directory``, by name (hidden files included)."""
-    return {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.iterdir())
-    }
-
-
-def advgrad_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "advgrad", *(str(a) for a in args)],
-        cwd=cwd,
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-        check=False,
-    )
-
-
 def assert_refused(cwd: Path, args, *words: str) -> None:
     """``advgrad *args`` exits 1 with one stderr line holding ``words``, no traceback, and
     leaves every file in ``cwd`` as it was, adding none."""
-    before = digest(cwd)
-    result = advgrad_cli(*args, cwd=cwd)
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 1, result.stderr
-    [line] = result.stderr.strip().splitlines()
-    for word in words:
-        assert word in line, line
-    assert digest(cwd) == before
+    before = snapshot(cwd)
+    refusal_line(run_advgrad(*args, cwd=cwd), *words)
+    assert snapshot(cwd) == before
 
 
 def assert_succeeds(cwd: Path, args, output: str) -> None:
     """``advgrad *args`` exits 0 with an empty stderr, leaves every input as it was and adds
     exactly ``output``."""
-    before = digest(cwd)
-    result = advgrad_cli(*args, cwd=cwd)
+    before = snapshot(cwd)
+    result = run_advgrad(*args, cwd=cwd)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""
-    after = digest(cwd)
+    after = snapshot(cwd)
     assert set(after) == {*before, output}
     assert {name: after[name] for name in before} == before
-
-
-def run_python(code: str, cwd: Path, *, limits: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh Python under the shell ``ulimit`` settings ``limits``."""
-    script = cwd / "hostile_case.py"
-    script.write_text(textwrap.dedent(code))
-    try:
-        return subprocess.run(
-            ["bash", "-c", f"{limits} exec {sys.executable} {script.name}"],
-            cwd=cwd,
-            env=CHILD_ENV,
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT_S,
-            check=False,
-        )
-    finally:
-        script.unlink()
 
 
 def write_data(path: Path, X: np.ndarray, y: np.ndarray | None = None, **attrs) -> Path:
@@ -276,7 +217,7 @@ def test_the_finest_certify_tolerance_ends(digits_model, digits_test):
 
 
 def test_a_non_finite_row_is_never_written(overflowing):
-    before = digest(overflowing)
+    before = snapshot(overflowing)
     model, data, out = overflowing / "model.h5", overflowing / "data.h5", overflowing / "out.h5"
     with pytest.raises(NonFiniteResult, match="the attack made row 2 non-finite"):
         attack_file(model, data, out, Attack("fgsm", eps=3e38))
@@ -289,7 +230,7 @@ def test_a_non_finite_row_is_never_written(overflowing):
             attack=Attack("pgd", steps=1, step_size=3e38),
             use_labels=False,
         )
-    assert digest(overflowing) == before
+    assert snapshot(overflowing) == before
     X_adv = advgrad.fgsm(
         advgrad.load_model(model), advgrad.load_dataset(data)[0], eps=3e38, clip=None
     )
@@ -383,11 +324,11 @@ def test_train_never_writes_onto_its_input(files, link):
         out.hardlink_to(files / "data.h5")
     else:
         out.symlink_to("data.h5")
-    before = digest(files)
+    before = snapshot(files)
     for data, test in ((files / "data.h5", None), (files / "empty.h5", files / "data.h5")):
         with pytest.raises(InputFileError, match=re.escape("link.h5: is the input file")):
             train_file(data, out, TrainConfig(epochs=1), test_path=test, overwrite=True)
-    assert digest(files) == before
+    assert snapshot(files) == before
     args = ["train", "--data", "data.h5", "--out", "link.h5", "--overwrite", "--epochs", "1"]
     assert_refused(files, args, "link.h5: is the input file")
 
@@ -402,11 +343,11 @@ def test_a_failed_train_leaves_nothing_behind(files):
         except InputFileError as error:
             print(error)
     """
-    before = digest(files)
+    before = snapshot(files)
     result = run_python(code, files, limits="ulimit -f 512;")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("m.h5: cannot write: File too large"), result.stdout
-    assert digest(files) == before
+    assert snapshot(files) == before
 
 
 def test_train_refuses_0_rows(files):
@@ -617,9 +558,9 @@ def test_networks_whose_kernel_scratch_is_unbounded_are_refused_up_front(tmp_pat
     with h5py.File(data, "w") as f:
         f["X"] = np.zeros((4, d), np.float32)
         f["y"] = np.zeros(4, np.int64)
-    before = digest(tmp_path)
-    result = advgrad_cli(*command, "--model", model, "--data", data, cwd=tmp_path)
+    before = snapshot(tmp_path)
+    result = run_advgrad(*command, "--model", model, "--data", data, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "bytes of scratch per block" in result.stderr
-    assert digest(tmp_path) == before
+    assert snapshot(tmp_path) == before

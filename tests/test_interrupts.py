@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from children import CHILD_ENV
 from conftest import one_hot, random_network
-from test_resume import CHILD_ENV, assert_partial_kept, checkpoint_rows, one_line, save_synthetic
+from test_resume import assert_partial_kept, checkpoint_rows, one_line, save_synthetic
 
 import advgrad
 from advgrad import attacks, backend

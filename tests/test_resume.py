@@ -20,7 +20,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from children import CHILD_ENV
 from conftest import random_network
 from typer.testing import CliRunner
 
@@ -42,12 +42,6 @@ from advgrad.io.checkpoint import OutputLock, checkpoint_path, lock_path, partia
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
 
 BLOCK = ROWS_PER_BLOCK
-CHILD_ENV = {
-    **os.environ,
-    "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR")
-    or str(Path(tempfile.gettempdir()) / "numba-resume-tests"),
-    "COLUMNS": "80",  # what rich assumes for a stderr that is not a terminal (logs, CI)
-}
 KILL_SEED = int(os.environ.get("ADVGRAD_KILL_SEED") or secrets.randbelow(2**31))
 runner = CliRunner()
 
