@@ -539,8 +539,8 @@ def test_bound_workspace_bytes_is_what_the_bound_kernels_allocate():
     ("shape", "command"),
     [
         ((64, 2**17, 10), ["certify", "--eps", "0.1"]),
-        ((2**20, 1, 2**20), ["certify", "--eps", "0.1"]),
-        ((2**20, 1, 2**20), ["attack", "--method", "deepfool"]),
+        ((2**15, 1, 2**14), ["certify", "--eps", "0.1"]),
+        ((2**15, 1, 2**14), ["attack", "--method", "deepfool"]),
     ],
 )
 def test_networks_whose_kernel_scratch_is_unbounded_are_refused_up_front(tmp_path, shape, command):
