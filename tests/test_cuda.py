@@ -168,10 +168,14 @@ def test_package_names_are_read_from_and_set_in_their_modules(monkeypatch):
 
     assert kernels.Tile is products.Tile
     assert kernels.fgm_step_into is launchers.fgm_step_into
+    threads, rows = launchers.THREADS_PER_BLOCK, launchers.SMALL_BATCH_ROWS
     monkeypatch.setattr(kernels, "THREADS_PER_BLOCK", 8)
     assert launchers.THREADS_PER_BLOCK == 8
     monkeypatch.setattr(launchers, "SMALL_BATCH_ROWS", 3)
     assert kernels.SMALL_BATCH_ROWS == 3
+    monkeypatch.undo()  # restores through the package's property, whatever pytest's version
+    assert launchers.THREADS_PER_BLOCK == kernels.THREADS_PER_BLOCK == threads
+    assert launchers.SMALL_BATCH_ROWS == kernels.SMALL_BATCH_ROWS == rows
     assert {"fgsm_step", "Workspace", "sigmoid", "gemm_kernel", "cuda"} <= set(dir(kernels))
     with pytest.raises(AttributeError, match="no attribute 'fgsm'"):
         _ = kernels.fgsm

@@ -75,25 +75,28 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 
-class _Package(types.ModuleType):
-    """This package as a module object: its public names are read from, and set in, the
-    modules they come from, so that only one value of each is ever in use."""
+def _forwarded(name: str, home: types.ModuleType) -> property:
+    """A property reading and setting ``name`` in ``home``."""
 
-    def __getattr__(self, name: str):
-        home = _HOMES.get(name)
-        if home is None:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+    def read(package):
         return getattr(home, name)
 
-    def __setattr__(self, name: str, value) -> None:
-        home = _HOMES.get(name)
-        if home is None:
-            super().__setattr__(name, value)
-        else:
-            setattr(home, name, value)
+    def write(package, value) -> None:
+        setattr(home, name, value)
 
-    def __dir__(self) -> list[str]:
-        return sorted({*super().__dir__(), *_HOMES})
+    return property(read, write, doc=f"``{home.__name__}.{name}``")
 
 
+def _dir(package) -> list[str]:
+    return sorted({*vars(package), *_HOMES})
+
+
+# This package as a module object whose public names are properties that read, and set, the
+# name in the module it comes from: only one value of each is ever in use, and a data
+# descriptor is what monkeypatch restores through (it never deletes what it did not add).
+_Package = type(
+    "_Package",
+    (types.ModuleType,),
+    {**{name: _forwarded(name, home) for name, home in _HOMES.items()}, "__dir__": _dir},
+)
 sys.modules[__name__].__class__ = _Package
