@@ -626,10 +626,11 @@ def attack_files(
 
 
 def _compile_kernels(reader, model, plan: Plan, writers, notice) -> None:
-    """Attack the first row and throw the result away, so that the kernels the job uses are
-    compiled (or loaded from Numba's cache) before the rows-per-second clock starts. When
-    that takes longer than ``COMPILE_NOTICE_AFTER_S`` (a first run on this machine),
-    ``notice`` says so while it happens."""
+    """Attack the first row with one step (one restart, one DeepFool iteration) of each
+    attack and throw the result away: the kernels the job uses are then compiled (or loaded
+    from Numba's cache) before the rows-per-second clock starts, whatever the job's step
+    count. When that takes longer than ``COMPILE_NOTICE_AFTER_S`` (a first run on this
+    machine), ``notice`` says so while it happens."""
     timer = None
     if notice is not None:
         message = "compiling the kernels for this machine (first run only)"
@@ -639,13 +640,17 @@ def _compile_kernels(reader, model, plan: Plan, writers, notice) -> None:
     try:
         X, y = reader.read(0, 1)
         rows = X.reshape(1, -1)
-        outputs = range(len(plan.attacks))
-        results = attack_block(model, rows, y, plan, 0, outputs)
+        attacks = tuple(
+            dataclasses.replace(attack, steps=1, restarts=1, max_iter=1) for attack in plan.attacks
+        )
+        one_step = dataclasses.replace(plan, attacks=attacks)
+        results = attack_block(model, rows, y, one_step, 0, range(len(attacks)))
         for writer, result in zip(writers, results, strict=True):
             perturbation_norms(result.X_adv, rows, 0, writer.target)
     finally:
         if timer is not None:
             timer.cancel()
+            timer.join()  # no thread of ours may print while the command exits
 
 
 class _BlockBuffers:
