@@ -6,6 +6,8 @@ Every string that came from a file or a path is shown through :func:`literal` (o
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -72,7 +74,12 @@ def reported_errors() -> Iterator[None]:
             "(an interrupted attack keeps its last checkpoint: run it again to resume)",
             soft_wrap=True,
         )
-        raise typer.Exit(130) from None
+        # Stop at once: every output was closed (its checkpoint kept) while the interrupt
+        # unwound. Interpreter shutdown after an interrupt between two kernel slices can
+        # crash in native thread pools (numba's, BLAS's), so it is skipped.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 @contextmanager
