@@ -1,20 +1,52 @@
 """Backends run the kernels of one device over prepared arrays; algorithms never branch on it.
 
 A backend takes a validated ``Model`` and C-contiguous 2-D arrays of the model's dtype
-(``advgrad.attacks`` prepares them) and returns host numpy arrays.
+(``advgrad.attacks`` prepares them) and returns host numpy arrays; the certified bounds take
+their rows in float64, and training passes the parameters it updates as plain arrays. Every
+backend has the methods of ``CpuBackend`` (here) and ``advgrad.cuda_backend.CudaBackend``:
+gradients and steps, iterative attacks, DeepFool, the forward pass, certified bounds and
+radii, training gradients and optimiser updates. ``get_backend`` picks one by device name.
+
+What both backends share (``output_rows``, ``check_workspace``, the work estimates) lives in
+``advgrad.backend_common`` and is re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
+from advgrad.backend_common import (
+    WORKSPACE_BYTES,
+    HostOptimiser,
+    bound_rows,
+    check_workspace,
+    deepfool_work,
+    float64_network,
+    gradient_work,
+    output_rows,
+    step_slices,
+)
 from advgrad.kernels import cpu
 from advgrad.model import Model
+
+__all__ = [
+    "DEVICES",
+    "SLICE_MULTIPLY_ADDS",
+    "WORKSPACE_BYTES",
+    "CpuBackend",
+    "blas_threads",
+    "bound_workspace_bytes",
+    "check_workspace",
+    "deepfool_work",
+    "get_backend",
+    "gradient_work",
+    "output_rows",
+    "step_slices",
+]
 
 
 @functools.cache
@@ -59,65 +91,20 @@ def _run_kernel(kernel, *args) -> None:
         kernel(*args)
 
 
-WORKSPACE_BYTES = 2**30
-"""Most scratch memory one block of a kernel may need (each thread runs one block at a time).
-A network whose scratch exceeds it is refused up front: the scratch grows with the network's
-shape, which a small compressed file can declare large (SECURITY.md)."""
-
-
-def check_workspace(what: str, n_bytes: int) -> None:
-    """Refuse ``what`` (e.g. "DeepFool") when one kernel block needs more than
-    ``WORKSPACE_BYTES`` of scratch; raises ValueError saying so."""
-    if n_bytes > WORKSPACE_BYTES:
-        raise ValueError(
-            f"{what} needs {n_bytes} bytes of scratch per block for this network, more than "
-            f"the {WORKSPACE_BYTES} allowed (advgrad.backend.WORKSPACE_BYTES)"
-        )
-
-
 SLICE_MULTIPLY_ADDS = 2**26
 """Work of one slice of an iterative attack (at most about 0.1 s on one core). The iterative
 kernels run in slices of steps, and between two slices control is back in Python, where a
 signal handler can act (a second Ctrl-C stops a job at once); a small job is one slice."""
 
 
-def gradient_work(model: Model) -> int:
-    """Multiply-adds of one row's loss gradient: forward and backward through both layers."""
+def bound_workspace_bytes(model: Model) -> int:
+    """Bytes of scratch one block of the CPU bound kernels needs: ``cpu.bound_workspace``
+    for ``cpu.ROWS_PER_BLOCK`` rows, float64 (CROWN keeps C x (H + d) coefficients per row)."""
     d, H, C = model.n_inputs, model.n_hidden, model.n_classes
-    return 2 * (d * H + H * C)
+    return cpu.ROWS_PER_BLOCK * 8 * (2 * d + 9 * H + C * (H + d) + 3 * C + 1)
 
 
-def deepfool_work(model: Model) -> int:
-    """Multiply-adds of one row's DeepFool iteration: logits, their Jacobian (d, C), the
-    distances to the C linearised boundaries."""
-    d, H, C = model.n_inputs, model.n_hidden, model.n_classes
-    return d * H + 2 * H * C + d * H * C + d * C
-
-
-def step_slices(steps: int, n_rows: int, row_step_work: int, budget: int) -> Iterator[int]:
-    """The step counts of the slices that ``steps`` steps on ``n_rows`` rows run in: as many
-    steps a slice as fit ``budget`` multiply-adds at ``row_step_work`` per row and step, at
-    least one; the last slice takes the rest."""
-    per_slice = max(1, budget // max(1, n_rows * row_step_work))
-    for done in range(0, steps, per_slice):
-        yield min(per_slice, steps - done)
-
-
-def output_rows(X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """Where a backend writes rows like ``X``: ``out`` when given (it must have X's shape and
-    dtype and be C-contiguous, and not overlap X), else a new array."""
-    if out is None:
-        return np.empty_like(X)
-    if out.shape != X.shape or out.dtype != X.dtype or not out.flags.c_contiguous:
-        raise ValueError(
-            f"out must be a C-contiguous {X.shape} {X.dtype} array, got {out.shape} {out.dtype}"
-        )
-    if np.may_share_memory(out, X):
-        raise ValueError("out must not overlap the input rows")
-    return out
-
-
-class CpuBackend:
+class CpuBackend(HostOptimiser):
     """Runs the Numba CPU kernels (``advgrad.kernels.cpu``)."""
 
     name = "cpu"
@@ -210,6 +197,90 @@ class CpuBackend:
             cpu.forward_into, X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted
         )
         return P, losses, predicted
+
+    def margin_bounds(self, model: Model, X, classes, eps, p, x_min, x_max, crown, line_steps):
+        """Certified lower bounds of each row's worst class margin over its eps-region.
+
+        Parameters
+        ----------
+        model : Model (its weights are used in float64)
+        X : (N, d) float array, the rows (taken in float64)
+        classes : (N,) int, the class each row must keep
+        eps : (N,) float >= 0, the radius of each row's region
+        p : float, np.inf or 2.0
+        x_min, x_max : float, the clip range (infinite: none)
+        crown : bool, CROWN-style linear bounds besides the interval bounds
+        line_steps : int, bisection steps of the sigmoid tangent lines
+
+        Returns
+        -------
+        worst : (N,) float64, a lower bound of min over k != y of z_y - z_k over the region
+            (``cpu.margin_bounds_into``); > 0 proves the row keeps its class there.
+
+        Raises ValueError when one block's scratch would exceed ``WORKSPACE_BYTES``.
+        """
+        check_workspace("certification", bound_workspace_bytes(model))
+        X, classes, eps = bound_rows(X, classes, eps)
+        worst = np.empty(X.shape[0])
+        _run_kernel(
+            cpu.margin_bounds_into,
+            *(X, classes, eps, p, x_min, x_max, *float64_network(model), crown, line_steps),
+            worst,
+        )
+        return worst
+
+    def certified_radius(
+        self, model: Model, X, classes, eps_grid, p, x_min, x_max, crown, line_steps, tolerance
+    ):
+        """Certified radius of every row, by bisection on eps over :meth:`margin_bounds`.
+
+        Parameters
+        ----------
+        model, X, classes, p, x_min, x_max, crown, line_steps : as in :meth:`margin_bounds`
+        eps_grid : (E,) float, ascending, >= 0; its largest value tops the search
+        tolerance : float > 0, the bisection stops when the bracket is this narrow
+
+        Returns
+        -------
+        radius : (N,) float64, the largest eps whose bound was verified (0 when the row
+            is not certified even at eps = 0)
+        certified : (N, E) bool, the row is certified at eps_grid[g]
+            (``cpu.certified_radius_into``)
+        """
+        check_workspace("certification", bound_workspace_bytes(model))
+        X, classes, eps_grid = bound_rows(X, classes, eps_grid)
+        radius = np.empty(X.shape[0])
+        certified = np.empty((X.shape[0], eps_grid.shape[0]), dtype=np.bool_)
+        _run_kernel(
+            cpu.certified_radius_into,
+            *(X, classes, eps_grid, p, x_min, x_max, *float64_network(model), crown, line_steps),
+            *(tolerance, radius, certified),
+        )
+        return radius, certified
+
+    def parameter_gradient(
+        self, network, X, Y, clean_weight, adv_weight, eps, x_min, x_max, gradient
+    ) -> None:
+        """Add the gradient of the (adversarial) training loss to ``gradient``.
+
+        The loss is ``clean_weight * sum_n J(X_n, Y_n) + adv_weight * sum_n J(X'_n, Y_n)``,
+        X' the FGSM step clip(X + eps * sign(dJ/dX), x_min, x_max) held fixed
+        (``cpu.parameter_gradient_into``); ``adv_weight = 0`` skips the adversarial pass.
+
+        Parameters
+        ----------
+        network : (W1 (d, H), b1 (H,), W2 (H, C), b2 (C,)), host arrays of X's dtype: the
+            parameters being trained, read afresh on every call
+        X : (N, d) float32 or float64, C-contiguous
+        Y : (N, C) of X's dtype, one-hot or soft labels
+        clean_weight, adv_weight, eps, x_min, x_max : float
+        gradient : (dW1, db1, dW2, db2), host arrays shaped like ``network``; the gradient
+            is added to them in place
+        """
+        _run_kernel(
+            cpu.parameter_gradient_into,
+            *(X, *network, Y, clean_weight, adv_weight, eps, x_min, x_max, *gradient),
+        )
 
 
 DEVICES = ("cpu", "cuda", "auto")

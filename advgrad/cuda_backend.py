@@ -1,10 +1,13 @@
 """The CUDA backend: ``advgrad.kernels.cuda`` behind the same methods as ``CpuBackend``.
 
-Importing this module imports numba.cuda, so ``advgrad.backend`` imports it only when the
-``"cuda"`` device is asked for; ``cuda_available`` says whether that can work here.
+Its methods import numba.cuda when first used, and ``advgrad.backend.get_backend`` imports
+this module only when the ``"cuda"`` device is asked for; ``cuda_available`` says whether
+that can work here. What both backends share comes from ``advgrad.backend_common`` (this
+module never imports ``advgrad.backend``).
 
 Host numpy arrays go in and come out. Each ``CudaBackend`` keeps its own state on the GPU:
-the model's weights between calls (one copy per ``Model`` object, freed with it), and
+the model's weights between calls (one copy per ``Model`` object and dtype, freed with it:
+the certified bounds take them in float64), and
 ``lanes`` CUDA streams with a set of device buffers each (reused across calls). A call's rows
 stream through the GPU in chunks over the lanes: while one chunk's kernels run, the next
 chunk is copied in and the previous one copied out. The copies are asynchronous where the
@@ -13,6 +16,11 @@ write through them); from ordinary memory the driver copies synchronously, and c
 overlap one another's kernels. Calls to one backend run one at a time; two backends share
 nothing, so they may run at once (from two threads). ``shared_backend`` is one backend for
 the calls of a whole process to share.
+
+Training is the exception to streaming: ``parameter_gradient`` sums over its rows into host
+arrays of the parameters' shape, and the parameters change at every batch, so each call
+copies them (and the gradient it adds to) in and the sums out. The optimiser updates run on
+the host (``HostOptimiser``), on the host parameters training keeps.
 """
 
 from __future__ import annotations
@@ -24,7 +32,13 @@ import weakref
 
 import numpy as np
 
-from advgrad.backend import gradient_work, output_rows, step_slices
+from advgrad.backend_common import (
+    HostOptimiser,
+    bound_rows,
+    gradient_work,
+    output_rows,
+    step_slices,
+)
 from advgrad.model import Model
 
 DEFAULT_CHUNK_ROWS = 65536  # most rows on the GPU at once, over all lanes
@@ -68,7 +82,7 @@ def _device_name(device) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-class CudaBackend:
+class CudaBackend(HostOptimiser):
     """Runs the numba.cuda kernels (``advgrad.kernels.cuda``) on the current GPU.
 
     Parameters
@@ -106,16 +120,19 @@ class CudaBackend:
 
         return kernels.cuda.pinned_array(shape, dtype)
 
-    def device_weights(self, model: Model) -> tuple:
-        """``(W1, b1, W2, b2)`` of ``model`` as device arrays, uploaded once per model object
-        and kept while the model lives."""
-        weights = self._weights.get(model)
+    def device_weights(self, model: Model, dtype=None) -> tuple:
+        """``(W1, b1, W2, b2)`` of ``model`` as device arrays in ``dtype`` (default: the
+        model's), uploaded once per model object and dtype and kept while the model lives."""
+        dtype = model.dtype if dtype is None else np.dtype(dtype)
+        copies = self._weights.setdefault(model, {})
+        weights = copies.get(dtype)
         if weights is None:
             from advgrad.kernels import cuda as kernels
 
             to_device = kernels.cuda.to_device
-            weights = tuple(to_device(w) for w in (model.W1, model.b1, model.W2, model.b2))
-            self._weights[model] = weights
+            network = (model.W1, model.b1, model.W2, model.b2)
+            weights = tuple(to_device(np.ascontiguousarray(w, dtype=dtype)) for w in network)
+            copies[dtype] = weights
         return weights
 
     def chunk_rows_for(self, n_rows: int) -> int:
@@ -263,27 +280,106 @@ class CudaBackend:
         self._stream(model, (X, Y), (P, losses, predicted), launch)
         return P, losses, predicted
 
-    def _stream(self, model: Model | None, inputs, outputs, launch) -> None:
+    def margin_bounds(self, model: Model, X, classes, eps, p, x_min, x_max, crown, line_steps):
+        """Certified lower bounds of each row's worst class margin over its eps-region:
+        worst (N,) float64, as ``CpuBackend.margin_bounds`` (within float64 rounding, and
+        as sound); the rows stream through the GPU in chunks."""
+        from advgrad.kernels import cuda as kernels
+
+        X, classes, eps = bound_rows(X, classes, eps)
+        worst = np.empty(X.shape[0])
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            kernels.margin_bounds_into(
+                *(*inputs, p, x_min, x_max, *weights, crown, line_steps, *outputs),
+                stream=stream,
+                workspace=workspace,
+            )
+
+        self._stream(model, (X, classes, eps), (worst,), launch, np.float64)
+        return worst
+
+    def certified_radius(
+        self, model: Model, X, classes, eps_grid, p, x_min, x_max, crown, line_steps, tolerance
+    ):
+        """Certified radius (N,) float64 and certificates (N, E) bool of every row, as
+        ``CpuBackend.certified_radius``: each row's whole search (eps = 0, the grid, the
+        bisection) runs on the GPU, one thread block per row at a time."""
+        from advgrad.kernels import cuda as kernels
+
+        X, classes, eps_grid = bound_rows(X, classes, eps_grid)
+        radius = np.empty(X.shape[0])
+        certified = np.empty((X.shape[0], eps_grid.shape[0]), dtype=np.bool_)
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            grid_d = _to_workspace(workspace, "eps_grid", eps_grid, stream)
+            kernels.certified_radius_into(
+                *(*inputs, grid_d, p, x_min, x_max, *weights, crown, line_steps, tolerance),
+                *outputs,
+                stream=stream,
+                workspace=workspace,
+            )
+
+        self._stream(model, (X, classes), (radius, certified), launch, np.float64)
+        return radius, certified
+
+    def parameter_gradient(
+        self, network, X, Y, clean_weight, adv_weight, eps, x_min, x_max, gradient
+    ) -> None:
+        """Add the gradient of the (adversarial) training loss to ``gradient``, as
+        ``CpuBackend.parameter_gradient`` (within rounding).
+
+        ``network`` and ``gradient`` are host arrays: the parameters change between calls,
+        so they are copied in on every call, with the gradient's current values, and the
+        sums copied back out (a few copies of the parameters' size per batch). The rows go
+        through in chunks of at most ``chunk_rows``, on one stream.
+        """
+        from advgrad.kernels import cuda as kernels
+
+        with self._lock:
+            stream, workspace = self._ready_lanes()[0]
+            try:
+                network_d = [
+                    _to_workspace(workspace, f"train_network{i}", w, stream)
+                    for i, w in enumerate(network)
+                ]
+                gradient_d = [
+                    _to_workspace(workspace, f"train_gradient{i}", g, stream)
+                    for i, g in enumerate(gradient)
+                ]
+                for start in range(0, X.shape[0], self.chunk_rows):
+                    stop = start + self.chunk_rows
+                    X_d = _to_workspace(workspace, "train_X", X[start:stop], stream)
+                    Y_d = _to_workspace(workspace, "train_Y", Y[start:stop], stream)
+                    kernels.parameter_gradient_into(
+                        *(X_d, *network_d, Y_d, clean_weight, adv_weight, eps, x_min, x_max),
+                        *gradient_d,
+                        stream=stream,
+                        workspace=workspace,
+                    )
+                for g, g_d in zip(gradient, gradient_d, strict=True):
+                    g_d.copy_to_host(g, stream=stream)
+            finally:
+                stream.synchronize()  # nothing may still write into the gradient
+
+    def _stream(self, model: Model | None, inputs, outputs, launch, weights_dtype=None) -> None:
         """Run ``launch`` on each chunk of rows, copying ``inputs`` in and ``outputs`` out.
 
         ``inputs[0]`` sets the rows; an input with 0 rows (labels Y meaning "the
         predictions") goes to the device with 0 rows. ``launch(weights, inputs_d, outputs_d,
         stream, workspace)`` queues the kernels of one chunk on device arrays; weights are
-        the model's on the device (None without a model). Chunk k runs on lane k % lanes;
+        the model's on the device, in ``weights_dtype`` (default: the model's; None without
+        a model). Chunk k runs on lane k % lanes;
         with two lanes or more, its outputs are queued for copying out after chunk k + 1's
         kernels, so that a host blocked in a synchronous copy out still has the GPU busy.
         A lane's stream orders each chunk's copy in after the copy out of the lane's chunk
         before it, which used the same device buffers.
         """
-        from advgrad.kernels import cuda as kernels
-
         n_rows = inputs[0].shape[0]
         rows = self.chunk_rows_for(n_rows)
         with self._lock:
-            while len(self._lanes) < self.lanes:
-                self._lanes.append((kernels.cuda.stream(), kernels.Workspace()))
-            lanes = self._lanes[: self.lanes]
-            weights = None if model is None else self.device_weights(model)
+            lanes = self._ready_lanes()
+            weights = None if model is None else self.device_weights(model, weights_dtype)
             queued = []  # (stream, start, stop, outputs_d) of the chunk not yet copied out
             try:
                 for k, start in enumerate(range(0, n_rows, rows)):
@@ -310,6 +406,15 @@ class CudaBackend:
                 for stream, _ in lanes:  # nothing may still write into the outputs
                     stream.synchronize()
 
+    def _ready_lanes(self) -> list:
+        """The ``lanes`` (stream, Workspace) pairs of this backend, made on first use; the
+        caller holds the lock."""
+        from advgrad.kernels import cuda as kernels
+
+        while len(self._lanes) < self.lanes:
+            self._lanes.append((kernels.cuda.stream(), kernels.Workspace()))
+        return self._lanes[: self.lanes]
+
 
 @functools.cache
 def shared_backend() -> CudaBackend:
@@ -317,6 +422,14 @@ def shared_backend() -> CudaBackend:
     ask for the "cuda" device share its streams, device buffers and copies of the weights
     rather than making their own each time."""
     return CudaBackend()
+
+
+def _to_workspace(workspace, name: str, host: np.ndarray, stream):
+    """``workspace.array(name, ...)`` shaped like ``host``, its copy queued on ``stream``."""
+    device = workspace.array(name, host.shape, host.dtype)
+    if host.size:
+        device.copy_to_device(np.ascontiguousarray(host), stream=stream)
+    return device
 
 
 def _copy_out(outputs, stream, start, stop, outputs_d) -> None:

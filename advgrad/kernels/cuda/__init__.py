@@ -32,6 +32,11 @@ per row; the L1 projection is exact, by Michelot's algorithm in float64). ``deep
 works on the rows still moving only: per iteration ``X @ W1``, ``hidden_slopes``, the logits
 and the Jacobians of all C logits as two more products, then ``deepfool_step_kernel``.
 
+``parameter_gradient_into`` (training) adds the parameter gradients of a batch's loss, with
+an optional FGSM pass: the hidden product and ``rows_kernel`` as above, then sums over the
+rows. ``margin_bounds_into`` and ``certified_radius_into`` (certification) run the CPU's
+float64 bounds, as sound, with a thread block per row.
+
 Batches of at most ``SKINNY_ROWS`` rows use ``SKINNY_TILE``, larger ones ``WIDE_TILE``;
 ``THREADS_PER_BLOCK`` sizes the row kernels and ``small_batch_kernel``. Tests may lower these
 package constants at any time: the ``*_kernel`` factories build (and cache) one kernel per
@@ -55,7 +60,11 @@ numba.cuda, so ``advgrad`` imports it only when CUDA is asked for):
 - ``device``: device functions (scalar and block helpers);
 - ``products``: the kernels of the forward pass and the gradient (``Tile``);
 - ``steps``: the kernels of the FGM, iterative and DeepFool steps;
-- ``launchers``: host-side planning, ``Workspace`` and the launchers; the constants above.
+- ``training``: the kernels of the training gradients (``parameter_gradient_into``);
+- ``bounds``: the certified-bound device functions and kernels;
+- ``launchers``: host-side planning, ``Workspace`` and the launchers; the constants above;
+- ``bound_launchers``: the launchers of the certified bounds (``margin_bounds_into``,
+  ``certified_radius_into``) and their constants (``BOUND_THREADS``, ...).
 
 Setting a public name on this package sets it in the module it comes from, where the code
 reads it, so ``advgrad.kernels.cuda.THREADS_PER_BLOCK = 8`` (or a test's monkeypatch) takes
@@ -65,11 +74,20 @@ effect.
 import sys
 import types
 
-from advgrad.kernels.cuda import device, internals, launchers, products, steps
+from advgrad.kernels.cuda import (
+    bound_launchers,
+    bounds,
+    device,
+    internals,
+    launchers,
+    products,
+    steps,
+    training,
+)
 
 _HOMES = {
     name: module
-    for module in (internals, device, products, steps, launchers)
+    for module in (internals, device, products, steps, training, bounds, launchers, bound_launchers)
     for name in module.__all__
 }
 __all__ = sorted(_HOMES)

@@ -22,6 +22,7 @@ from advgrad.kernels.cuda.steps import (
     norm_step_kernel,
     sign_step_rows,
 )
+from advgrad.kernels.cuda.training import add_weighted_products, hidden_activations
 
 __all__ = [
     "BLOCKS_PER_MULTIPROCESSOR",
@@ -52,6 +53,7 @@ __all__ = [
     "iterate_start_into",
     "iterate_steps_into",
     "loss",
+    "parameter_gradient_into",
 ]
 
 THREADS_PER_BLOCK = 256  # row kernels; a power of two
@@ -148,9 +150,10 @@ def _gemm(A, B, b_transposed, n_rows, splits, split_depth, X, eps, x_min, x_max,
     )
 
 
-def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, stream):
-    """Queue the hidden product and the row kernel; returns Z1, whose first N rows hold D1 when
-    ``A`` is None (gradient mode: Z2 gets P - Y), else Z2 gets P and A the activations."""
+def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, stream, delta):
+    """Queue the hidden product and the row kernel; returns Z1, the split partial sums of
+    ``X @ W1``. With ``delta`` (gradient mode) Z2 gets P - Y and A (None: the first N rows
+    of Z1) gets D1; else Z2 gets P and A the activations."""
     n_rows, depth = X.shape
     n_hidden, n_classes = W2.shape
     splits, split_depth = _split_depth(n_rows, n_hidden, depth, _tile(n_rows))
@@ -160,7 +163,6 @@ def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, str
     if threads & (threads - 1):
         raise ValueError(f"THREADS_PER_BLOCK must be a power of two, got {threads}")
     per_block = max(1, min(threads // n_classes, _ceil_div(n_rows, _multiprocessors())))
-    delta = A is None
     launch(
         rows_kernel(threads),
         _ceil_div(n_rows, per_block),
@@ -174,7 +176,7 @@ def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, str
         per_block,
         _pair_threads(threads, per_block, n_classes),
         delta,
-        Z1 if delta else A,
+        Z1 if A is None else A,
         Z2,
         losses,
         predicted,
@@ -200,7 +202,8 @@ def _gradient(X, W1, b1, W2, b2, Y, eps, x_min, x_max, sign, predicted, out, wor
     losses = workspace.array("losses", (n_rows,), X.dtype)
     if n_rows > SMALL_BATCH_ROWS or W1.size * W1.dtype.itemsize > SMALL_WEIGHT_BYTES:
         Z2 = workspace.array("Z2", (n_rows, n_classes), X.dtype)
-        D1 = _forward_rows(X, W1, b1, W2, b2, Y, None, Z2, losses, predicted, workspace, stream)
+        net = (X, W1, b1, W2, b2, Y)
+        D1 = _forward_rows(*net, None, Z2, losses, predicted, workspace, stream, True)
         _gemm(D1, W1, True, n_rows, 1, n_hidden, X, eps, x_min, x_max, sign, out, stream)
         return
     threads = THREADS_PER_BLOCK
@@ -358,7 +361,92 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted, *, stream=0, wor
     if X.shape[0] == 0:
         return
     workspace = Workspace() if workspace is None else workspace
-    _forward_rows(X, W1, b1, W2, b2, Y, A, P, losses, predicted, workspace, stream)
+    _forward_rows(X, W1, b1, W2, b2, Y, A, P, losses, predicted, workspace, stream, False)
+
+
+def parameter_gradient_into(
+    X,
+    W1,
+    b1,
+    W2,
+    b2,
+    Y,
+    clean_weight,
+    adv_weight,
+    eps,
+    x_min,
+    x_max,
+    dW1,
+    db1,
+    dW2,
+    db2,
+    *,
+    stream=0,
+    workspace=None,
+):
+    """Gradients of the (adversarial) training loss with respect to W1, b1, W2, b2, added in.
+
+    The twin of ``cpu.parameter_gradient_into``: the loss is ``clean_weight * sum_n J(X_n,
+    Y_n) + adv_weight * sum_n J(X'_n, Y_n)``, X' = clip(X + eps * sign(dJ/dX), x_min, x_max)
+    held fixed; ``adv_weight = 0`` skips the adversarial pass. A pass is the hidden product
+    and ``rows_kernel`` (D1 and P - Y), ``hidden_activations``, four launches of
+    ``add_weighted_products`` (X^T D1, A^T (P - Y) and the two column sums); the clean pass
+    of an adversarial gradient also takes the back-product with the FGSM step in its
+    epilogue, into a scratch X'.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64 device array
+    W1, b1, W2, b2 : the network, device arrays of X's dtype
+    Y : (N, C) device array of X's dtype, one-hot or soft labels; or 0 rows for the
+        predictions
+    clean_weight, adv_weight : float, weights of the clean and the adversarial loss
+    eps : float, L-inf radius of the adversarial rows
+    x_min, x_max : float, their clip range
+    dW1 (d, H), db1 (H,), dW2 (H, C), db2 (C,) : device arrays of X's dtype; the gradients
+        are *added* to them
+    stream : numba stream the kernels are queued on (default: the default stream)
+    workspace : Workspace for scratch buffers; None allocates fresh ones
+    """
+    arrays = map(as_device, (X, W1, b1, W2, b2, Y, dW1, db1, dW2, db2))
+    X, W1, b1, W2, b2, Y, dW1, db1, dW2, db2 = arrays
+    if X.shape[0] == 0:
+        return
+    workspace = Workspace() if workspace is None else workspace
+    network, gradient = (W1, b1, W2, b2), (dW1, db1, dW2, db2)
+    step = (float(eps), float(x_min), float(x_max))
+    X_adv = workspace.array("train_X_adv", X.shape, X.dtype) if adv_weight != 0.0 else None
+    scratch = (gradient, workspace, stream)
+    _parameter_pass(X, *network, Y, float(clean_weight), step, X_adv, *scratch)
+    if X_adv is not None:
+        _parameter_pass(X_adv, *network, Y, float(adv_weight), step, None, *scratch)
+
+
+def _parameter_pass(X, W1, b1, W2, b2, Y, weight, step, X_adv, gradient, workspace, stream):
+    """Queue the addition of ``weight`` times the parameter gradients of the rows' summed
+    loss to ``gradient`` (dW1, db1, dW2, db2); with ``X_adv``, also the FGSM step of the rows,
+    ``step`` = (eps, x_min, x_max), into it."""
+    n_rows = X.shape[0]
+    n_hidden, n_classes = W2.shape
+    threads = THREADS_PER_BLOCK
+    losses = workspace.array("losses", (n_rows,), X.dtype)
+    predicted = workspace.array("train_predicted", (n_rows,), np.int64)
+    D2 = workspace.array("Z2", (n_rows, n_classes), X.dtype)
+    D1 = workspace.array("train_D1", (n_rows, n_hidden), X.dtype)
+    Z1 = _forward_rows(X, W1, b1, W2, b2, Y, D1, D2, losses, predicted, workspace, stream, True)
+    A = workspace.array("train_A", (n_rows, n_hidden), X.dtype)
+    launch(hidden_activations, _flat_grid(A.size), threads, stream, Z1, b1, A)
+    if X_adv is not None:
+        _gemm(D1, W1, True, n_rows, 1, n_hidden, X, *step, True, X_adv, stream)
+    dW1, db1, dW2, db2 = gradient
+    for left, right, use_left, out in (
+        (X, D1, True, dW1),
+        (D1, D1, False, db1.reshape(1, n_hidden)),
+        (A, D2, True, dW2),
+        (D2, D2, False, db2.reshape(1, n_classes)),
+    ):
+        grid = _flat_grid(out.size)
+        launch(add_weighted_products, grid, threads, stream, left, right, weight, use_left, out)
 
 
 def iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum, *, stream=0):

@@ -1,0 +1,213 @@
+"""``advgrad.backend`` and ``advgrad.backend_common``: the CPU backend's bound, training and
+optimiser methods against the kernels they wrap, and where the shared names live.
+
+The CUDA twins of these methods are compared with these in tests/test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference
+from conftest import one_hot, random_network
+
+import advgrad
+from advgrad import backend, backend_common, cuda_backend
+from advgrad.backend import CpuBackend
+from advgrad.cuda_backend import CudaBackend
+from advgrad.kernels import cpu
+from advgrad.model import Model
+
+N_ROWS = cpu.ROWS_PER_BLOCK + 37  # two row blocks, run in parallel
+LINE_STEPS = 20
+
+
+def assert_bitwise_equal(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.dtype == expected.dtype
+    assert actual.shape == expected.shape
+    assert actual.tobytes() == expected.tobytes()
+
+
+def bound_problem(dtype=np.float32, n_rows=N_ROWS, seed=3):
+    """A model of ``dtype``, rows in [0, 1] (one a little outside), their predicted classes
+    and radii (the first 0)."""
+    rng = np.random.default_rng(seed)
+    model = Model(*random_network(rng, 7, 6, 3, dtype, scale=3.0))
+    X = rng.random((n_rows, 7))
+    X[1, 2] = 1.02  # outside the clip box: the L2 ball is not used there
+    classes = reference.forward(X, model.W1, model.b1, model.W2, model.b2)[1].argmax(axis=1)
+    eps = rng.random(n_rows) * 0.1
+    eps[0] = 0.0
+    return model, X, classes.astype(np.int64), eps
+
+
+def float64_network(model):
+    return [np.asarray(w, dtype=np.float64) for w in (model.W1, model.b1, model.W2, model.b2)]
+
+
+def test_public_names_stay_where_users_import_them():
+    from advgrad.backend import (  # noqa: F401
+        WORKSPACE_BYTES,
+        blas_threads,
+        check_workspace,
+        get_backend,
+        output_rows,
+        step_slices,
+    )
+    from advgrad.cuda_backend import cuda_available, shared_backend  # noqa: F401
+
+    assert backend.output_rows is backend_common.output_rows
+    assert backend.check_workspace is backend_common.check_workspace
+    assert backend.WORKSPACE_BYTES == backend_common.WORKSPACE_BYTES == 2**30
+    assert isinstance(backend.get_backend("cpu"), CpuBackend)
+
+
+def module_level_imports(module) -> set[str]:
+    """The modules a module's top level imports (not those inside its functions)."""
+    tree = ast.parse(Path(module.__file__).read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_backends_do_not_import_each_other():
+    """The CUDA backend takes the shared helpers from ``backend_common``, which imports
+    neither backend; ``backend`` imports the CUDA backend only inside ``get_backend``."""
+    assert "advgrad.backend" not in module_level_imports(cuda_backend)
+    assert "advgrad.cuda_backend" not in module_level_imports(backend)
+    shared = module_level_imports(backend_common)
+    assert not shared & {"advgrad.backend", "advgrad.cuda_backend", "numba"}
+    assert {"advgrad.backend_common"} <= module_level_imports(cuda_backend)
+
+
+@pytest.mark.parametrize("p", [np.inf, 2.0])
+@pytest.mark.parametrize("crown", [False, True])
+def test_margin_bounds_are_the_kernel_bitwise(p, crown):
+    model, X, classes, eps = bound_problem()
+    worst = CpuBackend().margin_bounds(model, X, classes, eps, p, 0.0, 1.0, crown, LINE_STEPS)
+    expected = np.empty(len(X))
+    cpu.margin_bounds_into(
+        *(X, classes, eps, p, 0.0, 1.0, *float64_network(model), crown, LINE_STEPS, expected)
+    )
+    assert_bitwise_equal(worst, expected)
+    assert (worst <= reference.worst_margin(X, classes, *float64_network(model))).all()
+    assert (worst[:1] > 0.0).all()  # eps = 0 at the row's own prediction: certified
+
+
+@pytest.mark.parametrize("p", [np.inf, 2.0])
+def test_certified_radius_is_the_kernel_bitwise(p):
+    model, X, classes, _ = bound_problem()
+    grid = np.array([0.0, 0.01, 0.05, 0.2])
+    radius, certified = CpuBackend().certified_radius(
+        model, X, classes, grid, p, 0.0, 1.0, True, LINE_STEPS, 1e-4
+    )
+    expected_radius = np.empty(len(X))
+    expected_certified = np.empty((len(X), len(grid)), dtype=np.bool_)
+    cpu.certified_radius_into(
+        *(X, classes, grid, p, 0.0, 1.0, *float64_network(model), True, LINE_STEPS, 1e-4),
+        *(expected_radius, expected_certified),
+    )
+    assert_bitwise_equal(radius, expected_radius)
+    assert_bitwise_equal(certified, expected_certified)
+    assert (~np.isin(radius, grid)).any()  # some rows are bisected between grid values
+    np.testing.assert_array_equal(certified, radius[:, None] >= grid[None, :])
+
+
+def test_bound_methods_refuse_a_network_past_the_workspace(monkeypatch):
+    model, X, classes, eps = bound_problem(n_rows=3)
+    monkeypatch.setattr(backend_common, "WORKSPACE_BYTES", 1000)
+    message = (
+        r"^certification needs \d+ bytes of scratch per block for this network, more than "
+        r"the 1000 allowed \(advgrad\.backend\.WORKSPACE_BYTES\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        CpuBackend().margin_bounds(model, X, classes, eps, np.inf, 0.0, 1.0, True, LINE_STEPS)
+    with pytest.raises(ValueError, match=message):
+        CpuBackend().certified_radius(
+            model, X, classes, np.array([0.1]), np.inf, 0.0, 1.0, True, LINE_STEPS, 1e-3
+        )
+
+
+def training_problem(dtype, n_rows=N_ROWS, seed=5):
+    rng = np.random.default_rng(seed)
+    network = random_network(rng, 9, 8, 4, dtype, scale=2.0)
+    X = rng.random((n_rows, 9)).astype(dtype)
+    Y = one_hot(rng.integers(0, 4, n_rows), 4, dtype)
+    return network, X, Y
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("adv_weight", [0.0, 0.4])
+def test_parameter_gradient_is_the_kernel_bitwise(dtype, adv_weight):
+    network, X, Y = training_problem(dtype)
+    settings = (0.6, adv_weight, 0.05, 0.0, 1.0)
+    start = [np.full_like(w, 0.25) for w in network]  # the gradient is added to these
+    gradient = [g.copy() for g in start]
+    CpuBackend().parameter_gradient(network, X, Y, *settings, gradient)
+    expected = [g.copy() for g in start]
+    cpu.parameter_gradient_into(X, *network, Y, *settings, *expected)
+    for actual, wanted in zip(gradient, expected, strict=True):
+        assert_bitwise_equal(actual, wanted)
+
+
+def test_parameter_gradient_matches_the_reference_and_finite_differences():
+    """The clean gradient is the reference's; with the FGSM pass, a central difference of
+    the whole objective (X' held fixed where no sign of dJ/dX flips, as here)."""
+    network, X, Y = training_problem(np.float64, n_rows=6)
+    gradient = [np.zeros_like(w) for w in network]
+    CpuBackend().parameter_gradient(network, X, Y, 1.0, 0.0, 0.0, 0.0, 1.0, gradient)
+    for actual, wanted in zip(gradient, reference.parameter_gradient(X, *network, Y), strict=True):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-12, atol=1e-12)
+
+    eps, x_min, x_max = 0.05, 0.0, 1.0
+
+    def objective(weights):
+        G = reference.input_gradient(X, *weights, Y)
+        assert np.abs(G).min() > 1e-9 * np.abs(G).max()  # no sign within rounding of 0
+        X_adv = np.clip(X + eps * np.sign(G), x_min, x_max)
+        clean, adversarial = reference.loss(X, *weights, Y), reference.loss(X_adv, *weights, Y)
+        return 0.7 * clean.sum() + 0.3 * adversarial.sum()
+
+    gradient = [np.zeros_like(w) for w in network]
+    CpuBackend().parameter_gradient(network, X, Y, 0.7, 0.3, eps, x_min, x_max, gradient)
+    h = 1e-6
+    for which, (weights, grad) in enumerate(zip(network, gradient, strict=True)):
+        for index in [(0,) * weights.ndim, tuple(s - 1 for s in weights.shape)]:
+            shifted = [[w.copy() for w in network] for _ in range(2)]
+            shifted[0][which][index] += h
+            shifted[1][which][index] -= h
+            difference = (objective(shifted[0]) - objective(shifted[1])) / (2 * h)
+            np.testing.assert_allclose(grad[index], difference, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend_type", [CpuBackend, CudaBackend])
+def test_optimiser_updates_are_the_kernels_bitwise(backend_type):
+    """Both backends update host parameters with the CPU kernels (no GPU needed)."""
+    rng = np.random.default_rng(7)
+    theta, grad, m, v = (rng.normal(size=50) for _ in range(4))
+    v = np.abs(v)
+    ours, theirs = [a.copy() for a in (theta, m, v)], [a.copy() for a in (theta, m, v)]
+    adam = (3, 0.01, 0.9, 0.999, 1e-8, 0.1, 30)
+    backend_type.adam_update(ours[0], grad, ours[1], ours[2], *adam)
+    cpu.adam_update(theirs[0], grad, theirs[1], theirs[2], *adam)
+    for actual, wanted in zip(ours, theirs, strict=True):
+        assert_bitwise_equal(actual, wanted)
+    assert not np.array_equal(ours[0], theta)
+    ours, theirs = [a.copy() for a in (theta, m)], [a.copy() for a in (theta, m)]
+    backend_type.momentum_update(ours[0], grad, ours[1], 0.01, 0.9, 0.1, 30)
+    cpu.momentum_update(theirs[0], grad, theirs[1], 0.01, 0.9, 0.1, 30)
+    for actual, wanted in zip(ours, theirs, strict=True):
+        assert_bitwise_equal(actual, wanted)
+
+
+def test_get_backend_refuses_an_unknown_device():
+    expected = r"^unknown device 'tpu'; expected one of cpu, cuda, auto$"
+    with pytest.raises(ValueError, match=expected):
+        advgrad.backend.get_backend("tpu")
