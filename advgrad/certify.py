@@ -32,11 +32,9 @@ the smallest adversarial eps that ``advgrad.attacks.minimal_eps`` finds with it.
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -48,20 +46,11 @@ from advgrad.attacks import (
     check_search,
     label_matrix,
     minimal_eps,
+    norm_order,
     perturb,
 )
-from advgrad.backend import blas_threads, check_workspace, get_backend
-from advgrad.batch import (
-    NonFiniteResult,
-    clip_range,
-    open_for_model,
-    perturbation_norms,
-    provenance,
-    rows_per_block,
-)
-from advgrad.io import AdversarialWriter
-from advgrad.kernels import cpu
-from advgrad.model import MAX_WEIGHTS, Model
+from advgrad.backend import bound_workspace_bytes, check_workspace, get_backend
+from advgrad.model import Model
 
 NORMS = ("inf", "2")
 METHODS = ("crown", "ibp")
@@ -108,7 +97,6 @@ class CertifyResult:
     robust : (N, E) bool or None, classified correctly and no adversarial example found
         within eps (empirical robustness, an upper bound of the true robust accuracy)
     certify_seconds, attack_seconds : time spent on bounds and on attacks
-    output : the file written by ``certify_file``, else None
     label_source : "labels" (given or the dataset's /y) or "predictions"
 
     The fractions and the time per row are None for 0 rows (one None per eps).
@@ -129,7 +117,6 @@ class CertifyResult:
     robust: np.ndarray | None = None
     certify_seconds: float = 0.0
     attack_seconds: float = 0.0
-    output: Path | None = None
     label_source: str = "labels"
 
     @property
@@ -171,22 +158,30 @@ class CertifyResult:
 
     def bracket(self) -> Bracket | None:
         """Medians of the per-row brackets (None without attack or correct rows)."""
-        correct = self.predicted == self.labels
-        if self.attack_eps is None or not correct.any():
+        if self.attack_eps is None:
             return None
-        lower = self.radius[correct]
-        upper = self.attack_eps[correct]
-        gap = upper - lower
-        return Bracket(
-            rows=int(correct.sum()),
-            median_lower=float(np.quantile(lower, 0.5, method="lower")),
-            median_upper=float(np.quantile(upper, 0.5, method="lower")),
-            median_gap=float(np.quantile(gap, 0.5, method="lower")),
-            found=float(np.isfinite(upper).mean()),
-        )
+        return bracket_of(self.radius, self.attack_eps, self.predicted == self.labels)
 
 
-def _check_norm(norm) -> str:
+def bracket_of(radius: np.ndarray, attack_eps: np.ndarray, correct: np.ndarray) -> Bracket | None:
+    """Medians of the brackets [radius, attack_eps] (N,) float64 of the rows where
+    ``correct`` (N,) bool; None when no row is."""
+    if not correct.any():
+        return None
+    lower = radius[correct]
+    upper = attack_eps[correct]
+    gap = upper - lower
+    return Bracket(
+        rows=int(correct.sum()),
+        median_lower=float(np.quantile(lower, 0.5, method="lower")),
+        median_upper=float(np.quantile(upper, 0.5, method="lower")),
+        median_gap=float(np.quantile(gap, 0.5, method="lower")),
+        found=float(np.isfinite(upper).mean()),
+    )
+
+
+def check_norm(norm) -> str:
+    """``norm`` as "inf" or "2"; ValueError for any other."""
     norm = str(norm).removesuffix(".0")
     if norm not in NORMS:
         raise ValueError(f"certification supports the norms {' and '.join(NORMS)}, got {norm!r}")
@@ -216,38 +211,9 @@ def default_eps_max(norm: str, clip: tuple[float, float], n_inputs: int, eps_val
     return 4.0 * max(eps_values, default=0.0) or 1.0
 
 
-def bound_workspace_bytes(model: Model) -> int:
-    """Bytes of scratch one block of the bound kernels needs: ``cpu.bound_workspace`` for
-    ``cpu.ROWS_PER_BLOCK`` rows, float64 (CROWN keeps C x (H + d) coefficients per row)."""
-    d, H, C = model.n_inputs, model.n_hidden, model.n_classes
-    return cpu.ROWS_PER_BLOCK * 8 * (2 * d + 9 * H + C * (H + d) + 3 * C + 1)
-
-
-def _kernel_arguments(model: Model, rows: np.ndarray, classes: np.ndarray, norm: str):
-    """Rows, classes, the network (all float64) and p, as the bound kernels take them;
-    refuses a network whose bound scratch exceeds ``WORKSPACE_BYTES``."""
-    check_workspace("certification", bound_workspace_bytes(model))
-    network = (model.W1, model.b1, model.W2, model.b2)
-    return (
-        np.ascontiguousarray(rows, dtype=np.float64),
-        np.ascontiguousarray(classes, dtype=np.int64),
-        tuple(np.ascontiguousarray(a, dtype=np.float64) for a in network),
-        np.inf if norm == "inf" else 2.0,
-    )
-
-
-def _run(kernel, n_rows: int, *args) -> None:
-    # np.dot inside prange needs a single-threaded BLAS (see advgrad.backend.blas_threads)
-    if n_rows > cpu.ROWS_PER_BLOCK:
-        with blas_threads(1):
-            kernel(*args)
-    else:
-        kernel(*args)
-
-
-def _classes(model: Model, rows: np.ndarray, y) -> np.ndarray:
+def _classes(model: Model, rows: np.ndarray, y, backend) -> np.ndarray:
     if y is None:
-        return get_backend().forward(model, rows, label_matrix(model, None, len(rows)))[2]
+        return backend.forward(model, rows, label_matrix(model, None, len(rows)))[2]
     return np.argmax(label_matrix(model, y, len(rows)), axis=1).astype(np.int64)
 
 
@@ -260,6 +226,7 @@ def margin_bounds(
     norm="inf",
     method: str = "crown",
     clip: tuple[float, float] | None = (0.0, 1.0),
+    device: str = "cpu",
 ) -> np.ndarray:
     """Certified lower bounds of each row's worst class margin over its eps-region.
 
@@ -272,59 +239,31 @@ def margin_bounds(
     norm : "inf" or "2"
     method : "crown" or "ibp"
     clip : (x_min, x_max) or None
+    device : "cpu", "cuda" or "auto" (``advgrad.backend.get_backend``)
 
     Returns
     -------
     (N,) float64: a lower bound of min over k != y of z_y - z_k over the region; > 0 proves
     that every input of the region is classified as y.
     """
-    norm = _check_norm(norm)
+    norm = check_norm(norm)
     _, clip = _check_options(method, (), 1.0, clip)
     rows = as_rows(model, X)
     radius = np.ascontiguousarray(np.broadcast_to(np.asarray(eps, np.float64), len(rows)))
     if not (np.isfinite(radius).all() and (radius >= 0).all()):
         raise ValueError("eps must be finite and >= 0")
-    X64, classes, network, p = _kernel_arguments(model, rows, _classes(model, rows, y), norm)
-    worst = np.empty(len(rows))
-    _run(
-        cpu.margin_bounds_into,
-        len(rows),
-        *(X64, classes, radius, p, *clip, *network, method == "crown", LINE_STEPS, worst),
+    backend = get_backend(device)
+    classes = _classes(model, rows, y, backend)
+    crown = method == "crown"
+    return backend.margin_bounds(
+        model, rows, classes, radius, norm_order(norm), *clip, crown, LINE_STEPS
     )
-    return worst
-
-
-def certified_radius(
-    model: Model,
-    rows: np.ndarray,
-    classes: np.ndarray,
-    *,
-    norm: str,
-    eps_grid: Sequence[float],
-    method: str,
-    tolerance: float,
-    clip: tuple[float, float],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Certified radius (N,) float64 and certificates (N, E) bool at ``eps_grid``.
-
-    ``rows`` (N, d) and ``classes`` (N,) int64 are prepared; ``eps_grid`` ascending, its
-    largest value the top of the search (see ``cpu.certified_radius_into``).
-    """
-    X64, labels, network, p = _kernel_arguments(model, rows, classes, norm)
-    grid = np.ascontiguousarray(eps_grid, dtype=np.float64)
-    radius = np.empty(len(rows))
-    certified = np.empty((len(rows), len(grid)), dtype=np.bool_)
-    _run(
-        cpu.certified_radius_into,
-        len(rows),
-        *(X64, labels, grid, p, *clip, *network, method == "crown", LINE_STEPS, tolerance),
-        *(radius, certified),
-    )
-    return radius, certified
 
 
 @dataclass(frozen=True)
-class _Settings:
+class CertifySettings:
+    """Checked settings of a certification (``certify_settings``)."""
+
     norm: str
     method: str
     eps_values: tuple[float, ...]
@@ -332,10 +271,13 @@ class _Settings:
     tolerance: float
     clip: tuple[float, float]
     attack: Attack | None
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
-class _BlockResult:
+class CertifiedRows:
+    """Per-row results of ``certify_rows`` on a block of rows."""
+
     classes: np.ndarray
     predicted: np.ndarray
     radius: np.ndarray
@@ -348,26 +290,25 @@ class _BlockResult:
     attack_seconds: float
 
 
-def _certify_block(model: Model, rows, y, settings: _Settings, first_row: int) -> _BlockResult:
-    backend = get_backend()
+def certify_rows(
+    model: Model, rows, y, settings: CertifySettings, first_row: int, *, out=None
+) -> CertifiedRows:
+    """Certify prepared rows (m, d) against y (None: the predictions), and run the attack
+    of ``settings`` on them (its examples at the largest eps written into ``out`` (m, d)
+    when given); ``first_row`` is the absolute index of the first row (seeds the attack)."""
+    backend = get_backend(settings.device)
     predicted = backend.forward(model, rows, label_matrix(model, None, len(rows)))[2]
-    classes = predicted if y is None else _classes(model, rows, y)
+    classes = predicted if y is None else _classes(model, rows, y, backend)
     grid = sorted({*settings.eps_values, settings.eps_max})
     started = time.perf_counter()
-    radius, certified = certified_radius(
-        model,
-        rows,
-        classes,
-        norm=settings.norm,
-        eps_grid=grid,
-        method=settings.method,
-        tolerance=settings.tolerance,
-        clip=settings.clip,
+    radius, certified = backend.certified_radius(
+        *(model, rows, classes, grid, norm_order(settings.norm), *settings.clip),
+        *(settings.method == "crown", LINE_STEPS, settings.tolerance),
     )
     certify_seconds = time.perf_counter() - started
     certified = certified[:, [grid.index(e) for e in settings.eps_values]]
     if settings.attack is None:
-        return _BlockResult(
+        return CertifiedRows(
             classes, predicted, radius, certified, None, None, None, None, certify_seconds, 0.0
         )
     started = time.perf_counter()
@@ -385,6 +326,7 @@ def _certify_block(model: Model, rows, y, settings: _Settings, first_row: int) -
             eps=eps,
             first_row=first_row,
             backend=backend,
+            out=out,
         )
         predicted_adv = backend.forward(model, X_adv, labels.Y[:0])[2]
         hits[:, column] = predicted_adv != classes
@@ -404,7 +346,7 @@ def _certify_block(model: Model, rows, y, settings: _Settings, first_row: int) -
     found_at = np.where(hits, values[None, :], np.inf).min(axis=1, initial=np.inf)
     attack_eps = np.minimum(attack_eps, found_at)
     robust = ~hits & (attack_eps[:, None] > values[None, :]) & (predicted == classes)[:, None]
-    return _BlockResult(
+    return CertifiedRows(
         classes,
         predicted,
         radius,
@@ -418,10 +360,14 @@ def _certify_block(model: Model, rows, y, settings: _Settings, first_row: int) -
     )
 
 
-def _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack) -> _Settings:
+def certify_settings(
+    model, norm, eps_values, method, tolerance, clip, eps_max, attack, device="cpu"
+) -> CertifySettings:
     """The checked settings; every radius finite in the model's dtype and a tolerance that
-    the bisections reach (``check_search``), so every search ends."""
-    norm = _check_norm(norm)
+    the bisections reach (``check_search``), so every search ends; ``device`` usable
+    (``advgrad.backend.get_backend``)."""
+    get_backend(device)
+    norm = check_norm(norm)
     check_workspace("certification", bound_workspace_bytes(model))
     eps_values, clip = _check_options(method, eps_values, tolerance, clip)
     if not eps_values:
@@ -438,11 +384,11 @@ def _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
             raise ValueError(f"the empirical side runs pgd, got {attack.method!r}")
         for eps in (*eps_values, eps_max):
             replace(attack, norm=norm, eps=eps, target=None).check_range(model.dtype)
-    return _Settings(norm, method, eps_values, eps_max, tolerance, clip, attack)
+    return CertifySettings(norm, method, eps_values, eps_max, tolerance, clip, attack, device)
 
 
 def _combine(
-    parts: Sequence[_BlockResult], settings: _Settings, label_source: str, output=None
+    parts: Sequence[CertifiedRows], settings: CertifySettings, label_source: str
 ) -> CertifyResult:
     def joined(name, shape):
         values = [getattr(part, name) for part in parts]
@@ -467,7 +413,6 @@ def _combine(
         robust=None if settings.attack is None else joined("robust", (0, E)).astype(bool),
         certify_seconds=sum(part.certify_seconds for part in parts),
         attack_seconds=sum(part.attack_seconds for part in parts),
-        output=output,
         label_source=label_source,
     )
 
@@ -485,6 +430,7 @@ def certify(
     eps_max: float | None = None,
     attack: Attack | None = None,
     first_row: int = 0,
+    device: str = "cpu",
 ) -> CertifyResult:
     """Certified radii and accuracies of X, optionally next to an attack's.
 
@@ -503,109 +449,16 @@ def certify(
     attack : None, or a pgd ``Attack`` (e.g. ``DEFAULT_ATTACK``; its eps, norm and target
         are ignored) run at every eps and bisected for each row's minimal adversarial eps
     first_row : absolute index of X's first row (seeds the attack's random starts)
+    device : "cpu", "cuda" or "auto" (``advgrad.backend.get_backend``)
+    device : "cpu", "cuda" or "auto" (``advgrad.backend.get_backend``)
 
     Returns
     -------
     CertifyResult
     """
-    settings = _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
+    settings = certify_settings(
+        model, norm, eps_values, method, tolerance, clip, eps_max, attack, device
+    )
     rows = as_rows(model, X)
-    part = _certify_block(model, rows, y, settings, first_row)
+    part = certify_rows(model, rows, y, settings, first_row)
     return _combine([part], settings, "predictions" if y is None else "labels")
-
-
-def default_output_name(data_path: str | os.PathLike, norm: str) -> Path:
-    """``<data stem>-certify-l<norm>.h5`` in the current folder."""
-    return Path(f"{Path(data_path).stem}-certify-l{_check_norm(norm)}.h5")
-
-
-def certify_file(
-    model_path: str | os.PathLike,
-    data_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    norm="inf",
-    eps_values: Sequence[float] = DEFAULT_EPS,
-    method: str = "crown",
-    tolerance: float = DEFAULT_TOLERANCE,
-    clip: tuple[float, float] | None = None,
-    eps_max: float | None = None,
-    attack: Attack = DEFAULT_ATTACK,
-    use_labels: bool = True,
-    batch_size: int = 8192,
-    overwrite: bool = False,
-    max_weights: int = MAX_WEIGHTS,
-    progress: Callable[[int, int], None] | None = None,
-) -> CertifyResult:
-    """Certify every row of a dataset file and write the per-row results.
-
-    Rows stream in blocks of ``rows_per_block(batch_size, model)``. ``clip`` defaults to the
-    dataset's (else the model's) x_min/x_max, else none; labels are the dataset's ``/y``
-    (``use_labels``, when it has one) or the clean predictions. The output is written
-    crash-safely as an adversarial dataset (DESIGN.md section 3): ``/X`` holds the attack's
-    examples at the largest eps with ``/pred_clean``, ``/pred_adv`` and ``/y``, and the
-    columns ``/radius`` (N,) (certified radius) and ``/attack_eps`` (N,) (smallest
-    adversarial eps found, inf: none up to eps_max), so that a row is certified at eps > 0
-    exactly when its radius is >= eps; the settings are root attributes. ``max_weights``
-    bounds the model (``open_for_model``); ``progress(rows_done, n_rows)`` is called after
-    each block.
-    """
-    if attack is None:
-        raise ValueError("certify_file needs the attack whose examples it writes as /X")
-    with open_for_model(model_path, data_path, max_weights=max_weights) as (model, reader):
-        block = rows_per_block(batch_size, model)
-        labelled = use_labels and reader.has_labels
-        clip = clip_range(clip, reader, model)
-        settings = _settings(model, norm, eps_values, method, tolerance, clip, eps_max, attack)
-        attrs = {
-            "certify_method": settings.method,
-            "norm": settings.norm,
-            "eps": np.asarray(settings.eps_values),
-            "eps_max": settings.eps_max,
-            "tolerance": settings.tolerance,
-            "x_min": clip[0] if math.isfinite(clip[0]) else None,
-            "x_max": clip[1] if math.isfinite(clip[1]) else None,
-            "labels": "labels" if labelled else "predictions",
-            "attack": attack.method,
-            "attack_eps": max(settings.eps_values),  # the eps of /X
-            "steps": attack.steps,
-            "restarts": attack.restarts,
-            "step_size_ratio": attack.alpha / attack.eps if attack.eps > 0 else None,
-            "seed": attack.seed,
-            "targeted": False,
-            **provenance(model_path, data_path),
-        }
-        parts = []
-        with AdversarialWriter(
-            out_path,
-            n_rows=reader.n_rows,
-            row_shape=reader.row_shape,
-            dtype=reader.dtype,
-            y_template=reader.y_template,
-            attrs=attrs,
-            rows_per_chunk=min(block, max(reader.n_rows, 1)),
-            overwrite=overwrite,
-            inputs=(model_path, data_path),
-            columns={"radius": np.float64, "attack_eps": np.float64},
-        ) as writer:
-            for start, X, y in reader.chunks(block):
-                rows = np.ascontiguousarray(X.reshape(len(X), -1))
-                part = _certify_block(model, rows, y if labelled else None, settings, start)
-                try:
-                    perturbation_norms(part.X_adv, rows, start, out_path)
-                except NonFiniteResult:
-                    writer.discard()
-                    raise
-                writer.write(
-                    start,
-                    part.X_adv.reshape(X.shape),
-                    y,
-                    part.predicted,
-                    part.predicted_adv,
-                    radius=part.radius,
-                    attack_eps=part.attack_eps,
-                )
-                parts.append(replace(part, X_adv=None, predicted_adv=None))  # rows written
-                if progress is not None:
-                    progress(start + len(rows), reader.n_rows)
-    return _combine(parts, settings, attrs["labels"], Path(out_path))

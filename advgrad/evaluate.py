@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,9 +23,7 @@ from advgrad.attacks import (
     quartiles,
 )
 from advgrad.backend import get_backend
-from advgrad.batch import clip_range, open_for_model, rows_per_block
-from advgrad.errors import InputFileError
-from advgrad.model import MAX_WEIGHTS, Model
+from advgrad.model import Model
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
@@ -89,35 +87,24 @@ class Evaluation:
         return json.dumps(clean(asdict(self)), indent=2)
 
 
-class _Tally:
-    """Running counts of one (method, eps) over blocks of rows."""
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """Checked settings of an evaluation (``evaluation_settings``): the methods, the
+    ascending eps values, the attack whose other parameters every method runs with, the
+    clip range, the labels used, and the minimal-eps search of the ``searched`` methods."""
 
-    def __init__(self) -> None:
-        self.correct = 0
-        self.wrong = 0
-        self.wrong_confidence = 0.0
-
-    def add(self, right: np.ndarray, probabilities: np.ndarray | None) -> None:
-        """Count a block: ``right`` per row; ``probabilities`` (N, C) of the rows, or None."""
-        self.correct += int(right.sum())
-        self.wrong += int((~right).sum())
-        if probabilities is not None:
-            self.wrong_confidence += float(probabilities[~right].max(axis=1, initial=0.0).sum())
-
-    def point(self, method: str, eps: float, n_rows: int) -> CurvePoint:
-        has_confidence = self.wrong and method != "deepfool"
-        confidence = self.wrong_confidence / self.wrong if has_confidence else None
-        return CurvePoint(method, eps, _fraction(self.correct, n_rows), confidence)
+    methods: tuple[str, ...]
+    eps_values: tuple[float, ...]
+    attack: Attack
+    clip: tuple[float, float]
+    use_labels: bool
+    searched: tuple[str, ...]
+    eps_max: float
+    tolerance: float
 
 
-def _fraction(count: float, n_rows: int) -> float | None:
-    """count / n_rows, or None for 0 rows."""
-    return count / n_rows if n_rows else None
-
-
-def evaluate_blocks(
+def evaluation_settings(
     model: Model,
-    blocks,
     *,
     methods: Sequence[str] = ("fgsm",),
     eps_values: Sequence[float] = DEFAULT_EPS,
@@ -126,17 +113,8 @@ def evaluate_blocks(
     use_labels: bool = True,
     min_eps_tolerance: float | None = 1e-3,
     eps_max: float | None = None,
-    backend=None,
-    progress: Callable[[int], None] | None = None,
-) -> Evaluation:
-    """Evaluate over an iterable of ``(first_row, X, y)`` blocks (y: int or soft labels).
-
-    Every method in ``methods`` runs with the other parameters of ``attack`` (norm,
-    steps, restarts, seed...) at every eps, against the labels (``use_labels``) or the
-    clean predictions. DeepFool takes no eps: a row counts as robust at eps when it is
-    classified correctly and DeepFool fails or needs a perturbation larger than eps. The
-    minimal eps of each method is bisected in [0, eps_max] (default: the largest eps) to
-    ``min_eps_tolerance`` (None: skipped, except for DeepFool, which needs it).
+) -> EvaluationSettings:
+    """The settings of ``evaluate``, checked (see there).
 
     Raises
     ------
@@ -144,8 +122,7 @@ def evaluate_blocks(
         An eps or step size that is negative or not finite in the model's dtype; an eps_max
         or tolerance that a bisection cannot reach (``check_search``).
     """
-    backend = backend or get_backend()
-    eps_values = sorted({check_radius("eps", e, model.dtype) for e in eps_values})
+    eps_values = tuple(sorted({check_radius("eps", e, model.dtype) for e in eps_values}))
     if not eps_values:
         raise ValueError("give at least one eps value")
     for eps in eps_values:
@@ -153,106 +130,149 @@ def evaluate_blocks(
             replace(attack, method=method, eps=eps).check_range(model.dtype)
     eps_max = eps_max if eps_max is not None else max(eps_values)
     tolerance = min_eps_tolerance if min_eps_tolerance is not None else 1e-3
-    searched = [m for m in methods if m == "deepfool" or min_eps_tolerance is not None]
+    searched = tuple(m for m in methods if m == "deepfool" or min_eps_tolerance is not None)
     if searched:
         eps_max, tolerance = check_search(
             eps_max, tolerance, model.dtype, names=("eps_max", "min_eps_tolerance (--min-eps)")
         )
-    tallies = {(method, eps): _Tally() for method in methods for eps in eps_values}
-    minimal = {method: [] for method in searched}
+    clip = (float(clip[0]), float(clip[1]))
+    return EvaluationSettings(
+        tuple(methods), eps_values, attack, clip, use_labels, searched, eps_max, tolerance
+    )
+
+
+@dataclass(frozen=True)
+class EvaluatedRows:
+    """What ``evaluate_rows`` found on a block of rows: its clean correct count; per
+    (method, eps), the rows classified correctly under attack, the rows not, and the sum
+    over the latter of the probability of their (wrong) prediction; per searched method,
+    the rows' minimal eps (m,) float64."""
+
+    n_rows: int
+    clean_correct: int
+    tallies: dict[tuple[str, float], tuple[int, int, float]]
+    minimal: dict[str, np.ndarray]
+
+
+def evaluate_rows(
+    model: Model, rows: np.ndarray, y, settings: EvaluationSettings, first_row: int, backend
+) -> EvaluatedRows:
+    """Evaluate prepared rows (m, d) with labels y (m,) int or (m, C) soft; ``first_row``
+    is the absolute index of the first row (seeds random starts and targets)."""
+    classes = y if y.ndim == 1 else np.argmax(y, axis=1)
     no_labels = np.zeros((0, model.n_classes), dtype=model.dtype)
-    n_rows = clean_correct = 0
-    for first_row, X, y in blocks:
-        rows = as_rows(model, X)
-        classes = y if y.ndim == 1 else np.argmax(y, axis=1)
-        clean_right = backend.forward(model, rows, no_labels)[2] == classes
-        clean_correct += int(clean_right.sum())
-        for method in methods:
-            config = replace(attack, method=method)
-            labels = attack_labels(
-                model, rows, y if use_labels else None, config, first_row, backend
-            )
-            if method in minimal:
-                minimal[method].append(
-                    minimal_eps(
-                        model,
-                        rows,
-                        labels,
-                        config,
-                        clip,
-                        eps_max=eps_max,
-                        tolerance=tolerance,
-                        first_row=first_row,
-                        backend=backend,
-                    )
-                )
-            for eps in eps_values:
-                if method == "deepfool":
-                    tallies[method, eps].add(clean_right & (minimal[method][-1] > eps), None)
-                    continue
-                X_adv = perturb(
-                    model,
-                    rows,
-                    labels,
-                    replace(config, eps=eps),
-                    clip,
-                    first_row=first_row,
-                    backend=backend,
-                )
-                probabilities, _, predicted = backend.forward(model, X_adv, no_labels)
-                tallies[method, eps].add(predicted == classes, probabilities)
-        n_rows += len(rows)
-        if progress is not None:
-            progress(n_rows)
-    summaries = []
-    for method, parts in minimal.items():
-        values = np.concatenate(parts) if parts else np.empty(0)
-        summaries.append(
-            MinimalEpsSummary(
-                method,
-                *(quartiles(values) or (None, None, None)),
-                _fraction(int(np.isfinite(values).sum()), n_rows),
-                eps_max,
-                tolerance,
-            )
+    clean_right = backend.forward(model, rows, no_labels)[2] == classes
+    tallies, minimal = {}, {}
+    for method in settings.methods:
+        config = replace(settings.attack, method=method)
+        labels = attack_labels(
+            model, rows, y if settings.use_labels else None, config, first_row, backend
         )
-    points = tuple(tallies[key].point(*key, n_rows) for key in tallies)
-    clean_accuracy = _fraction(clean_correct, n_rows)
-    return Evaluation(n_rows, attack.norm, clean_accuracy, points, tuple(summaries))
+        if method in settings.searched:
+            minimal[method] = minimal_eps(
+                model,
+                rows,
+                labels,
+                config,
+                settings.clip,
+                eps_max=settings.eps_max,
+                tolerance=settings.tolerance,
+                first_row=first_row,
+                backend=backend,
+            )
+        for eps in settings.eps_values:
+            if method == "deepfool":
+                right = clean_right & (minimal[method] > eps)
+                tallies[method, eps] = (int(right.sum()), int((~right).sum()), 0.0)
+                continue
+            X_adv = perturb(
+                model,
+                rows,
+                labels,
+                replace(config, eps=eps),
+                settings.clip,
+                first_row=first_row,
+                backend=backend,
+            )
+            probabilities, _, predicted = backend.forward(model, X_adv, no_labels)
+            right = predicted == classes
+            confidence = float(probabilities[~right].max(axis=1, initial=0.0).sum())
+            tallies[method, eps] = (int(right.sum()), int((~right).sum()), confidence)
+    return EvaluatedRows(len(rows), int(clean_right.sum()), tallies, minimal)
 
 
-def evaluate(model: Model, X, y, **options) -> Evaluation:
-    """Evaluate in memory: X (N, ...), y (N,) int or (N, C) soft labels; see evaluate_blocks."""
-    return evaluate_blocks(model, [(0, np.asarray(X), np.asarray(y))], **options)
+class EvaluationTotals:
+    """Running sums of an evaluation over blocks of rows, in order."""
+
+    def __init__(self, settings: EvaluationSettings) -> None:
+        self.settings = settings
+        self.n_rows = 0
+        self.clean_correct = 0
+        self.tallies = {
+            (method, eps): [0, 0, 0.0] for method in settings.methods for eps in settings.eps_values
+        }
+        self.minimal: dict[str, list[np.ndarray]] = {method: [] for method in settings.searched}
+
+    def add(self, block: EvaluatedRows) -> None:
+        """Count a block's rows (blocks in the order of their rows)."""
+        self.n_rows += block.n_rows
+        self.clean_correct += block.clean_correct
+        for key, (correct, wrong, confidence) in block.tallies.items():
+            tally = self.tallies[key]
+            tally[0] += correct
+            tally[1] += wrong
+            tally[2] += confidence
+        for method, values in block.minimal.items():
+            self.minimal[method].append(values)
+
+    def evaluation(self) -> Evaluation:
+        """The ``Evaluation`` of the rows counted."""
+        settings, n_rows = self.settings, self.n_rows
+        points = []
+        for (method, eps), (correct, wrong, confidence) in self.tallies.items():
+            has_confidence = wrong and method != "deepfool"
+            mean_confidence = confidence / wrong if has_confidence else None
+            points.append(CurvePoint(method, eps, _fraction(correct, n_rows), mean_confidence))
+        summaries = []
+        for method, parts in self.minimal.items():
+            values = np.concatenate(parts) if parts else np.empty(0)
+            summaries.append(
+                MinimalEpsSummary(
+                    method,
+                    *(quartiles(values) or (None, None, None)),
+                    _fraction(int(np.isfinite(values).sum()), n_rows),
+                    settings.eps_max,
+                    settings.tolerance,
+                )
+            )
+        clean_accuracy = _fraction(self.clean_correct, n_rows)
+        return Evaluation(
+            n_rows, settings.attack.norm, clean_accuracy, tuple(points), tuple(summaries)
+        )
 
 
-def evaluate_file(
-    model_path: str | os.PathLike,
-    data_path: str | os.PathLike,
-    *,
-    batch_size: int = 8192,
-    clip: tuple[float, float] | None = None,
-    device: str = "cpu",
-    max_weights: int = MAX_WEIGHTS,
-    **options,
-) -> Evaluation:
-    """Evaluate a model on a labelled dataset file, streaming it in blocks of
-    ``rows_per_block(batch_size, model)`` rows.
+def _fraction(count: float, n_rows: int) -> float | None:
+    """count / n_rows, or None for 0 rows."""
+    return count / n_rows if n_rows else None
 
-    ``clip`` defaults to the dataset's (else the model's) x_min/x_max, else none;
-    ``max_weights`` bounds the model (``open_for_model``); ``options`` as in
-    ``evaluate_blocks``. Computation runs in the dataset's dtype.
+
+def evaluate(model: Model, X, y, *, backend=None, **options) -> Evaluation:
+    """Evaluate a model under attack on rows X (N, ...) with labels y (N,) int or (N, C) soft.
+
+    Every method in ``methods`` runs with the other parameters of ``attack`` (norm,
+    steps, restarts, seed...) at every eps in ``eps_values``, against the labels
+    (``use_labels``) or the clean predictions, clipped to ``clip``. DeepFool takes no eps:
+    a row counts as robust at eps when it is classified correctly and DeepFool fails or
+    needs a perturbation larger than eps. The minimal eps of each method is bisected in
+    [0, eps_max] (default: the largest eps) to ``min_eps_tolerance`` (None: skipped, except
+    for DeepFool, which needs it). ``options`` are those of ``evaluation_settings``;
+    ``backend`` defaults to the CPU's.
     """
-    with open_for_model(model_path, data_path, max_weights=max_weights) as (model, reader):
-        if not reader.has_labels:
-            raise InputFileError(data_path, "/y", "is missing; evaluation needs labels")
-        return evaluate_blocks(
-            model,
-            reader.chunks(rows_per_block(batch_size, model)),
-            clip=clip_range(clip, reader, model),
-            backend=get_backend(device),
-            **options,
-        )
+    settings = evaluation_settings(model, **options)
+    totals = EvaluationTotals(settings)
+    rows, y = as_rows(model, X), np.asarray(y)
+    totals.add(evaluate_rows(model, rows, y, settings, 0, backend or get_backend()))
+    return totals.evaluation()
 
 
 def require_matplotlib():

@@ -7,8 +7,8 @@ The objective of one mini-batch of B rows is the *mean* cross-entropy
         + weight_decay / 2 * (||W1||^2 + ||W2||^2)
 
 with x' = clip(x + eps * sign(dJ/dx)) (FGSM, or PGD from ``advgrad.attacks``); plain training
-is eps = 0 (alpha = 1). Gradients come from ``advgrad.kernels.cpu.parameter_gradient_into``,
-which fuses the FGSM step into the clean backward pass.
+is eps = 0 (alpha = 1). Gradients come from the backend's ``parameter_gradient`` (CPU or
+CUDA), which fuses the FGSM step into the clean backward pass.
 
 Randomness (initial weights, the validation split, the order of the rows in every epoch, PGD
 starts) comes from ``seed`` alone, and the kernels add up their row blocks in a fixed order
@@ -22,8 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -37,12 +36,9 @@ from advgrad.attacks import (
     check_seed,
     label_matrix,
     perturb,
-    predict,
 )
 from advgrad.backend import blas_threads, get_backend
 from advgrad.errors import InputFileError
-from advgrad.io import open_dataset, refuse_clobbering, save_model, sha256_file
-from advgrad.kernels import cpu
 from advgrad.model import FLOAT_DTYPES, MAX_WEIGHTS, Model
 
 OPTIMIZERS = ("adam", "sgd")
@@ -188,9 +184,9 @@ class _Parameters:
         return self.W1, self.b1, self.W2, self.b2
 
 
-def _evaluate(params: _Parameters, rows: np.ndarray, Y: np.ndarray) -> tuple[float, float]:
+def _evaluate(backend, params: _Parameters, rows, Y) -> tuple[float, float]:
     """Mean loss and accuracy of rows (N, d) against labels Y (N, C)."""
-    _, losses, predicted = get_backend().forward(Model(*params.network), rows, Y)
+    _, losses, predicted = backend.forward(Model(*params.network), rows, Y)
     accuracy = float(np.mean(predicted == np.argmax(Y, axis=1)))
     return float(np.mean(losses, dtype=np.float64)), accuracy
 
@@ -263,16 +259,16 @@ def _split(n_rows: int, fraction: float, rng: np.random.Generator):
     return np.sort(order[n_validation:]), np.sort(order[:n_validation])
 
 
-def _batch_gradient(params, grad, X, Y, config: TrainConfig, clip, first_row: int) -> None:
+def _batch_gradient(backend, params, grad, X, Y, config: TrainConfig, clip, first_row: int) -> None:
     """grad = gradient of the batch objective (module docstring) without the weight decay."""
     x_min, x_max = clip
     weight = 1.0 / len(X)
     alpha = config.adv_alpha if config.adversarial else 1.0
     fused = config.adversarial and config.adv_method == "fgsm"
     grad.flat[:] = 0.0
-    cpu.parameter_gradient_into(
-        *(X, *params.network, Y, alpha * weight, (1.0 - alpha) * weight if fused else 0.0),
-        *(config.adv_eps, x_min, x_max, *grad.network),
+    backend.parameter_gradient(
+        *(params.network, X, Y, alpha * weight, (1.0 - alpha) * weight if fused else 0.0),
+        *(config.adv_eps, x_min, x_max, grad.network),
     )
     if config.adversarial and not fused:
         attack = Attack("pgd", eps=config.adv_eps, steps=config.adv_steps, seed=config.seed)
@@ -284,10 +280,11 @@ def _batch_gradient(params, grad, X, Y, config: TrainConfig, clip, first_row: in
             attack,
             clip,
             first_row=first_row,
+            backend=backend,
         )
-        cpu.parameter_gradient_into(
-            *(X_adv, *params.network, Y, (1.0 - alpha) * weight, 0.0),
-            *(0.0, x_min, x_max, *grad.network),
+        backend.parameter_gradient(
+            *(params.network, X_adv, Y, (1.0 - alpha) * weight, 0.0),
+            *(0.0, x_min, x_max, grad.network),
         )
 
 
@@ -300,6 +297,7 @@ def train(
     clip: tuple[float, float] | None = None,
     progress: Callable[[EpochStats], None] | None = None,
     max_weights: int = MAX_WEIGHTS,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train a two-layer sigmoid network on labelled rows, by mini-batches.
 
@@ -319,6 +317,9 @@ def train(
         Called with each epoch's ``EpochStats``.
     max_weights : int
         Most elements of W1 (d x H) and of W2 (H x C) (``network_shape``).
+    device : str
+        "cpu", "cuda" or "auto": where the gradients are computed
+        (``advgrad.backend.get_backend``); the parameters stay in host memory.
 
     Returns
     -------
@@ -335,6 +336,7 @@ def train(
         diverged (non-finite weights).
     """
     started = time.perf_counter()
+    backend = get_backend(device)
     dtype = np.dtype(config.dtype)
     y = np.asarray(y)
     shape = np.shape(X)
@@ -361,6 +363,7 @@ def train(
             for first in range(0, len(training), config.batch_size):
                 batch = np.sort(shuffled[first : first + config.batch_size])
                 _batch_gradient(
+                    backend,
                     params,
                     grad,
                     X_train[batch],
@@ -371,19 +374,22 @@ def train(
                 )
                 step += 1
                 if config.optimizer == "adam":
-                    cpu.adam_update(
+                    backend.adam_update(
                         *(params.flat, grad.flat, *moments, step, config.learning_rate),
                         *(*ADAM_BETAS, ADAM_EPSILON, config.weight_decay, params.n_weights),
                     )
                 else:
-                    cpu.momentum_update(
+                    backend.momentum_update(
                         *(params.flat, grad.flat, moments[0], config.learning_rate),
                         *(config.momentum, config.weight_decay, params.n_weights),
                     )
             if not np.isfinite(params.flat).all():
                 raise ValueError(f"training diverged in epoch {epoch}; lower the learning rate")
-            validation_stats = _evaluate(params, X_val, Y_val) if len(validation) else (None, None)
-            stats = EpochStats(epoch, *_evaluate(params, X_train, Y_train), *validation_stats)
+            measured = _evaluate(backend, params, X_train, Y_train)
+            validation_stats = (
+                _evaluate(backend, params, X_val, Y_val) if len(validation) else (None, None)
+            )
+            stats = EpochStats(epoch, *measured, *validation_stats)
             history.append(stats)
             if progress is not None:
                 progress(stats)
@@ -414,97 +420,3 @@ def train(
     model = Model(*params.network, metadata=metadata)
     seconds = time.perf_counter() - started
     return TrainResult(model, tuple(history), best_epoch, len(history) < config.epochs, seconds)
-
-
-@dataclass(frozen=True)
-class TrainReport:
-    """What ``train_file`` did: the result, the output file, and the test accuracy (None
-    without a test set)."""
-
-    result: TrainResult
-    output: Path
-    n_rows: int
-    test_rows: int | None
-    test_accuracy: float | None
-
-
-def train_file(
-    data_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    config: TrainConfig = TrainConfig(),
-    *,
-    test_path: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: Callable[[EpochStats], None] | None = None,
-    max_weights: int = MAX_WEIGHTS,
-) -> TrainReport:
-    """Train on a labelled dataset file and write the model file.
-
-    The model takes the dataset's ``input_shape`` (else the trailing shape of ``/X``),
-    ``class_names``, ``x_min`` and ``x_max`` (also the clip range of adversarial rows).
-    Its attributes add to ``train``'s metadata the file names and SHA-256 hashes of the
-    training (and test) files, and ``test_accuracy`` on ``test_path`` (None when the test
-    set has no rows). ``max_weights`` bounds the network as in ``train``.
-
-    Raises
-    ------
-    InputFileError
-        ``out_path`` exists (without ``overwrite``) or is an input (by identity: a hard link
-        or symlink counts); a dataset is refused, has no labels or no rows; a label makes
-        too many classes; the test set's rows do not fit the model.
-    """
-    out = Path(out_path)
-    inputs = [p for p in (data_path, test_path) if p is not None]
-    refuse_clobbering(out, [out], inputs)
-    if out.exists() and not overwrite:
-        raise InputFileError(out, None, "exists; pass --overwrite")
-    with open_dataset(data_path) as reader:
-        if not reader.has_labels:
-            raise InputFileError(data_path, "/y", "is missing; training needs labels")
-        if reader.n_rows == 0:
-            raise InputFileError(data_path, "/X", "has no rows; training needs at least one")
-        info = reader.info
-        n_classes = len(info.class_names) if info.class_names is not None else None
-        d = math.prod(reader.row_shape)
-        X, y = reader.read(0, reader.n_rows)
-    network_shape(d, y, config, n_classes, max_weights=max_weights, labels_file=data_path)
-    clip = None if info.x_min is None or info.x_max is None else (info.x_min, info.x_max)
-    result = train(
-        X, y, config, n_classes=n_classes, clip=clip, progress=progress, max_weights=max_weights
-    )
-    metadata = {
-        **result.model.metadata,
-        "training_data": Path(data_path).name,
-        "training_file_sha256": sha256_file(data_path),
-    }
-    test_rows = test_accuracy = None
-    if test_path is not None:
-        with open_dataset(test_path, n_classes=result.model.n_classes) as reader:
-            if not reader.has_labels:
-                raise InputFileError(test_path, "/y", "is missing; the test set needs labels")
-            if math.prod(reader.row_shape) != result.model.n_inputs:
-                raise InputFileError(
-                    test_path,
-                    "/X",
-                    f"rows do not have the {result.model.n_inputs} features of the training set",
-                )
-            X_test, y_test = reader.read(0, reader.n_rows)
-        classes = y_test if y_test.ndim == 1 else np.argmax(y_test, axis=1)
-        test_rows = len(X_test)
-        if test_rows:
-            test_accuracy = float(np.mean(predict(result.model, X_test) == classes))
-        metadata |= {
-            "test_data": Path(test_path).name,
-            "test_file_sha256": sha256_file(test_path),
-            "test_accuracy": test_accuracy,
-        }
-    model = replace(
-        result.model,
-        input_shape=info.input_shape or X.shape[1:],
-        class_names=info.class_names,
-        x_min=info.x_min,
-        x_max=info.x_max,
-        metadata=metadata,
-    )
-    save_model(model, out, inputs=inputs)
-    return TrainReport(replace(result, model=model), out, len(X), test_rows, test_accuracy)

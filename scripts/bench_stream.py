@@ -9,7 +9,7 @@ predictions) done four ways:
     in memory   ``advgrad.attacks.run`` on the whole array, already loaded, plus
                 ``advgrad.predict`` of the result: the same work as a file job (clean
                 predictions, X_adv, adversarial predictions) without any I/O
-    stream      ``advgrad.batch.attack_file``, HDF5 -> HDF5, no compression
+    stream      ``advgrad.jobs.attack_file``, HDF5 -> HDF5, no compression
     gzip        the same, writing the output with gzip (the input stays uncompressed)
     dask        the same as stream, with ``scheduler=`` a ``LocalCluster`` of ``--workers``
                 worker processes (one Dask thread each, the cores split between them through
@@ -215,7 +215,7 @@ def check_same(advgrad, out: Path, X_adv: np.ndarray, pred_adv: np.ndarray) -> s
 def measure(args, advgrad, work: Path, model_path: Path, data_path: Path):
     """{variant: Timing}, the output sizes, output checks and the Dask description."""
     from advgrad.attacks import run
-    from advgrad.batch import attack_file
+    from advgrad.jobs import attack_file
 
     attack = make_attack(args)
     model = advgrad.load_model(model_path)
@@ -310,7 +310,7 @@ def status_kib(field):
 
 
 from advgrad.attacks import Attack
-from advgrad.batch import attack_file
+from advgrad.jobs import attack_file
 attack = Attack(method, eps=float(eps), steps=int(steps), restarts=int(restarts))
 after_imports = status_kib("VmRSS")
 attack_file(model_path, data_path, out, attack, batch_size=int(batch_size))

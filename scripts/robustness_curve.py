@@ -16,7 +16,8 @@ from pathlib import Path
 
 from advgrad.attacks import Attack
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
-from advgrad.evaluate import evaluate_file, plot_curves
+from advgrad.evaluate import plot_curves
+from advgrad.jobs.evaluate import evaluate_file
 
 EPS = (0.05, 0.1, 0.15, 0.2, 0.25)
 

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 import advgrad
 from advgrad.attacks import Attack
-from advgrad.batch import attack_file
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 from advgrad.cli import app
+from advgrad.jobs import attack_file
 
 runner = CliRunner()
 COMMANDS = typer.main.get_command(app).commands
@@ -357,9 +357,9 @@ def test_float64_weights_overflowing_float32_data_are_refused(tmp_path, command)
 
 
 def test_a_block_larger_than_a_read_is_refused_with_the_batch_size_to_use(tmp_path, monkeypatch):
-    import advgrad.batch
+    import advgrad.jobs.inputs
 
-    monkeypatch.setattr(advgrad.batch, "MAX_READ_BYTES", 64 * 256 * 4 * 3)
+    monkeypatch.setattr(advgrad.jobs.inputs, "MAX_READ_BYTES", 64 * 256 * 4 * 3)
     result = run("attack", "--batch-size", "1024", cwd=tmp_path)
     assert result.exit_code == 1, result.output
     assert "use a batch size of at most 768" in result.output

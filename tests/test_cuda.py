@@ -1164,7 +1164,7 @@ def test_file_attack_on_cuda_streams_through_page_locked_blocks(tmp_path, monkey
     import advgrad
     from advgrad import cuda_backend
     from advgrad.attacks import Attack
-    from advgrad.batch import attack_file
+    from advgrad.jobs.attack import attack_file
 
     monkeypatch.setattr(cuda_backend, "MIN_CHUNK_ROWS", 4)
     allocated = []
@@ -1194,3 +1194,159 @@ def test_file_attack_on_cuda_streams_through_page_locked_blocks(tmp_path, monkey
     )
     np.testing.assert_array_equal(y_gpu, y_cpu)
     assert_close(X_gpu, X_cpu, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Certified bounds and training gradients (``bounds``, ``bound_launchers``, ``training``)
+
+LINE_STEPS = 20
+BOUND_GRID = np.array([0.0, 0.02, 0.1, 0.4])
+
+
+@pytest.fixture
+def small_bound_blocks(monkeypatch):
+    """Blocks of 4 threads, and 2 of them: each strides over several inputs, hidden units and
+    rows."""
+    from advgrad.kernels import cuda as kernels
+
+    monkeypatch.setattr(kernels, "BOUND_THREADS", 4)
+    monkeypatch.setattr(kernels, "BOUND_BLOCKS", 2)
+
+
+def bound_problem(seed=2):
+    """Rows (5, 6) in [0, 1] (row 1 a little outside), their predicted classes, radii (row 0
+    at 0) and a float64 network (6, 5, 3) whose certified radii fall inside BOUND_GRID."""
+    X, W1, b1, W2, b2, _ = network((5, 6, 5, 3), np.float64, seed=seed)
+    X[1, 2] = 1.02  # outside the clip box: the L2 ball is not used for this row
+    classes = predictions(X, W1, b1, W2, b2).astype(np.int64)
+    eps = np.array([0.0, 0.01, 0.03, 0.1, 0.3])
+    return X, classes, eps, (W1, b1, W2, b2)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_bound_blocks")
+@pytest.mark.parametrize("p", [np.inf, 2.0])
+def test_margin_bounds_match_cpu_and_reference(p):
+    """The CUDA bounds are the CPU's within float64 rounding; the interval bounds are below
+    the exact interval bound of ``reference``, by no more than the rounding allowance."""
+    from advgrad.kernels import cuda as kernels
+
+    X, classes, eps, net = bound_problem()
+    for crown in (False, True):
+        expected = np.empty(len(X))
+        cpu.margin_bounds_into(X, classes, eps, p, 0.0, 1.0, *net, crown, LINE_STEPS, expected)
+        worst = to_device(np.full(len(X), np.nan))[0]
+        kernels.margin_bounds_into(
+            *to_device(X, classes, eps), p, 0.0, 1.0, *to_device(*net), crown, LINE_STEPS, worst
+        )
+        worst = worst.copy_to_host()
+        np.testing.assert_allclose(worst, expected, rtol=1e-12, atol=1e-12)
+        if not crown:
+            exact = reference.interval_margin_bound(X, classes, eps, p, 0.0, 1.0, *net)
+            assert (worst <= exact).all()
+            np.testing.assert_allclose(worst, exact, rtol=0.0, atol=1e-7)
+    assert worst[0] > 0.0  # at eps = 0, at the row's own prediction
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_bound_blocks")
+@pytest.mark.parametrize("p", [np.inf, 2.0])
+def test_certified_radius_matches_cpu(p):
+    """Every bound on the way keeps its sign, so the searches end at the CPU's radii."""
+    from advgrad.kernels import cuda as kernels
+
+    X, classes, _, net = bound_problem()
+    expected_radius = np.empty(len(X))
+    expected_certified = np.empty((len(X), len(BOUND_GRID)), dtype=np.bool_)
+    settings = (p, 0.0, 1.0, *net, True, LINE_STEPS, 1e-3)
+    cpu.certified_radius_into(
+        X, classes, BOUND_GRID, *settings, expected_radius, expected_certified
+    )
+    radius, certified = to_device(np.full(len(X), np.nan), np.ones_like(expected_certified))
+    settings = (p, 0.0, 1.0, *to_device(*net), True, LINE_STEPS, 1e-3)
+    kernels.certified_radius_into(*to_device(X, classes, BOUND_GRID), *settings, radius, certified)
+    np.testing.assert_array_equal(radius.copy_to_host(), expected_radius)
+    np.testing.assert_array_equal(certified.copy_to_host(), expected_certified)
+    assert (~np.isin(expected_radius, BOUND_GRID)).any()  # some rows were bisected
+
+
+def training_problem(dtype, seed=4):
+    """Rows (6, 11), one-hot labels, a network (11, 7, 3) and a gradient to add to, with no
+    component of dJ/dX within rounding of 0 (the FGSM pass takes its sign)."""
+    X, W1, b1, W2, b2, Y = network((6, 11, 7, 3), dtype, seed=seed)
+    G = reference.input_gradient(X, W1, b1, W2, b2, Y)
+    assert np.abs(G).min() > 1e-3 * np.abs(G).max()
+    start = [np.full_like(w, 0.5) for w in (W1, b1, W2, b2)]
+    return X, Y, (W1, b1, W2, b2), start
+
+
+def objective(X, Y, net, clean_weight, adv_weight, eps):
+    """The training loss of ``parameter_gradient_into``, in float64 (``reference``)."""
+    G = reference.input_gradient(X, *net, Y)
+    X_adv = np.clip(X + eps * np.sign(G), 0.0, 1.0)
+    clean, adversarial = reference.loss(X, *net, Y), reference.loss(X_adv, *net, Y)
+    return clean_weight * clean.sum() + adv_weight * adversarial.sum()
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("adv_weight", [0.0, 0.4])
+def test_parameter_gradient_matches_cpu_and_finite_differences(dtype, adv_weight):
+    """Added into a given gradient, as the CPU's; in float64, a central difference of the
+    whole objective at the first and last element of each parameter."""
+    from advgrad.kernels import cuda as kernels
+
+    X, Y, net, start = training_problem(dtype)
+    settings = (0.6, adv_weight, 0.05, 0.0, 1.0)
+    expected = [g.copy() for g in start]
+    cpu.parameter_gradient_into(X, *net, Y, *settings, *expected)
+    gradient = to_device(*start)
+    kernels.parameter_gradient_into(*to_device(X, *net, Y), *settings, *gradient)
+    gradient = [g.copy_to_host() for g in gradient]
+    for actual, wanted in zip(gradient, expected, strict=True):
+        assert actual.dtype == dtype
+        assert_close(actual, wanted, dtype)
+    if dtype != np.float64:
+        return
+    h = 1e-6
+    for which, grad in enumerate(gradient):
+        for index in [(0,) * grad.ndim, tuple(s - 1 for s in grad.shape)]:
+            shifted = [[w.copy() for w in net] for _ in range(2)]
+            shifted[0][which][index] += h
+            shifted[1][which][index] -= h
+            difference = objective(X, Y, shifted[0], 0.6, adv_weight, 0.05)
+            difference -= objective(X, Y, shifted[1], 0.6, adv_weight, 0.05)
+            np.testing.assert_allclose(grad[index] - 0.5, difference / (2 * h), rtol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks", "small_bound_blocks")
+def test_backend_bounds_and_training_match_cpu_backend(monkeypatch):
+    """Chunks of 2 rows over 2 lanes for the bounds (a float32 model, bounded in float64),
+    2 chunks of at most 4 rows for the gradient; results as the CPU backend's."""
+    from advgrad import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "MIN_CHUNK_ROWS", 2)
+    gpu, host = CudaBackend(chunk_rows=4, lanes=2), CpuBackend()
+    X, classes, eps, net = bound_problem()
+    model = Model(*(w.astype(np.float32) for w in net))
+    bounds = [
+        b.margin_bounds(model, X, classes, eps, 2.0, 0.0, 1.0, True, LINE_STEPS)
+        for b in (gpu, host)
+    ]
+    assert bounds[0].dtype == np.float64
+    np.testing.assert_allclose(*bounds, rtol=1e-12, atol=1e-12)
+    settings = (np.inf, 0.0, 1.0, True, LINE_STEPS, 1e-3)
+    (radius, certified), (radius_cpu, certified_cpu) = (
+        b.certified_radius(model, X, classes, BOUND_GRID, *settings) for b in (gpu, host)
+    )
+    np.testing.assert_array_equal(radius, radius_cpu)
+    np.testing.assert_array_equal(certified, certified_cpu)
+
+    X, Y, net, start = training_problem(np.float64)
+    gradients = [[g.copy() for g in start] for _ in range(2)]
+    for b, gradient in zip((gpu, host), gradients, strict=True):
+        b.parameter_gradient(net, X, Y, 0.6, 0.4, 0.05, 0.0, 1.0, gradient)
+    for actual, wanted in zip(*gradients, strict=True):
+        assert_close(actual, wanted, np.float64)

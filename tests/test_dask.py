@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 
 import advgrad
 from advgrad.attacks import Attack
-from advgrad.batch import attack_file, attack_files
 from advgrad.bundled import MODEL, bundled_path
 from advgrad.cli import app
+from advgrad.jobs import attack_file, attack_files
 
 N_ROWS = 1300  # several blocks at every batch size used here, the last one partial
 CONNECT_TIMEOUT_S = 1.0  # advgrad waits 10 s for a scheduler; the error tests patch it shorter
@@ -201,9 +201,9 @@ def attack_with_scheduler(files, out, address):
 @pytest.fixture
 def quick_connect(monkeypatch):
     """Make advgrad give up on a Dask scheduler after CONNECT_TIMEOUT_S."""
-    import advgrad.batch
+    import advgrad.jobs.pipeline
 
-    monkeypatch.setattr(advgrad.batch, "SCHEDULER_TIMEOUT_S", CONNECT_TIMEOUT_S)
+    monkeypatch.setattr(advgrad.jobs.pipeline, "SCHEDULER_TIMEOUT_S", CONNECT_TIMEOUT_S)
 
 
 def closed_port() -> int:

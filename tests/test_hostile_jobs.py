@@ -25,19 +25,18 @@ import advgrad
 from advgrad import attacks
 from advgrad.attacks import MAX_BISECTIONS, MAX_COUNT, Attack, minimal_eps_of
 from advgrad.backend import CpuBackend
-from advgrad.batch import (
-    BLOCK_WORKING_BYTES,
-    NonFiniteResult,
-    attack_file,
-    rows_per_block,
-)
 from advgrad.bundled import MODEL, bundled_path
-from advgrad.certify import certify, certify_file
+from advgrad.certify import certify
 from advgrad.errors import InputFileError
-from advgrad.evaluate import evaluate, evaluate_file
+from advgrad.evaluate import evaluate
+from advgrad.jobs import NonFiniteResult, attack_file
+from advgrad.jobs.certify import certify_file
+from advgrad.jobs.evaluate import evaluate_file
+from advgrad.jobs.inputs import BLOCK_WORKING_BYTES, rows_per_block
+from advgrad.jobs.train import train_file
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
 from advgrad.model import MAX_WEIGHTS, Model
-from advgrad.train import TrainConfig, train, train_file
+from advgrad.train import TrainConfig, train
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -337,7 +336,8 @@ def test_a_failed_train_leaves_nothing_behind(files):
     # the model file (64 x 4096 float32 weights, 1 MiB) does not fit under the file size limit
     code = """
         from advgrad.errors import InputFileError
-        from advgrad.train import TrainConfig, train_file
+        from advgrad.jobs.train import train_file
+        from advgrad.train import TrainConfig
         try:
             train_file("data.h5", "m.h5", TrainConfig(epochs=1, hidden=4096))
         except InputFileError as error:
@@ -494,7 +494,7 @@ def test_capped_blocks_give_the_same_output(tmp_path, monkeypatch):
     attack = Attack("pgd", eps=0.3, steps=3, restarts=2)
     arguments = (tmp_path / "model.h5", tmp_path / "data.h5")
     attack_file(*arguments, tmp_path / "whole.h5", attack, batch_size=2048)
-    monkeypatch.setattr(advgrad.batch, "BLOCK_WORKING_BYTES", 512 * 606 * 4)
+    monkeypatch.setattr(advgrad.jobs.inputs, "BLOCK_WORKING_BYTES", 512 * 606 * 4)
     assert rows_per_block(2048, model) == 512
     attack_file(*arguments, tmp_path / "capped.h5", attack, batch_size=2048)
     with h5py.File(tmp_path / "whole.h5") as whole, h5py.File(tmp_path / "capped.h5") as capped:
@@ -509,14 +509,14 @@ def test_a_wide_network_attacks_within_a_memory_limit(tmp_path):
         import numpy as np, h5py, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import random_network
-        import advgrad, advgrad.batch
+        import advgrad, advgrad.jobs, advgrad.jobs.inputs
         from advgrad.model import Model
         rng = np.random.default_rng(5)
         advgrad.save_model(Model(*random_network(rng, 4, 2**15, 2, np.float32)), "m.h5")
         with h5py.File("d.h5", "w") as f:
             f["X"] = rng.random((8192, 4)).astype(np.float32)
-        advgrad.batch.BLOCK_WORKING_BYTES = 2**25
-        report = advgrad.batch.attack_file("m.h5", "d.h5", "o.h5", batch_size=8192)
+        advgrad.jobs.inputs.BLOCK_WORKING_BYTES = 2**25
+        report = advgrad.jobs.attack_file("m.h5", "d.h5", "o.h5", batch_size=8192)
         print(report.n_rows)
     """
     result = run_python(code, tmp_path, limits="ulimit -v 1500000;")
@@ -526,7 +526,7 @@ def test_a_wide_network_attacks_within_a_memory_limit(tmp_path):
 
 
 def test_bound_workspace_bytes_is_what_the_bound_kernels_allocate():
-    from advgrad.certify import bound_workspace_bytes
+    from advgrad.backend import bound_workspace_bytes
     from advgrad.kernels import cpu
 
     rng = np.random.default_rng(3)

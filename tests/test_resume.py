@@ -36,9 +36,9 @@ from typer.testing import CliRunner
 
 import advgrad
 from advgrad.attacks import Attack
-from advgrad.batch import Interrupted, attack_file, attack_files
 from advgrad.cli import app
 from advgrad.io.checkpoint import OutputLock, checkpoint_path, lock_path, partial_path
+from advgrad.jobs import Interrupted, attack_file, attack_files
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
 
 BLOCK = ROWS_PER_BLOCK

@@ -16,10 +16,10 @@ import advgrad
 from advgrad import attacks
 from advgrad.attacks import Attack
 from advgrad.backend import get_backend
-from advgrad.batch import attack_file
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 from advgrad.cli import app
 from advgrad.evaluate import evaluate
+from advgrad.jobs import attack_file
 from advgrad.kernels import cpu
 
 P = {"inf": np.inf, "2": 2.0, "1": 1.0}

@@ -14,11 +14,13 @@ from conftest import one_hot, random_network
 from typer.testing import CliRunner
 
 import advgrad
+from advgrad.backend import CpuBackend
 from advgrad.bundled import TEST_DATA, TRAIN_DATA, bundled_path
 from advgrad.cli import app
 from advgrad.errors import InputFileError
+from advgrad.jobs.train import train_file
 from advgrad.kernels import cpu
-from advgrad.train import TrainConfig, _batch_gradient, _Parameters, data_sha256, train, train_file
+from advgrad.train import TrainConfig, _batch_gradient, _Parameters, data_sha256, train
 
 PARAMETERS = ("W1", "b1", "W2", "b2")
 
@@ -133,7 +135,7 @@ def batch_gradient(X, network, Y, config, clip=(0.0, 1.0)):
     params, grad = _Parameters(d, H, C, X.dtype), _Parameters(d, H, C, X.dtype)
     for target, value in zip(params.network, network, strict=True):
         target[...] = value
-    _batch_gradient(params, grad, X, Y, config, clip, 0)
+    _batch_gradient(CpuBackend(), params, grad, X, Y, config, clip, 0)
     return [a.copy() for a in grad.network]
 
 

@@ -27,6 +27,8 @@ from advgrad.cli.options import (
     OvershootOption,
     OverwriteOption,
     RestartsOption,
+    ResumeOption,
+    SchedulerOption,
     SeedOption,
     StepSizeOption,
     StepsOption,
@@ -132,25 +134,9 @@ def attack(
     batch_size: BatchSizeOption = 8192,
     compression: CompressionOption = Compression.none,
     overwrite: OverwriteOption = False,
-    resume: Annotated[
-        bool | None,
-        typer.Option(
-            "--resume/--restart",
-            help="An interrupted run leaves a partial output (`.<out>.partial.h5`); running "
-            "the same command again resumes it. --resume insists on resuming; --restart "
-            "discards it and starts afresh.",
-            show_default=False,
-        ),
-    ] = None,
+    resume: ResumeOption = None,
     device: DeviceOption = Device.cpu,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            help="Address of a Dask scheduler (`tcp://host:8786`): attack the blocks on its "
-            "workers; this process reads and writes. Needs the dask extra.",
-            show_default=False,
-        ),
-    ] = None,
+    scheduler: SchedulerOption = None,
     allow_nonfinite: AllowNonfiniteOption = False,
     max_weights: MaxWeightsOption = None,
 ) -> None:
@@ -166,7 +152,7 @@ def attack(
     clip = clip_range(clip_min, clip_max)
     with reported_errors(), stop_on_signals() as stop:
         from advgrad.attacks import Attack
-        from advgrad.batch import attack_files, default_output_name
+        from advgrad.jobs.attack import attack_files, default_output_name
 
         configs = [
             Attack(

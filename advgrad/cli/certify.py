@@ -13,10 +13,14 @@ from advgrad.cli.options import (
     ClipMaxOption,
     ClipMinOption,
     DataOption,
+    Device,
+    DeviceOption,
     MaxWeightsOption,
     ModelOption,
     OverwriteOption,
     RestartsOption,
+    ResumeOption,
+    SchedulerOption,
     SeedOption,
     StepsOption,
     clip_range,
@@ -26,10 +30,12 @@ from advgrad.cli.options import (
 )
 from advgrad.cli.reports import (
     console,
+    notice,
     number,
     percent,
     progress_bar,
     reported_errors,
+    stop_on_signals,
     summary_table,
     warn,
 )
@@ -101,6 +107,9 @@ def certify(
     clip_max: ClipMaxOption = None,
     batch_size: BatchSizeOption = 8192,
     overwrite: OverwriteOption = False,
+    device: DeviceOption = Device.cpu,
+    resume: ResumeOption = None,
+    scheduler: SchedulerOption = None,
     max_weights: MaxWeightsOption = None,
 ) -> None:
     """Certified accuracy per eps next to PGD's empirical robust accuracy, and per-row radii.
@@ -108,12 +117,15 @@ def certify(
     A row is certified at eps when bounds prove that every input within eps (in the clip
     box) keeps its label. Each row's certified radius is bracketed from above by the
     smallest eps at which PGD (with restarts) finds an adversarial example. The output
-    holds /radius and /attack_eps per row, and /X: the PGD examples at the largest eps.
+    holds /radius and /attack_eps per row, and /X: the PGD examples at the largest eps;
+    it appears only once complete. Rows stream through in blocks, so memory does not grow
+    with the dataset. Ctrl-C (or SIGTERM) stops after the block in progress and keeps what
+    is done; the same command resumes it.
     """
     clip = clip_range(clip_min, clip_max)
-    with reported_errors():
+    with reported_errors(), stop_on_signals() as stop:
         from advgrad.attacks import Attack
-        from advgrad.certify import certify_file, default_output_name
+        from advgrad.jobs.certify import certify_file, default_output_name
 
         model_path, data_path = model_and_data(model, data)
         out_path = out or default_output_name(data_path, norm.value)
@@ -134,7 +146,12 @@ def certify(
                 batch_size=batch_size,
                 overwrite=overwrite,
                 max_weights=weights_limit(max_weights),
+                device=device.value,
+                resume=resume,
+                scheduler=scheduler,
+                stop=stop,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                notice=notice,
             )
     from rich.table import Table
 
@@ -165,6 +182,7 @@ def certify(
         ("labels certified", result.label_source),
         ("clip range", f"[{result.clip[0]:g}, {result.clip[1]:g}]"),
         ("certification time", f"{number(milliseconds, '.3g')} ms per row"),
+        *([("resumed after row", f"{result.resumed_rows}")] if result.resumed_rows else []),
         ("output", str(result.output)),
     ]
     console().print(summary_table("Per-row bracket [certified radius, adversarial eps]", rows))

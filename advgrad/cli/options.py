@@ -217,6 +217,25 @@ OverwriteOption = Annotated[
     bool, typer.Option(help="Replace an existing output file (never an input).")
 ]
 
+ResumeOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--resume/--restart",
+        help="An interrupted run leaves a partial output (`.<out>.partial.h5`); running "
+        "the same command again resumes it. --resume insists on resuming; --restart "
+        "discards it and starts afresh.",
+        show_default=False,
+    ),
+]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Address of a Dask scheduler (`tcp://host:8786`): compute the blocks on its "
+        "workers; this process reads and writes. Needs the dask extra.",
+        show_default=False,
+    ),
+]
+
 
 def value_range(
     low: float | None, high: float | None, options: tuple[str, str]

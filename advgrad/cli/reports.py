@@ -89,7 +89,7 @@ def stop_on_signals() -> Iterator[Event]:
     signal's number. A second signal stops at once (the last checkpoint is kept)."""
     import signal
 
-    from advgrad.batch import Interrupted
+    from advgrad.jobs import Interrupted
 
     stop = Event()
     received: list[int] = []

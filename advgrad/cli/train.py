@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from advgrad.cli.options import MaxWeightsOption, OverwriteOption, Precision, weights_limit
+from advgrad.cli.options import (
+    Device,
+    DeviceOption,
+    MaxWeightsOption,
+    OverwriteOption,
+    Precision,
+    weights_limit,
+)
 from advgrad.cli.reports import console, percent, progress_bar, reported_errors, summary_table
 
 
@@ -92,6 +99,7 @@ def train(
     adv_steps: Annotated[int, typer.Option(min=1, help="pgd: steps per batch.")] = 10,
     dtype: Annotated[Precision, typer.Option(help="Compute dtype.")] = Precision.float32,
     overwrite: OverwriteOption = False,
+    device: DeviceOption = Device.cpu,
     max_weights: MaxWeightsOption = None,
 ) -> None:
     """Train a two-layer sigmoid network and write the model file.
@@ -103,7 +111,8 @@ def train(
     """
     with reported_errors():
         from advgrad.bundled import TEST_DATA, TRAIN_DATA, bundled_path
-        from advgrad.train import TrainConfig, train_file
+        from advgrad.jobs.train import train_file
+        from advgrad.train import TrainConfig
 
         config = TrainConfig(
             hidden=hidden,
@@ -143,6 +152,7 @@ def train(
                 test_path=test,
                 overwrite=overwrite,
                 max_weights=weights_limit(max_weights),
+                device=device.value,
                 progress=progress,
             )
     result = report.result

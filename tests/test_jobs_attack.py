@@ -1,12 +1,12 @@
-"""advgrad.batch: the file-level attack job."""
+"""advgrad.jobs.attack: the attack job."""
 
 from __future__ import annotations
 
 import threading
 
-from advgrad import batch
 from advgrad.attacks import Attack
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
+from advgrad.jobs import attack as batch
 
 
 def test_the_kernels_are_warmed_up_on_the_first_row_before_the_clock_starts(tmp_path, monkeypatch):
@@ -20,10 +20,10 @@ def test_the_kernels_are_warmed_up_on_the_first_row_before_the_clock_starts(tmp_
     # the warm-up waits for the notice, so it always outlasts COMPILE_NOTICE_AFTER_S
     warm_up = batch.attack_block
 
-    def slow_attack_block(model, rows, y, plan, first_row, *args, **kwargs):
+    def slow_attack_block(model, rows, *args, **kwargs):
         if len(rows) == 1:
             assert said.wait(10.0)
-        return warm_up(model, rows, y, plan, first_row, *args, **kwargs)
+        return warm_up(model, rows, *args, **kwargs)
 
     monkeypatch.setattr(batch, "COMPILE_NOTICE_AFTER_S", 0.01)
     monkeypatch.setattr(batch, "attack_block", slow_attack_block)
