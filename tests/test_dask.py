@@ -1,4 +1,5 @@
-"""File-level attacks on a Dask cluster: the same datasets as a local run, and the error paths.
+"""File jobs on a Dask cluster: the same datasets and figures as a local run, and the error
+paths.
 
 The cluster is a ``LocalCluster`` of two worker processes. They inherit this process's
 environment, so a ``NUMBA_CACHE_DIR`` exported before pytest starts reaches them too; each
@@ -176,6 +177,39 @@ def test_large_blocks_go_to_the_workers_without_a_warning(cluster, tmp_path):
         )
     assert_same_output(local.output, remote.output)
     same_numbers(local, remote)
+
+
+def test_certify_on_the_cluster_writes_the_local_bytes_and_figures(cluster, files, tmp_path):
+    from advgrad.jobs.certify import certify_file
+
+    options = {
+        "eps_values": (0.01, 0.05),
+        "attack": Attack("pgd", steps=2, restarts=2),
+        "batch_size": 256,
+    }
+    local = certify_file(*files, tmp_path / "local.h5", **options)
+    remote = certify_file(
+        *files, tmp_path / "remote.h5", scheduler=cluster.scheduler_address, **options
+    )
+    assert_same_output(local.output, remote.output)
+    skip = {"output", "certify_seconds", "attack_seconds"}
+    names = [name for name in type(local).__dataclass_fields__ if name not in skip]
+    assert [getattr(local, n) for n in names] == [getattr(remote, n) for n in names]
+
+
+def test_evaluate_on_the_cluster_gives_the_local_figures(cluster, files):
+    from advgrad.jobs.evaluate import evaluate_file
+
+    options = {
+        "methods": ("fgsm", "pgd"),
+        "eps_values": (0.05, 0.1),
+        "attack": Attack(steps=2, restarts=2),
+        "batch_size": 256,
+    }
+    local = evaluate_file(*files, **options)
+    remote = evaluate_file(*files, scheduler=cluster.scheduler_address, **options)
+    assert local.n_rows == N_ROWS
+    assert remote.to_json() == local.to_json()
 
 
 # --------------------------------------------------------------------------- errors
