@@ -202,16 +202,25 @@ def evaluate_rows(
 
 
 class EvaluationTotals:
-    """Running sums of an evaluation over blocks of rows, in order."""
+    """Running counts of an evaluation over blocks of rows, in order; ``state`` is what a
+    checkpoint saves of them, and ``EvaluationTotals(settings, state)`` takes it back."""
 
-    def __init__(self, settings: EvaluationSettings) -> None:
+    def __init__(self, settings: EvaluationSettings, state: dict | None = None) -> None:
         self.settings = settings
-        self.n_rows = 0
-        self.clean_correct = 0
-        self.tallies = {
-            (method, eps): [0, 0, 0.0] for method in settings.methods for eps in settings.eps_values
+        keys = [(method, eps) for method in settings.methods for eps in settings.eps_values]
+        state = state or {"n_rows": 0, "clean_correct": 0, "tallies": [[0, 0, 0.0]] * len(keys)}
+        self.n_rows = state["n_rows"]
+        self.clean_correct = state["clean_correct"]
+        self.tallies = {key: list(tally) for key, tally in zip(keys, state["tallies"], strict=True)}
+
+    @property
+    def state(self) -> dict:
+        """The counts as JSON-serialisable values."""
+        return {
+            "n_rows": self.n_rows,
+            "clean_correct": self.clean_correct,
+            "tallies": list(self.tallies.values()),
         }
-        self.minimal: dict[str, list[np.ndarray]] = {method: [] for method in settings.searched}
 
     def add(self, block: EvaluatedRows) -> None:
         """Count a block's rows (blocks in the order of their rows)."""
@@ -222,11 +231,10 @@ class EvaluationTotals:
             tally[0] += correct
             tally[1] += wrong
             tally[2] += confidence
-        for method, values in block.minimal.items():
-            self.minimal[method].append(values)
 
-    def evaluation(self) -> Evaluation:
-        """The ``Evaluation`` of the rows counted."""
+    def evaluation(self, minimal: dict[str, np.ndarray]) -> Evaluation:
+        """The ``Evaluation`` of the rows counted, with ``minimal``: every row's minimal eps
+        (N,) float64 for each searched method."""
         settings, n_rows = self.settings, self.n_rows
         points = []
         for (method, eps), (correct, wrong, confidence) in self.tallies.items():
@@ -234,8 +242,8 @@ class EvaluationTotals:
             mean_confidence = confidence / wrong if has_confidence else None
             points.append(CurvePoint(method, eps, _fraction(correct, n_rows), mean_confidence))
         summaries = []
-        for method, parts in self.minimal.items():
-            values = np.concatenate(parts) if parts else np.empty(0)
+        for method in settings.searched:
+            values = minimal[method]
             summaries.append(
                 MinimalEpsSummary(
                     method,
@@ -271,8 +279,9 @@ def evaluate(model: Model, X, y, *, backend=None, **options) -> Evaluation:
     settings = evaluation_settings(model, **options)
     totals = EvaluationTotals(settings)
     rows, y = as_rows(model, X), np.asarray(y)
-    totals.add(evaluate_rows(model, rows, y, settings, 0, backend or get_backend()))
-    return totals.evaluation()
+    block = evaluate_rows(model, rows, y, settings, 0, backend or get_backend())
+    totals.add(block)
+    return totals.evaluation(block.minimal)
 
 
 def require_matplotlib():

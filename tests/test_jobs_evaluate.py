@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+from children import CHILD_ENV
+from test_resume import checkpoint_rows, wait_for_rows
 
 import advgrad
 from advgrad.attacks import Attack
@@ -57,3 +64,65 @@ def test_a_stopped_evaluation_says_that_nothing_is_kept(files):
         evaluate_file(*files, batch_size=256, stop=stop, progress=lambda *_: stop.set(), **OPTIONS)
     assert (caught.value.rows_done, caught.value.n_rows, caught.value.kept) == (256, N_ROWS, False)
     assert str(caught.value) == f"stopped after 256 of {N_ROWS} rows; nothing is kept"
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    """An uninterrupted evaluation, in blocks of 256 rows."""
+    return evaluate_file(*files, batch_size=256, **OPTIONS)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("after_blocks", [1, 2])
+def test_a_stopped_evaluation_with_a_checkpoint_resumes_to_the_same_figures(
+    tmp_path, files, reference, after_blocks
+):
+    target = tmp_path / "ev.json"
+    stop = threading.Event()
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == after_blocks:
+            stop.set()
+
+    options = {"batch_size": 256, "checkpoint": target, **OPTIONS}
+    with pytest.raises(Interrupted) as caught:
+        evaluate_file(*files, stop=stop, progress=progress, **options)
+    assert caught.value.kept
+    assert caught.value.rows_done == 256 * after_blocks
+    assert leftovers(tmp_path) == [".ev.json.partial.h5", ".ev.json.partial.json"]
+    notices: list[str] = []
+    resumed = evaluate_file(*files, notice=notices.append, **options)
+    assert notices == [f"{target}: resuming after row {256 * after_blocks} of {N_ROWS}"]
+    assert resumed.to_json() == reference.to_json()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_killed_evaluate_command_resumes_to_the_same_json(tmp_path, files, reference):
+    target = tmp_path / "ev.json"
+    command = [
+        *(sys.executable, "-m", "advgrad", "evaluate", "--model", str(files[0])),
+        *("--data", str(files[1]), "--json", str(target), "--batch-size", "256"),
+        *("--method", "fgsm,pgd,deepfool", "--eps", "0,0.05,0.2", "--steps", "3"),
+        *("--restarts", "2"),
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CHILD_ENV
+    )
+    try:
+        assert wait_for_rows(target, 256, proc), "the job ended before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = checkpoint_rows(target)
+    assert done is not None and 256 <= done < N_ROWS
+    rerun = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming after row {done}" in rerun.stderr
+    assert json.loads(target.read_text()) == json.loads(reference.to_json())
+    assert leftovers(tmp_path) == ["ev.json"]

@@ -39,6 +39,7 @@ from advgrad.cli.reports import (
     console,
     literal,
     markup_literal,
+    notice,
     number,
     percent,
     progress_bar,
@@ -106,6 +107,16 @@ def evaluate(
         bool,
         typer.Option(help="Replace existing --json and --plot files (never an input)."),
     ] = False,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--restart",
+            help="With --json, an interrupted run leaves its partial state beside it "
+            "(`.<json>.partial.h5`); running the same command again resumes it. --resume "
+            "insists on resuming; --restart discards it and starts afresh.",
+            show_default=False,
+        ),
+    ] = None,
     scheduler: SchedulerOption = None,
     max_weights: MaxWeightsOption = None,
 ) -> None:
@@ -114,9 +125,9 @@ def evaluate(
     With no --model/--data it evaluates the bundled digits network on its test set. The
     dataset needs labels (/y). "wrong conf." is the mean probability the model gives its
     wrong predictions. --json and --plot appear only once complete, and never replace an
-    input. Rows stream through in blocks, so memory does not grow with the dataset (but
-    for 8 bytes per row and method of minimal eps). Ctrl-C (or SIGTERM) stops after the
-    block in progress.
+    input. Rows stream through in blocks, so memory does not grow with the dataset. Ctrl-C
+    (or SIGTERM) stops after the block in progress; with --json the work done is kept and
+    the same command resumes it.
     """
     clip = clip_range(clip_min, clip_max)
     methods = [name.value for name in method]
@@ -165,9 +176,13 @@ def evaluate(
                 batch_size=batch_size,
                 device=device.value,
                 max_weights=weights_limit(max_weights),
+                checkpoint=json_path,
+                overwrite=overwrite,
+                resume=resume,
                 scheduler=scheduler,
                 stop=stop,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                notice=notice,
             )
         if json_path is not None:
             temporary[json_path].write_text(result.to_json())

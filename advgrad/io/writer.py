@@ -65,8 +65,10 @@ class AdversarialWriter:
         Output file.
     n_rows : int
         N.
-    row_shape : tuple of int
-        Shape of one row of ``/X`` (the source's trailing shape).
+    row_shape : tuple of int or None
+        Shape of one row of ``/X`` (the source's trailing shape). None: a table of the
+        ``columns`` only (no ``/X``, labels or predictions), written by
+        :meth:`write_columns`; a job keeps its per-row results there.
     dtype : float32 or float64
         dtype of ``/X`` (the source's).
     y_template : (tuple of int, dtype) or None
@@ -116,7 +118,7 @@ class AdversarialWriter:
         target: str | os.PathLike,
         *,
         n_rows: int,
-        row_shape: Sequence[int],
+        row_shape: Sequence[int] | None,
         dtype: DTypeLike,
         y_template: tuple[Sequence[int], DTypeLike] | None,
         attrs: Mapping[str, Any],
@@ -130,19 +132,24 @@ class AdversarialWriter:
         check_compression(compression)
         self.target = Path(target)
         self.n_rows = int(n_rows)
-        self.row_shape = tuple(int(s) for s in row_shape)
-        self.dtype = np.dtype(dtype)
-        check_rows_layout("X", (self.n_rows, *self.row_shape), self.dtype)
         if rows_per_chunk < 1:
             raise ValueError(f"rows_per_chunk must be at least 1, got {rows_per_chunk}")
-        layout = {"X": (self.row_shape, self.dtype)}
+        layout = {}
+        if row_shape is not None:
+            self.row_shape = tuple(int(s) for s in row_shape)
+            self.dtype = np.dtype(dtype)
+            check_rows_layout("X", (self.n_rows, *self.row_shape), self.dtype)
+            layout["X"] = (self.row_shape, self.dtype)
+        elif y_template is not None:
+            raise ValueError("a writer of columns only (row_shape None) takes no labels")
         if y_template is not None:
             y_tail, y_dtype = tuple(int(s) for s in y_template[0]), np.dtype(y_template[1])
             problem = label_layout_problem((self.n_rows, *y_tail), y_dtype, self.n_rows, None)
             if problem:
                 raise ValueError(f"y_template {problem}")
             layout["y"] = (y_tail, y_dtype)
-        layout["pred_clean"] = layout["pred_adv"] = ((), np.dtype(np.int64))
+        if row_shape is not None:
+            layout["pred_clean"] = layout["pred_adv"] = ((), np.dtype(np.int64))
         self._column_names = tuple(columns or {})
         for name, column_dtype in (columns or {}).items():
             layout[name] = ((), np.dtype(column_dtype))
@@ -178,8 +185,8 @@ class AdversarialWriter:
             self._lock.release()
             raise
         self._datasets = {name: self._partial.file[name] for name in layout}
-        X = self._datasets["X"]
-        self._encode_X = chunk_encoder(X)
+        X = self._datasets.get("X")
+        self._encode_X = None if X is None else chunk_encoder(X)
         compressed = self._encode_X is not None and X.compression is not None
         self._deflate_pool = ThreadPoolExecutor(os.cpu_count()) if compressed else None
         self.rows_written = self._checkpoint.rows
@@ -290,6 +297,8 @@ class AdversarialWriter:
         pred_clean, pred_adv : (m,) integer
         **columns : (m,) arrays, one for each name in the writer's ``columns``
         """
+        if "X" not in self._layout:
+            raise ValueError("this writer writes columns only: use write_columns")
         if start != self.rows_written:
             raise ValueError(f"rows must be written in order: expected start {self.rows_written}")
         X_adv = np.asarray(X_adv)
@@ -314,6 +323,36 @@ class AdversarialWriter:
             if pred.shape != (m,) or pred.dtype.kind not in "iu":
                 raise ValueError(f"{name} must be (m,) integers, got {pred.shape} {pred.dtype}")
             values[name] = pred
+        self._append(start, m, values, columns)
+
+    def write_columns(self, start: int, **columns: np.ndarray) -> None:
+        """Write rows ``start:start+m`` of a writer of columns only (``row_shape`` None);
+        blocks must come in order, without gaps.
+
+        Parameters
+        ----------
+        start : int
+            Must equal :attr:`rows_written`.
+        **columns : (m,) arrays, one for each name in the writer's ``columns``
+        """
+        if "X" in self._layout:
+            raise ValueError("this writer writes rows of /X: use write")
+        if start != self.rows_written:
+            raise ValueError(f"rows must be written in order: expected start {self.rows_written}")
+        m = len(next(iter(columns.values()))) if columns else 0
+        if start + m > self.n_rows:
+            raise ValueError(f"rows {start}:{start + m} go past n_rows {self.n_rows}")
+        self._append(start, m, {}, columns)
+
+    def read_column(self, name: str) -> np.ndarray:
+        """The rows written so far of the column ``name``, resumed rows included."""
+        if name not in self._column_names:
+            raise ValueError(f"no column {name!r}; columns {sorted(self._column_names)}")
+        return self._datasets[name][: self.rows_written]
+
+    def _append(self, start: int, m: int, values: dict, columns: dict) -> None:
+        """Store ``values`` and ``columns`` (each m rows) at ``start``, checking the columns,
+        and record the block for the checkpoint."""
         if set(columns) != set(self._column_names):
             raise ValueError(
                 f"columns {sorted(self._column_names)} expected, got {sorted(columns)}"

@@ -8,6 +8,7 @@ bounded by the block size (and 8 bytes per row and searched method for the minim
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -18,21 +19,46 @@ import numpy as np
 from advgrad.backend import get_backend
 from advgrad.errors import InputFileError
 from advgrad.evaluate import (
+    EvaluatedRows,
     Evaluation,
     EvaluationSettings,
     EvaluationTotals,
     evaluate_rows,
     evaluation_settings,
 )
-from advgrad.jobs.inputs import DEFAULT_BATCH_SIZE, clip_range, open_for_model, rows_per_block
+from advgrad.io import AdversarialWriter
+from advgrad.jobs.inputs import (
+    DEFAULT_BATCH_SIZE,
+    clip_range,
+    open_for_model,
+    provenance,
+    rows_per_block,
+)
 from advgrad.jobs.pipeline import Interrupted, Job, stream, tasks_for
 from advgrad.model import MAX_WEIGHTS
 
 
-class _Counted:
-    """The pipeline's one output of an evaluation: counts in memory, nothing written."""
+class _InMemory:
+    """The per-row results of an evaluation without a checkpoint: kept in memory (8 bytes
+    per row and searched method), never resumed."""
 
-    rows_written = 0
+    rows_written = resumed_rows = 0
+    notice = None
+
+    def __init__(self, methods) -> None:
+        self.resumed_state: dict = {}
+        self._parts: dict[str, list[np.ndarray]] = {method: [] for method in methods}
+
+    def write_columns(self, start: int, **columns: np.ndarray) -> None:
+        for name, values in columns.items():
+            self._parts[name].append(values)
+
+    def checkpoint(self, state: dict) -> None:
+        """Nothing to make durable."""
+
+    def read_column(self, name: str) -> np.ndarray:
+        parts = self._parts[name]
+        return np.concatenate(parts) if parts else np.empty(0)
 
 
 def evaluate_block(model, rows, y, first_row, outputs, out, settings: EvaluationSettings, device):
@@ -50,9 +76,13 @@ def evaluate_file(
     clip: tuple[float, float] | None = None,
     device: str = "cpu",
     max_weights: int = MAX_WEIGHTS,
+    checkpoint: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    resume: bool | None = None,
     scheduler: str | None = None,
     stop: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
     **options,
 ) -> Evaluation:
     """Evaluate a model on a labelled dataset file, streaming it in blocks of
@@ -62,9 +92,17 @@ def evaluate_file(
     ``max_weights`` bounds the model (``open_for_model``); ``options`` as in
     ``advgrad.evaluate.evaluation_settings``. Computation runs in the dataset's dtype.
     ``scheduler`` (a Dask scheduler's address) evaluates the blocks on its workers;
-    ``progress(rows_done, n_rows)`` is called after each block. Setting ``stop`` ends the
-    job after the blocks in progress with ``advgrad.jobs.Interrupted`` (an evaluation
-    keeps no partial result).
+    ``progress(rows_done, n_rows)`` is called after each block.
+
+    With ``checkpoint``, the path where the caller will write the evaluation (e.g. its JSON
+    file), the job keeps its counts and per-row minimal eps beside it in a crash-safe,
+    locked partial file (``.<name>.partial.h5``, as ``advgrad.io.AdversarialWriter``
+    writes) and deletes it once the evaluation is returned: a stopped or killed job run
+    again resumes there (``resume`` and ``notice`` as in ``advgrad.jobs.attack_files``;
+    ``overwrite`` lets ``checkpoint`` be an existing file), and memory stays bounded by
+    the block size. Without it the minimal eps stay in memory (8 bytes per row and
+    searched method). Setting ``stop`` ends the job after the blocks in progress with
+    ``advgrad.jobs.Interrupted``.
     """
     get_backend(device)
     with (
@@ -75,17 +113,72 @@ def evaluate_file(
             raise InputFileError(data_path, "/y", "is missing; evaluation needs labels")
         block = rows_per_block(batch_size, model)
         settings = evaluation_settings(model, clip=clip_range(clip, reader, model), **options)
-        totals = EvaluationTotals(settings)
+        columns = {method: np.float64 for method in settings.searched}
+        if checkpoint is None:
+            results = _InMemory(settings.searched)
+        else:
+            results = AdversarialWriter(
+                checkpoint,
+                n_rows=reader.n_rows,
+                row_shape=None,
+                dtype=None,
+                y_template=None,
+                attrs={
+                    **_describe(settings),
+                    **provenance(model_path, data_path),
+                },
+                rows_per_chunk=min(block, max(reader.n_rows, 1)),
+                overwrite=overwrite,
+                inputs=(model_path, data_path),
+                columns=columns,
+                resume=resume,
+            )
+            stack.enter_context(results)
+        if notice is not None and results.notice:
+            notice(results.notice)
+        if notice is not None and results.resumed_rows:
+            notice(f"{checkpoint}: resuming after row {results.resumed_rows} of {reader.n_rows}")
+        totals = EvaluationTotals(settings, results.resumed_state or None)
 
-        def account(i, start, offset, rows, y, counted):
+        def account(i, start, offset, rows, y, counted: EvaluatedRows):
             totals.add(counted)
+            state = totals.state
+
+            def write() -> None:
+                results.write_columns(start, **counted.minimal)
+                results.checkpoint(state)
+
+            return write
 
         tasks = tasks_for(scheduler, model)
         stack.callback(tasks.close)
-        job = Job(evaluate_block, (settings, device), [_Counted()], account)
+        job = Job(evaluate_block, (settings, device), [results], account)
         empty = get_backend(device).empty if tasks.in_process else np.empty
         try:
             stream(reader, model, job, tasks, block, empty=empty, stop=stop, progress=progress)
         except Interrupted as interruption:
-            raise Interrupted(totals.n_rows, interruption.n_rows, kept=False) from None
-    return totals.evaluation()
+            if checkpoint is None:
+                raise Interrupted(totals.n_rows, interruption.n_rows, kept=False) from None
+            raise
+        evaluation = totals.evaluation({name: results.read_column(name) for name in columns})
+        if checkpoint is not None:
+            results.discard()  # the evaluation is complete: its partial state goes
+    return evaluation
+
+
+def _describe(settings: EvaluationSettings) -> dict:
+    """The settings as attributes of the partial file (what makes a run the same job)."""
+    return {
+        "methods": list(settings.methods),
+        "eps": np.asarray(settings.eps_values),
+        **{
+            f"attack_{name}": value
+            for name, value in dataclasses.asdict(settings.attack).items()
+            if name not in ("method", "eps")
+        },
+        "x_min": settings.clip[0] if np.isfinite(settings.clip[0]) else None,
+        "x_max": settings.clip[1] if np.isfinite(settings.clip[1]) else None,
+        "labels": "dataset" if settings.use_labels else "predictions",
+        "eps_max": settings.eps_max,
+        "tolerance": settings.tolerance,
+    }
