@@ -13,10 +13,6 @@ What both backends share (``output_rows``, ``check_workspace``, the work estimat
 
 from __future__ import annotations
 
-import functools
-import os
-from contextlib import contextmanager, nullcontext
-
 import numpy as np
 
 from advgrad.backend_common import (
@@ -31,6 +27,7 @@ from advgrad.backend_common import (
     step_slices,
 )
 from advgrad.kernels import cpu
+from advgrad.kernels.blas import blas_threads
 from advgrad.model import Model
 
 __all__ = [
@@ -47,48 +44,6 @@ __all__ = [
     "output_rows",
     "step_slices",
 ]
-
-
-@functools.cache
-def _kernel_blas_libraries() -> tuple:
-    """threadpoolctl controllers of the BLAS that numba's ``np.dot`` calls (scipy's)."""
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba binds to)
-    from threadpoolctl import ThreadpoolController
-
-    libraries = ThreadpoolController().select(user_api="blas").lib_controllers
-    scipy_own = [lib for lib in libraries if f"{os.sep}scipy" in lib.filepath]
-    return tuple(scipy_own or libraries)
-
-
-@contextmanager
-def blas_threads(n_threads: int):
-    """Set the thread count of the BLAS that the CPU kernels call, restoring it on exit.
-
-    The batch kernels call ``np.dot`` from inside ``prange``; a multi-threaded BLAS there
-    oversubscribes the cores, so they run under ``blas_threads(1)``. Wrap your own calls
-    of ``advgrad.kernels.cpu`` batch kernels on more than ``ROWS_PER_BLOCK`` rows likewise.
-    """
-    libraries = _kernel_blas_libraries()
-    previous = [lib.num_threads for lib in libraries]
-    for lib in libraries:
-        lib.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        for lib, count in zip(libraries, previous, strict=True):
-            lib.set_num_threads(count)
-
-
-def _kernel_threads(n_rows: int):
-    """The BLAS setting of batch kernels on ``n_rows`` rows: pinned to one thread when they
-    run their row blocks in parallel (more than ``cpu.ROWS_PER_BLOCK`` rows)."""
-    return blas_threads(1) if n_rows > cpu.ROWS_PER_BLOCK else nullcontext()
-
-
-def _run_kernel(kernel, *args) -> None:
-    """Call a batch kernel on args[0]'s rows under ``_kernel_threads``."""
-    with _kernel_threads(args[0].shape[0]):
-        kernel(*args)
 
 
 SLICE_MULTIPLY_ADDS = 2**26
@@ -118,9 +73,7 @@ class CpuBackend(HostOptimiser):
         """G (N, d) and predicted classes (N,) int64; Y (N, C) or 0 rows for predictions."""
         G = np.empty_like(X)
         predicted = np.empty(X.shape[0], dtype=np.int64)
-        _run_kernel(
-            cpu.input_gradient_into, X, model.W1, model.b1, model.W2, model.b2, Y, G, predicted
-        )
+        cpu.input_gradient_into(X, model.W1, model.b1, model.W2, model.b2, Y, G, predicted)
         return G, predicted
 
     def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None):
@@ -130,8 +83,7 @@ class CpuBackend(HostOptimiser):
         """
         X_adv = output_rows(X, out)
         predicted = np.empty(X.shape[0], dtype=np.int64)
-        _run_kernel(
-            cpu.fgm_step_into,
+        cpu.fgm_step_into(
             *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv, predicted),
         )
         return X_adv, predicted
@@ -152,13 +104,12 @@ class CpuBackend(HostOptimiser):
         n_rows = X.shape[0]
         momentum = np.empty((n_rows if decay > 0.0 else 0, X.shape[1]), dtype=X.dtype)
         settings = (p, decay, x_min, x_max)
-        with _kernel_threads(n_rows):
-            cpu.iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum)
-            for count in step_slices(steps, n_rows, gradient_work(model), SLICE_MULTIPLY_ADDS):
-                cpu.iterate_steps_into(
-                    *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, alpha, count),
-                    *(*settings, X_adv, momentum),
-                )
+        cpu.iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum)
+        for count in step_slices(steps, n_rows, gradient_work(model), SLICE_MULTIPLY_ADDS):
+            cpu.iterate_steps_into(
+                *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, alpha, count),
+                *(*settings, X_adv, momentum),
+            )
         return X_adv
 
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
@@ -175,15 +126,14 @@ class CpuBackend(HostOptimiser):
         original = np.empty(n_rows, dtype=np.int64)
         active = np.empty(n_rows, dtype=np.bool_)
         state = (X_adv, total, original, active, iterations)
-        with _kernel_threads(n_rows):
-            cpu.deepfool_start_into(X, *state)
-            for count in step_slices(max_iter, n_rows, deepfool_work(model), SLICE_MULTIPLY_ADDS):
-                cpu.deepfool_steps_into(
-                    *(X, model.W1, model.b1, model.W2, model.b2, p, overshoot, count),
-                    *(x_min, x_max, *state),
-                )
-                if not active.any():
-                    break
+        cpu.deepfool_start_into(X, *state)
+        for count in step_slices(max_iter, n_rows, deepfool_work(model), SLICE_MULTIPLY_ADDS):
+            cpu.deepfool_steps_into(
+                *(X, model.W1, model.b1, model.W2, model.b2, p, overshoot, count),
+                *(x_min, x_max, *state),
+            )
+            if not active.any():
+                break
         return X_adv, iterations
 
     def forward(self, model: Model, X: np.ndarray, Y: np.ndarray):
@@ -193,9 +143,7 @@ class CpuBackend(HostOptimiser):
         P = np.empty((n_rows, model.n_classes), dtype=X.dtype)
         losses = np.empty(n_rows, dtype=X.dtype)
         predicted = np.empty(n_rows, dtype=np.int64)
-        _run_kernel(
-            cpu.forward_into, X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted
-        )
+        cpu.forward_into(X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted)
         return P, losses, predicted
 
     def margin_bounds(self, model: Model, X, classes, eps, p, x_min, x_max, crown, line_steps):
@@ -222,8 +170,7 @@ class CpuBackend(HostOptimiser):
         check_workspace("certification", bound_workspace_bytes(model))
         X, classes, eps = bound_rows(X, classes, eps)
         worst = np.empty(X.shape[0])
-        _run_kernel(
-            cpu.margin_bounds_into,
+        cpu.margin_bounds_into(
             *(X, classes, eps, p, x_min, x_max, *float64_network(model), crown, line_steps),
             worst,
         )
@@ -251,8 +198,7 @@ class CpuBackend(HostOptimiser):
         X, classes, eps_grid = bound_rows(X, classes, eps_grid)
         radius = np.empty(X.shape[0])
         certified = np.empty((X.shape[0], eps_grid.shape[0]), dtype=np.bool_)
-        _run_kernel(
-            cpu.certified_radius_into,
+        cpu.certified_radius_into(
             *(X, classes, eps_grid, p, x_min, x_max, *float64_network(model), crown, line_steps),
             *(tolerance, radius, certified),
         )
@@ -277,8 +223,7 @@ class CpuBackend(HostOptimiser):
         gradient : (dW1, db1, dW2, db2), host arrays shaped like ``network``; the gradient
             is added to them in place
         """
-        _run_kernel(
-            cpu.parameter_gradient_into,
+        cpu.parameter_gradient_into(
             *(X, *network, Y, clean_weight, adv_weight, eps, x_min, x_max, *gradient),
         )
 

@@ -12,13 +12,19 @@ What it measures, for the two-layer sigmoid network of DESIGN.md section 1 at th
     jax       jax.jit of jax.grad of the summed loss plus the sign step (if installed);
               the weights are device arrays, X and Y go in as NumPy and X_adv comes back as NumPy
     advgrad   advgrad's public path ``CpuBackend().fgm_step`` (NumPy in, NumPy out)
+    fgsm      the Python API ``advgrad.fgsm(model, X, y, eps=..., clip=(0, 1))``
+    direct    the jitted kernel called directly, ``advgrad.kernels.cpu.fgsm_step(X, W1, b1,
+              W2, b2, Y, eps, 0, 1)``, with nothing around it (as a user imports it)
     kernel*   diagnostic, no target: ``advgrad.kernels.cpu.fgm_step_into`` into preallocated
-              outputs, so that advgrad - kernel* shows the wrapper and fresh-output-page cost
+              outputs, nothing around it, so that advgrad - kernel* shows the wrapper and
+              fresh-output-page cost
 
 Every contender computes X_adv = clip(X + eps * sign(G), 0, 1) and the clean predictions.
 It prints the table with the ratios advgrad/peer and marks the performance targets: at the
 MNIST shape advgrad within 1.2x of the roofline and faster than NumPy and PyTorch at every N;
-at the digits shape faster than every peer; at N = 1 at least 4x faster than PyTorch.
+at the digits shape faster than every peer; at N = 1 at least 4x faster than PyTorch; at
+every shape and N the direct kernel call within 1.1x of ``advgrad.fgsm`` (the kernels pin the
+BLAS they call themselves, so a direct call needs nothing wrapped around it).
 It also prints the BLAS libraries in use, the Numba threading layer, the kernels' first-call
 compile time (cold cache vs warm cache, in subprocesses), and the wall time of
 ``advgrad --help`` and ``advgrad attack`` when the console script is installed.
@@ -37,6 +43,7 @@ them but never changes them)::
     python scripts/bench_gradient.py --quick              # fewer, shorter rounds
     python scripts/bench_gradient.py --sizes 1 32         # other batch sizes
     python scripts/bench_gradient.py --device cuda        # advgrad's CUDA backend, if present
+    python scripts/bench_gradient.py --shapes MNIST --sizes 16384 --table-only
 
 The default run takes a few minutes on a 2-core machine.
 """
@@ -63,12 +70,13 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"digits": (64, 32, 10), "MNIST": (784, 256, 10)}
 DEFAULT_SIZES = (1, 32, 1024, 16384)
-CONTENDERS = ("roofline", "numpy", "torch", "jax", "advgrad", "kernel")
+CONTENDERS = ("roofline", "numpy", "torch", "jax", "advgrad", "fgsm", "direct", "kernel")
 PEERS = ("numpy", "torch", "jax")
 EPS = 0.1
 PAUSE_S = 0.3
 ROOFLINE_TARGET = 1.2
 SINGLE_ROW_TORCH_TARGET = 4.0
+DIRECT_TARGET = 1.1
 SUBPROCESS_TIMEOUT_S = 600
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 BUSY_WARNING = 0.10
@@ -241,21 +249,37 @@ def make_jax(p: Problem, jax) -> Step:
     return step
 
 
-def make_kernel(p: Problem, model, cpu, blas_threads) -> Step:
-    """Diagnostic: the kernel ``fgm_step_into`` into preallocated outputs, BLAS pinned as the
-    backend pins it; the gap to ``advgrad`` is the wrapper plus fresh output pages."""
+def make_kernel(p: Problem, model, cpu) -> Step:
+    """Diagnostic: the kernel ``fgm_step_into`` into preallocated outputs, nothing around it;
+    the gap to ``advgrad`` is the wrapper plus fresh output pages."""
     X, Y, W1, b1, W2, b2 = p.X, p.Y, model.W1, model.b1, model.W2, model.b2
     X_adv = np.empty_like(X)
     predicted = np.empty(p.N, dtype=np.int64)
-    parallel = cpu.n_blocks(p.N) > 1
 
     def step():
-        if parallel:
-            with blas_threads(1):
-                cpu.fgm_step_into(X, W1, b1, W2, b2, Y, EPS, np.inf, 0.0, 1.0, X_adv, predicted)
-        else:
-            cpu.fgm_step_into(X, W1, b1, W2, b2, Y, EPS, np.inf, 0.0, 1.0, X_adv, predicted)
+        cpu.fgm_step_into(X, W1, b1, W2, b2, Y, EPS, np.inf, 0.0, 1.0, X_adv, predicted)
         return X_adv, predicted
+
+    return step
+
+
+def make_direct(p: Problem, model, cpu) -> Step:
+    """The allocating kernel ``fgsm_step`` called directly, nothing around it; its
+    predictions come from the ``fgsm`` contender's check (it returns X_adv only)."""
+    X, Y, W1, b1, W2, b2 = p.X, p.Y, model.W1, model.b1, model.W2, model.b2
+
+    def step():
+        return cpu.fgsm_step(X, W1, b1, W2, b2, Y, EPS, 0.0, 1.0), None
+
+    return step
+
+
+def make_fgsm(p: Problem, advgrad, model) -> Step:
+    """The Python API ``advgrad.fgsm`` on integer labels, clipped to (0, 1)."""
+    X, labels = p.X, p.labels
+
+    def step():
+        return advgrad.fgsm(model, X, labels, eps=EPS, clip=(0.0, 1.0)), None
 
     return step
 
@@ -347,7 +371,7 @@ def mismatch(reference, result) -> tuple[float, float]:
     X_adv, predicted = result
     X_adv = np.asarray(X_adv)
     bad_x = float(np.mean(np.abs(X_adv.astype(np.float64) - X_ref) > 1e-5))
-    bad_pred = float(np.mean(np.asarray(predicted) != pred_ref))
+    bad_pred = 0.0 if predicted is None else float(np.mean(np.asarray(predicted) != pred_ref))
     return bad_x, bad_pred
 
 
@@ -361,9 +385,10 @@ class Row:
     us_per_row: dict[str, float | None] = field(default_factory=dict)
     others: float | None = None  # share of the machine's CPU that other processes used
 
-    def ratio(self, peer: str) -> float | None:
-        mine, theirs = self.us_per_row.get("advgrad"), self.us_per_row.get(peer)
-        return None if mine is None or theirs is None else mine / theirs
+    def ratio(self, peer: str, mine: str = "advgrad") -> float | None:
+        """Time per row of ``mine`` over that of ``peer``; None when either was not run."""
+        ours, theirs = self.us_per_row.get(mine), self.us_per_row.get(peer)
+        return None if ours is None or theirs is None else ours / theirs
 
     def targets(self) -> list[tuple[str, bool]]:
         """(label, met) of each target that applies to this row."""
@@ -386,6 +411,9 @@ class Row:
                 checks.append(
                     (f">={SINGLE_ROW_TORCH_TARGET:g}x torch", r <= 1 / SINGLE_ROW_TORCH_TARGET)
                 )
+        direct = self.ratio("fgsm", mine="direct")
+        if direct is not None:
+            checks.append((f"direct<={DIRECT_TARGET:g}x fgsm", direct <= DIRECT_TARGET))
         return checks
 
 
@@ -400,13 +428,14 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def print_table(rows: list[Row], advgrad_label: str) -> None:
-    head = ["shape", "N", "roofline", "numpy", "torch", "jax", advgrad_label, "kernel*"]
-    head += ["/roof", "/numpy", "/torch", "/jax", "others", "targets"]
+    head = ["shape", "N", "roofline", "numpy", "torch", "jax", advgrad_label, "fgsm", "direct"]
+    head += ["kernel*", "/roof", "/numpy", "/torch", "/jax", "direct/fgsm", "others", "targets"]
     lines = []
     for row in rows:
         cells = [row.shape_name, str(row.N)]
         cells += [fmt_us(row.us_per_row.get(name)) for name in CONTENDERS]
         cells += [fmt_ratio(row.ratio(name)) for name in ("roofline", *PEERS)]
+        cells.append(fmt_ratio(row.ratio("fgsm", mine="direct")))
         cells.append("-" if row.others is None else f"{row.others:.0%}")
         checks = row.targets()
         cells.append(
@@ -423,6 +452,8 @@ def print_table(rows: list[Row], advgrad_label: str) -> None:
         return "  ".join(parts).rstrip()
 
     print("microseconds per row (best of the rounds); ratios are advgrad / column, < 1 is faster")
+    print("fgsm: advgrad.fgsm (the Python API); direct: advgrad.kernels.cpu.fgsm_step called")
+    print("        directly with nothing around it; direct/fgsm: their ratio, side by side")
     print("kernel* (diagnostic, no target): advgrad.kernels.cpu.fgm_step_into into preallocated")
     print(
         "        outputs; advgrad - kernel* = the backend wrapper plus first-touch of fresh X_adv"
@@ -478,6 +509,16 @@ def blas_report(numba_layer: str) -> None:
         )
 
 
+def pinning_report() -> None:
+    """Which BLAS the kernels pin to one thread while their row blocks run in parallel."""
+    try:
+        blas = importlib.import_module("advgrad.kernels.blas")
+    except ImportError:
+        print("kernels pin the BLAS themselves: no (this advgrad has no advgrad.kernels.blas)")
+        return
+    print(f"kernels pin the BLAS themselves: {blas.PINNED_LIBRARY or 'no OpenBLAS found: none'}")
+
+
 def environment_report(numba, torch, jax, backend_label: str) -> None:
     print("== environment")
     print(f"python {platform.python_version()}  numpy {np.__version__}  numba {numba.__version__}")
@@ -514,6 +555,7 @@ def environment_report(numba, torch, jax, backend_label: str) -> None:
         print(f"jax devices: {jax.devices()}")
     print(f"advgrad contender: {backend_label}")
     blas_report(layer)
+    pinning_report()
 
 
 # --------------------------------------------------------------------------- subprocesses
@@ -633,6 +675,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=int, default=None, help="timed rounds per contender (default 5, --quick 3)"
     )
+    parser.add_argument(
+        "--shapes",
+        choices=list(SHAPES),
+        nargs="+",
+        default=list(SHAPES),
+        help="network shapes (default all)",
+    )
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="skip the compile-time and command-line timings after the table",
+    )
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.sizes):
         parser.error("--sizes must be positive")
@@ -665,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     rows = []
-    for shape_name in SHAPES:
+    for shape_name in args.shapes:
         for n_rows in args.sizes:
             problem = make_problem(shape_name, n_rows)
             model = model_module.Model(problem.W1, problem.b1, problem.W2, problem.b2)
@@ -680,7 +734,9 @@ def main(argv: list[str] | None = None) -> int:
                 steps["jax"] = make_jax(problem, jax)
             steps["advgrad"] = make_advgrad(problem, backend, model)
             if args.device == "cpu":
-                steps["kernel"] = make_kernel(problem, model, cpu, backend_module.blas_threads)
+                steps["fgsm"] = make_fgsm(problem, advgrad, model)
+                steps["direct"] = make_direct(problem, model, cpu)
+                steps["kernel"] = make_kernel(problem, model, cpu)
 
             _, _, _, _, pred_ref = numpy_forward_backward(problem)
             reference = (np.asarray(steps["numpy"]()[0], dtype=np.float64), pred_ref)
@@ -709,10 +765,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{PAUSE_S} s pause before each ({elapsed:.0f} s)"
     )
     print_table(rows, "advgrad")
-    print()
-    compile_report(advgrad)
-    print()
-    cli_report(advgrad)
+    if not args.table_only:
+        print()
+        compile_report(advgrad)
+        print()
+        cli_report(advgrad)
     return 0
 
 

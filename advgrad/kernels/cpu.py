@@ -11,8 +11,10 @@ Batch kernels split the rows into blocks of at most ``ROWS_PER_BLOCK`` rows that
 only on N, and ``prange`` over them; each block runs the four matrix products through
 ``np.dot`` (BLAS) and fuses the element-wise work between them. A block writes only its
 own rows, so results do not depend on the thread count. ``np.dot`` inside ``prange`` must
-see a single-threaded BLAS (see ``advgrad.backend.blas_threads``); with one block the
-kernels run serially and BLAS may use its own threads.
+see a single-threaded BLAS: a kernel that runs more than one block pins it to one thread
+for their run and restores it after (``advgrad.kernels.blas.pin_blas``), so the kernels
+are safe to call at any N with nothing around them; with one block they run serially and
+BLAS may use its own threads.
 
 Labels ``Y`` are float (N, C), one-hot or soft (each row sums to 1). Kernels that take an
 output for predictions also accept ``Y`` with 0 rows: the model's own predictions are
@@ -23,8 +25,17 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic, overload
+
+from advgrad.kernels.blas import pin_blas, unpin_blas
+from advgrad.kernels.memory import advise_huge_pages
+
+# Numba starts its parallel runtime when it loads a cached parallel kernel from the cache,
+# but not when it loads a cached serial function that calls one (``fgsm_step``, or a user's
+# own) compiled while that kernel came from the cache: the call then jumps to an unresolved
+# symbol and crashes (numba issues 8578 and 9938). Starting the runtime here covers them all.
+get_num_threads()
 
 ROWS_PER_BLOCK = 256
 
@@ -256,6 +267,7 @@ def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted):
     if blocks == 1:
         gradient_block(X, W1, b1, W2, b2, Y, G, predicted, gradient_workspace(N, W1, W2))
         return
+    pinned = pin_blas(blocks)
     for block in prange(blocks):
         start, stop = block_rows(N, block)
         Yb = Y if Y.shape[0] == 0 else Y[start:stop]
@@ -263,6 +275,7 @@ def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted):
         gradient_block(
             X[start:stop], W1, b1, W2, b2, Yb, G[start:stop], predicted[start:stop], work
         )
+    unpin_blas(pinned)
 
 
 @njit(cache=True, error_model="numpy")
@@ -280,6 +293,7 @@ def input_gradient(X, W1, b1, W2, b2, Y):
     G : (N, d) same dtype, ((P - Y) W2^T * A * (1 - A)) W1^T
     """
     G = np.empty_like(X)
+    advise_huge_pages(G)
     predicted = np.empty(X.shape[0], dtype=np.int64)
     input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted)
     return G
@@ -305,6 +319,7 @@ def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
     if blocks == 1:
         fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted)
         return
+    pinned = pin_blas(blocks)
     for block in prange(blocks):
         start, stop = block_rows(N, block)
         Yb = Y if Y.shape[0] == 0 else Y[start:stop]
@@ -322,6 +337,7 @@ def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
             X_adv[start:stop],
             predicted[start:stop],
         )
+    unpin_blas(pinned)
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -369,6 +385,7 @@ def perturbation_norms_into(X_adv, X, linf, l2):
 def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max):
     """X_adv = clip(X + eps * direction_p(dJ/dX), x_min, x_max); see ``fgm_step_into``."""
     X_adv = np.empty_like(X)
+    advise_huge_pages(X_adv)
     predicted = np.empty(X.shape[0], dtype=np.int64)
     fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted)
     return X_adv
@@ -409,6 +426,7 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
     """
     N = X.shape[0]
     blocks = n_blocks(N)
+    pinned = pin_blas(blocks)
     for block in prange(blocks):
         start, stop = block_rows(N, block)
         hidden_block_into(X[start:stop], W1, b1, A[start:stop])
@@ -427,6 +445,7 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
             # logsumexp(Z) - Y.Z = (m - Y.Z) + log1p(rest): no cancellation near 0
             losses[start + n] = (top[n] - label_logit[n]) + math.log1p(rest[n])
         P[start:stop] = ZT.T
+    unpin_blas(pinned)
 
 
 @njit(cache=True, error_model="numpy")
@@ -435,6 +454,8 @@ def forward(X, W1, b1, W2, b2):
     N = X.shape[0]
     A = np.empty((N, W1.shape[1]), dtype=X.dtype)
     P = np.empty((N, W2.shape[1]), dtype=X.dtype)
+    advise_huge_pages(A)
+    advise_huge_pages(P)
     losses = np.empty(N, dtype=X.dtype)
     predicted = np.empty(N, dtype=np.int64)
     forward_into(X, W1, b1, W2, b2, P[:0], A, P, losses, predicted)
@@ -447,6 +468,8 @@ def loss(X, W1, b1, W2, b2, Y):
     N = X.shape[0]
     A = np.empty((N, W1.shape[1]), dtype=X.dtype)
     P = np.empty((N, W2.shape[1]), dtype=X.dtype)
+    advise_huge_pages(A)
+    advise_huge_pages(P)
     losses = np.empty(N, dtype=X.dtype)
     predicted = np.empty(N, dtype=np.int64)
     forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted)
@@ -603,7 +626,9 @@ def iterate_steps_into(
         (0 rows allowed) otherwise
     """
     N = X.shape[0]
-    for block in prange(n_blocks(N)):
+    blocks = n_blocks(N)
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
         start, stop = block_rows(N, block)
         iterate_steps_block(
             X[start:stop],
@@ -622,6 +647,7 @@ def iterate_steps_into(
             X_adv[start:stop],
             momentum[start:stop],  # 0 rows when unused
         )
+    unpin_blas(pinned)
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -649,7 +675,9 @@ def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_m
     X_adv : (N, d) same dtype, output; may be X_start itself
     """
     N = X.shape[0]
-    for block in prange(n_blocks(N)):
+    blocks = n_blocks(N)
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
         start, stop = block_rows(N, block)
         iterate_block(
             X[start:stop],
@@ -668,6 +696,7 @@ def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_m
             x_max,
             X_adv[start:stop],
         )
+    unpin_blas(pinned)
 
 
 @njit(cache=True, error_model="numpy")
@@ -838,7 +867,9 @@ def deepfool_steps_into(
     iterations : (N,) int64, iterations used per row; updated
     """
     N = X.shape[0]
-    for block in prange(n_blocks(N)):
+    blocks = n_blocks(N)
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
         start, stop = block_rows(N, block)
         deepfool_steps_block(
             X[start:stop],
@@ -857,6 +888,7 @@ def deepfool_steps_into(
             active[start:stop],
             iterations[start:stop],
         )
+    unpin_blas(pinned)
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -882,7 +914,9 @@ def deepfool_into(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv
     iterations : (N,) int64, output: iterations used per row (max_iter when it failed)
     """
     N = X.shape[0]
-    for block in prange(n_blocks(N)):
+    blocks = n_blocks(N)
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
         start, stop = block_rows(N, block)
         deepfool_block(
             X[start:stop],
@@ -898,6 +932,7 @@ def deepfool_into(X, W1, b1, W2, b2, p, overshoot, max_iter, x_min, x_max, X_adv
             X_adv[start:stop],
             iterations[start:stop],
         )
+    unpin_blas(pinned)
 
 
 # ---- training
@@ -989,6 +1024,7 @@ def parameter_gradient_into(
     partial_b1 = np.zeros((blocks, H), dtype=db1.dtype)
     partial_W2 = np.zeros((blocks, H, C), dtype=dW2.dtype)
     partial_b2 = np.zeros((blocks, C), dtype=db2.dtype)
+    pinned = pin_blas(blocks)
     for block in prange(blocks):
         start, stop = block_rows(N, block)
         training_gradient_block(
@@ -1008,6 +1044,7 @@ def parameter_gradient_into(
             partial_W2[block],
             partial_b2[block],
         )
+    unpin_blas(pinned)
     for block in range(blocks):
         dW1 += partial_W1[block]
         db1 += partial_b1[block]
@@ -1322,7 +1359,9 @@ def margin_bounds_into(X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, crown, s
     """
     N = X.shape[0]
     constants = bound_constants(W1)
-    for block in prange(n_blocks(N)):
+    blocks = n_blocks(N)
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
         start, stop = block_rows(N, block)
         margin_bound_block(
             X[start:stop],
@@ -1341,6 +1380,7 @@ def margin_bounds_into(X, labels, eps, p, x_min, x_max, W1, b1, W2, b2, crown, s
             bound_workspace(stop - start, W1, W2),
             worst[start:stop],
         )
+    unpin_blas(pinned)
 
 
 @njit(cache=True, error_model="numpy")
@@ -1436,7 +1476,9 @@ def certified_radius_into(
     """
     N = X.shape[0]
     constants = bound_constants(W1)
-    for block in prange(n_blocks(N)):
+    blocks = n_blocks(N)
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
         start, stop = block_rows(N, block)
         certified_radius_block(
             X[start:stop],
@@ -1456,3 +1498,4 @@ def certified_radius_into(
             radius[start:stop],
             certified[start:stop],
         )
+    unpin_blas(pinned)
