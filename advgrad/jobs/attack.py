@@ -47,7 +47,7 @@ from advgrad.jobs.inputs import (
     provenance,
     rows_per_block,
 )
-from advgrad.jobs.pipeline import Job, stream, tasks_for
+from advgrad.jobs.pipeline import Job, announce, stream, tasks_for
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
 from advgrad.model import MAX_WEIGHTS
 
@@ -364,10 +364,7 @@ def attack_files(
                 resume=resume,
             )
             writers.append(stack.enter_context(writer))
-            if notice is not None and writer.notice:
-                notice(writer.notice)
-            if notice is not None and writer.resumed_rows:
-                notice(f"{path}: resuming after row {writer.resumed_rows} of {reader.n_rows}")
+            announce(writer, path, reader.n_rows, notice)
         tasks = tasks_for(scheduler, model)
         stack.callback(tasks.close)
         totals = [_Totals(**writer.resumed_state) for writer in writers]

@@ -44,7 +44,7 @@ from advgrad.jobs.inputs import (
     provenance,
     rows_per_block,
 )
-from advgrad.jobs.pipeline import Job, stream, tasks_for
+from advgrad.jobs.pipeline import Job, announce, stream, tasks_for
 from advgrad.model import MAX_WEIGHTS
 
 
@@ -208,10 +208,7 @@ def certify_file(
             resume=resume,
         )
         stack.enter_context(writer)
-        if notice is not None and writer.notice:
-            notice(writer.notice)
-        if notice is not None and writer.resumed_rows:
-            notice(f"{out_path}: resuming after row {writer.resumed_rows} of {reader.n_rows}")
+        announce(writer, out_path, reader.n_rows, notice)
         zeros = [0] * len(settings.eps_values)
         counts = _Counts(**(writer.resumed_state or {"certified": zeros, "robust": zeros}))
 

@@ -34,7 +34,7 @@ from advgrad.jobs.inputs import (
     provenance,
     rows_per_block,
 )
-from advgrad.jobs.pipeline import Interrupted, Job, stream, tasks_for
+from advgrad.jobs.pipeline import Interrupted, Job, announce, stream, tasks_for
 from advgrad.model import MAX_WEIGHTS
 
 
@@ -42,8 +42,7 @@ class _InMemory:
     """The per-row results of an evaluation without a checkpoint: kept in memory (8 bytes
     per row and searched method), never resumed."""
 
-    rows_written = resumed_rows = 0
-    notice = None
+    rows_written = 0
 
     def __init__(self, methods) -> None:
         self.resumed_state: dict = {}
@@ -134,10 +133,7 @@ def evaluate_file(
                 resume=resume,
             )
             stack.enter_context(results)
-        if notice is not None and results.notice:
-            notice(results.notice)
-        if notice is not None and results.resumed_rows:
-            notice(f"{checkpoint}: resuming after row {results.resumed_rows} of {reader.n_rows}")
+            announce(results, checkpoint, reader.n_rows, notice)
         totals = EvaluationTotals(settings, results.resumed_state or None)
 
         def account(i, start, offset, rows, y, counted: EvaluatedRows):

@@ -96,6 +96,17 @@ class Job:
     result_width: int | None = None
 
 
+def announce(output, name, n_rows: int, notice: Callable[[str], None] | None) -> None:
+    """Tell ``notice`` what became of a partial output found for ``output`` (a writer):
+    why it was deleted, or where the job resumes it; ``name`` is the output's path."""
+    if notice is None:
+        return
+    if output.notice:
+        notice(output.notice)
+    if output.resumed_rows:
+        notice(f"{name}: resuming after row {output.resumed_rows} of {n_rows}")
+
+
 class LocalTasks:
     """Runs compute steps in this process, one at a time (the kernels use every core)."""
 
