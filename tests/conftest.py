@@ -1,4 +1,4 @@
-"""Shared fixtures: random networks and the bundled digits model and test set."""
+"""Shared fixtures: random networks, a small model, and the bundled digits model and test set."""
 
 from __future__ import annotations
 
@@ -33,3 +33,11 @@ def digits_test():
     import advgrad
 
     return advgrad.load_dataset(bundled_path(TEST_DATA))
+
+
+@pytest.fixture
+def small_model():
+    import advgrad
+
+    rng = np.random.default_rng(20)
+    return advgrad.Model(*random_network(rng, 12, 7, 4), input_shape=(3, 4))

@@ -15,8 +15,8 @@ import reference
 from conftest import one_hot, random_network
 
 import advgrad
-from advgrad import backend, backend_common, cuda_backend
-from advgrad.backend import CpuBackend
+from advgrad import attacks, backend, backend_common, cuda_backend
+from advgrad.backend import CpuBackend, get_backend
 from advgrad.cuda_backend import CudaBackend
 from advgrad.kernels import cpu
 from advgrad.model import Model
@@ -211,3 +211,20 @@ def test_get_backend_refuses_an_unknown_device():
     expected = r"^unknown device 'tpu'; expected one of cpu, cuda, auto$"
     with pytest.raises(ValueError, match=expected):
         advgrad.backend.get_backend("tpu")
+
+
+def test_backend_output_arrays_are_checked(digits_model, digits_test):
+    rows = attacks.as_rows(digits_model, digits_test[0][:10])
+    Y = attacks.label_matrix(digits_model, None, len(rows))
+    backend = get_backend("cpu")
+    G, _ = backend.input_gradient(digits_model, rows, Y)
+    expected = backend.fgm_from_gradient(rows, G, 0.1, np.inf, 0.0, 1.0)
+    out = np.empty_like(rows)
+    assert backend.fgm_from_gradient(rows, G, 0.1, np.inf, 0.0, 1.0, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    wide = np.empty((len(rows), 2 * rows.shape[1]), rows.dtype)
+    for bad in (out[:5], out.astype(np.float64), wide[:, ::2]):
+        with pytest.raises(ValueError, match="out must be a C-contiguous"):
+            backend.fgm_step(digits_model, rows, Y, 0.1, np.inf, 0.0, 1.0, out=bad)
+    with pytest.raises(ValueError, match="out must not overlap the input rows"):
+        backend.fgm_step(digits_model, rows, Y, 0.1, np.inf, 0.0, 1.0, out=rows)

@@ -308,3 +308,10 @@ def test_bad_options_are_refused_by_the_parser(tmp_path, args, option):
     assert result.exit_code == 2
     assert f"Invalid value for '{option}'" in " ".join(result.output.split())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_finest_certify_tolerance_ends(digits_model, digits_test):
+    X, y = digits_test
+    result = certify(digits_model, X[:8], y[:8], eps_values=(0.05,), tolerance=np.spacing(1.0))
+    assert result.n_rows == 8
+    assert (result.radius >= 0).all()

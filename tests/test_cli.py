@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -376,3 +377,68 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "--device cuda is not usable here:" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_command_writes_json_and_png(tmp_path):
+    json_path, png = tmp_path / "r.json", tmp_path / "curve.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--eps",
+            "0,0.1,0.2",
+            "--method",
+            "fgsm,pgd",
+            "--steps",
+            "5",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(png),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(json_path.read_text())
+    assert data["n_rows"] == 450
+    assert {(p["method"], p["eps"]) for p in data["points"]} == {
+        (m, e) for m in ("fgsm", "pgd") for e in (0.0, 0.1, 0.2)
+    }
+    for point in data["points"]:
+        assert f"{100 * point['accuracy']:.1f} %" in result.output
+    assert [s["method"] for s in data["minimal_eps"]] == ["fgsm", "pgd"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 5000
+
+
+def test_attack_command_methods_and_min_eps(tmp_path):
+    out = tmp_path / "pgd.h5"
+    result = CliRunner().invoke(
+        app,
+        [
+            "attack",
+            "--method",
+            "pgd",
+            "--steps",
+            "5",
+            "--target",
+            "least-likely",
+            "--min-eps",
+            "0.01",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "minimal eps" in result.output
+    with h5py.File(out, "r") as f:
+        assert f.attrs["attack"] == "pgd"
+        assert f.attrs["targeted"]
+        assert f.attrs["steps"] == 5
+        assert f["eps_min"].shape == (450,)
+        assert f["target"].shape == (450,)
+    result = CliRunner().invoke(app, ["attack", "--method", "deepfool", "--target", "3"])
+    assert result.exit_code == 1
+    assert "deepfool is untargeted" in result.output
+    result = CliRunner().invoke(app, ["attack", "--target", "x"])
+    assert result.exit_code == 1
+    assert "--target must be a class index" in result.output

@@ -8,6 +8,9 @@ job allocate without bound; a block's working memory is bounded for wide network
 Library-level tests assert the refusal and the fields; end-to-end tests run ``python -m advgrad``
 in a subprocess with a timeout and assert the exit code, exactly one stderr line, no traceback,
 inputs byte-for-byte unchanged and nothing left behind. Memory bounds run under ``ulimit -v``.
+The checks of one module's own arguments (Attack's settings and radii, the minimal-eps
+search's bounds, certify's finest tolerance, TrainConfig's bounds) are in test_attacks,
+test_certify and test_train.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ from conftest import random_network
 
 import advgrad
 from advgrad import attacks
-from advgrad.attacks import MAX_BISECTIONS, MAX_COUNT, Attack, minimal_eps_of
-from advgrad.backend import CpuBackend
+from advgrad.attacks import MAX_COUNT, Attack
 from advgrad.bundled import MODEL, bundled_path
 from advgrad.certify import certify
 from advgrad.errors import InputFileError
@@ -37,9 +39,6 @@ from advgrad.jobs.train import train_file
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
 from advgrad.model import MAX_WEIGHTS, Model
 from advgrad.train import TrainConfig, train
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -100,87 +99,7 @@ def overflowing(tmp_path) -> Path:
     return tmp_path
 
 
-class CountingBackend(CpuBackend):
-    """The CPU backend, counting the iterative runs (one per bisection step)."""
-
-    def __init__(self) -> None:
-        self.runs = 0
-
-    def iterate(self, *args, **kwargs):
-        self.runs += 1
-        return super().iterate(*args, **kwargs)
-
-
 # --------------------------------------------------------------------------- class 6: searches end
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"tolerance": 1e-20}, "tolerance must be finite and at least 2.22e-16"),
-        ({"tolerance": 0.0}, "tolerance must be finite and at least"),
-        ({"tolerance": np.nan}, "tolerance must be finite"),
-        ({"eps_max": np.inf}, "eps_max must be >= 0 and finite"),
-        ({"eps_max": np.nan}, "eps_max must be >= 0 and finite"),
-        ({"eps_max": 1e39}, "eps_max must be >= 0 and finite (at most 3.403e+38 in float32)"),
-        ({"eps_max": 0.0}, "eps_max, the top of the search, must be > 0"),
-    ],
-)
-def test_minimal_eps_refuses_a_search_that_cannot_end(digits_model, digits_test, options, message):
-    X, y = digits_test
-    with pytest.raises(ValueError, match=re.escape(message)):
-        minimal_eps_of(digits_model, X[:4], y[:4], **{"eps_max": 1.0, **options})
-
-
-@pytest.mark.parametrize("eps_max", [1.0, FLOAT32_MAX])
-def test_the_finest_accepted_tolerance_ends_within_the_bound(digits_model, digits_test, eps_max):
-    X, y = digits_test
-    backend = CountingBackend()
-    rows = attacks.as_rows(digits_model, X[:16])
-    attack = Attack("fgsm")
-    labels = attacks.attack_labels(digits_model, rows, y[:16], attack, backend=backend)
-    tolerance = float(np.spacing(eps_max))
-    found = attacks.minimal_eps(
-        *(digits_model, rows, labels, attack, (0.0, 1.0)),
-        eps_max=eps_max,
-        tolerance=tolerance,
-        backend=backend,
-    )
-    assert backend.runs < 1 + MAX_BISECTIONS  # ended by the tolerance, not the bound
-    assert np.isfinite(found).any()
-
-
-def test_bisection_stops_at_the_iteration_bound_whatever_the_tolerance(
-    digits_model, digits_test, monkeypatch
-):
-    monkeypatch.setattr(attacks, "check_search", lambda eps_max, tolerance, dtype: None)
-    X, y = digits_test
-    backend = CountingBackend()
-    rows = attacks.as_rows(digits_model, X[:16])
-    labels = attacks.attack_labels(digits_model, rows, y[:16], Attack(), backend=backend)
-    found = attacks.minimal_eps(
-        *(digits_model, rows, labels, Attack(), (0.0, 1.0)),
-        eps_max=1.0,
-        tolerance=1e-300,
-        backend=backend,
-    )
-    assert backend.runs == 1 + MAX_BISECTIONS
-    assert np.isfinite(found).any()
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"eps": np.inf}, "eps must be >= 0 and finite"),
-        ({"eps": np.nan}, "eps must be >= 0 and finite"),
-        ({"step_size": np.inf}, "step size must be >= 0 and finite"),
-        ({"decay": np.inf}, "decay and overshoot must be >= 0 and finite"),
-        ({"overshoot": np.nan}, "decay and overshoot must be >= 0 and finite"),
-    ],
-)
-def test_attack_refuses_non_finite_radii(options, message):
-    with pytest.raises(ValueError, match=message):
-        Attack("pgd", **options)
 
 
 def test_radii_beyond_the_compute_dtype_are_refused(digits_model, digits_test, tmp_path):
@@ -206,13 +125,6 @@ def test_radii_beyond_the_compute_dtype_are_refused(digits_model, digits_test, t
         evaluate(digits_model, X[:4], y[:4], eps_values=[0.1], min_eps_tolerance=1e-20)
     with pytest.raises(ValueError, match=r"adv_eps must be .*float32"):
         TrainConfig(adv_eps=1e39)
-
-
-def test_the_finest_certify_tolerance_ends(digits_model, digits_test):
-    X, y = digits_test
-    result = certify(digits_model, X[:8], y[:8], eps_values=(0.05,), tolerance=np.spacing(1.0))
-    assert result.n_rows == 8
-    assert (result.radius >= 0).all()
 
 
 def test_a_non_finite_row_is_never_written(overflowing):
@@ -408,33 +320,6 @@ def test_a_label_is_refused_under_a_memory_limit(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "label 4194304 in row 1 makes 4194305 classes" in result.stdout
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"seed": 2**64}, r"seed must be in \[0, 2\*\*63\), got 18446744073709551616"),
-        ({"seed": 2**63}, r"seed must be in \[0, 2\*\*63\)"),
-        ({"seed": -1}, "seed must be in"),
-        ({"seed": 1.5}, "seed must be an integer"),
-        ({"steps": 2**64}, f"steps must be at least 1 and at most {MAX_COUNT}"),
-        ({"steps": 0}, "steps must be at least 1"),
-        ({"steps": 10.0}, "steps must be an integer"),
-        ({"restarts": MAX_COUNT + 1}, "restarts must be at least 1 and at most"),
-        ({"max_iter": 2**70}, "max_iter must be at least 1 and at most"),
-    ],
-)
-def test_attack_settings_are_bounded(options, message):
-    with pytest.raises(ValueError, match=message):
-        Attack("pgd", **options)
-
-
-@pytest.mark.parametrize(
-    "name", ["seed", "hidden", "epochs", "batch_size", "patience", "adv_steps"]
-)
-def test_train_settings_are_bounded(name):
-    with pytest.raises(ValueError, match=f"{name} must be"):
-        TrainConfig(**{name: 2**64})
 
 
 def test_the_largest_accepted_settings_are_stored(files):

@@ -418,3 +418,48 @@ def test_iterative_kernels_in_slices_are_bitwise_one_call():
     assert X_adv.tobytes() == one_call.tobytes()
     assert sliced_iterations.tobytes() == iterations.tobytes()
     assert not active[iterations < 5].any()  # rows that crossed, or had nowhere to go
+
+
+def test_l1_projection_matches_an_independent_one():
+    """Project onto the L1 ball by bisection on the soft threshold, in numpy."""
+    rng = np.random.default_rng(41)
+    scratch = np.empty(20)
+    for _ in range(50):
+        x0 = rng.normal(size=20)
+        x = x0 + rng.normal(size=20) * rng.uniform(0.01, 2.0)
+        eps = rng.uniform(0.1, 3.0)
+        got = x.copy()
+        cpu.project_row(got, x0, eps, 1.0, -np.inf, np.inf, scratch)
+        delta = x - x0
+        if np.abs(delta).sum() <= eps:
+            np.testing.assert_array_equal(got, x)
+            continue
+        lo, hi = 0.0, np.abs(delta).max()
+        for _ in range(200):
+            theta = 0.5 * (lo + hi)
+            if np.maximum(np.abs(delta) - theta, 0.0).sum() > eps:
+                lo = theta
+            else:
+                hi = theta
+        expected = x0 + np.sign(delta) * np.maximum(np.abs(delta) - hi, 0.0)
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+        assert np.abs(got - x0).sum() == pytest.approx(eps, rel=1e-12)
+
+
+def test_logit_jacobian_matches_finite_differences():
+    rng = np.random.default_rng(42)
+    W1, b1, W2, b2 = random_network(rng, 7, 5, 4)
+    x = rng.uniform(size=7)
+    a, M, z, J = np.empty(5), np.empty((5, 4)), np.empty(4), np.empty((7, 4))
+    cpu.logits_and_jacobian_row(x, W1, b1, W2, b2, a, M, z, J)
+    np.testing.assert_allclose(z, reference.forward(x[None], W1, b1, W2, b2)[1][0], rtol=1e-13)
+    h = 1e-6
+    for i in range(7):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        numeric = (
+            reference.forward(up[None], W1, b1, W2, b2)[1][0]
+            - reference.forward(down[None], W1, b1, W2, b2)[1][0]
+        ) / (2 * h)
+        np.testing.assert_allclose(J[i], numeric, rtol=1e-7, atol=1e-9)

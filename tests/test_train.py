@@ -376,3 +376,11 @@ def test_cli_train_default_and_overwrite(tmp_path):
         assert "fgsm, eps 0.1, alpha 0.5" in adversarial.output
     finally:
         os.chdir(previous)
+
+
+@pytest.mark.parametrize(
+    "name", ["seed", "hidden", "epochs", "batch_size", "patience", "adv_steps"]
+)
+def test_train_settings_are_bounded(name):
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        TrainConfig(**{name: 2**64})
