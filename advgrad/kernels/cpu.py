@@ -410,6 +410,30 @@ def fgsm_step(X, W1, b1, W2, b2, Y, eps, x_min, x_max):
     return fgm_step(X, W1, b1, W2, b2, Y, eps, np.inf, x_min, x_max)
 
 
+@njit(cache=True, error_model="numpy")
+def forward_block(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
+    """Forward pass of a block of rows, serial (see ``forward_into``; Y has the block's
+    rows or 0 rows)."""
+    B = X.shape[0]
+    hidden_block_into(X, W1, b1, A)
+    ZT = np.dot(W2.T, A.T)
+    label_logit = np.zeros(B, dtype=X.dtype)
+    if Y.shape[0] != 0:
+        for k in range(ZT.shape[0]):
+            for n in range(B):
+                label_logit[n] += Y[n, k] * (ZT[k, n] + b2[k])
+    top = np.empty(B, dtype=X.dtype)
+    rest = np.empty(B, dtype=X.dtype)
+    softmax_columns(ZT, b2, predicted, top, rest)
+    if Y.shape[0] == 0:
+        label_logit = top  # the predicted class holds the largest logit
+    for n in range(B):
+        # logsumexp(Z) - Y.Z = (m - Y.Z) + log1p(rest): no cancellation near 0
+        losses[n] = (top[n] - label_logit[n]) + math.log1p(rest[n])
+        for k in range(ZT.shape[0]):  # loops, not slice copies: they compile seconds faster
+            P[n, k] = ZT[k, n]
+
+
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
     """Forward pass of every row.
@@ -426,25 +450,25 @@ def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted):
     """
     N = X.shape[0]
     blocks = n_blocks(N)
+    if blocks == 1:
+        forward_block(X, W1, b1, W2, b2, Y, A, P, losses, predicted)
+        return
     pinned = pin_blas(blocks)
     for block in prange(blocks):
         start, stop = block_rows(N, block)
-        hidden_block_into(X[start:stop], W1, b1, A[start:stop])
-        ZT = np.dot(W2.T, A[start:stop].T)
-        label_logit = np.zeros(stop - start, dtype=X.dtype)
-        if Y.shape[0] != 0:
-            for k in range(ZT.shape[0]):
-                for n in range(stop - start):
-                    label_logit[n] += Y[start + n, k] * (ZT[k, n] + b2[k])
-        top = np.empty(stop - start, dtype=X.dtype)
-        rest = np.empty(stop - start, dtype=X.dtype)
-        softmax_columns(ZT, b2, predicted[start:stop], top, rest)
-        if Y.shape[0] == 0:
-            label_logit[:] = top  # the predicted class holds the largest logit
-        for n in range(stop - start):
-            # logsumexp(Z) - Y.Z = (m - Y.Z) + log1p(rest): no cancellation near 0
-            losses[start + n] = (top[n] - label_logit[n]) + math.log1p(rest[n])
-        P[start:stop] = ZT.T
+        Yb = Y if Y.shape[0] == 0 else Y[start:stop]
+        forward_block(
+            X[start:stop],
+            W1,
+            b1,
+            W2,
+            b2,
+            Yb,
+            A[start:stop],
+            P[start:stop],
+            losses[start:stop],
+            predicted[start:stop],
+        )
     unpin_blas(pinned)
 
 
@@ -506,7 +530,9 @@ def project_row(x, x0, eps, p, x_min, x_max, scratch):
         else:
             for i in range(d):
                 scratch[i] = abs(x[i] - x0[i])
-            scratch[:] = np.sort(scratch)[::-1]
+            ascending = np.sort(scratch)
+            for i in range(d):  # descending; a loop compiles far faster than a slice copy
+                scratch[i] = ascending[d - 1 - i]
             shrink = scratch[0]  # eps = 0: every perturbation goes
             running = 0.0
             for j in range(d):
