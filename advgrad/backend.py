@@ -46,6 +46,32 @@ __all__ = [
 ]
 
 
+SERIAL_MULTIPLY_ADDS = 2**23
+"""A call of at most this much work (about 2 ms on one core) runs a kernel's serial block
+function once per block of ``cpu.ROWS_PER_BLOCK`` rows instead of its parallel kernel:
+bitwise the same result, little slower at that size, and a first run on small data (the
+bundled digits) compiles no parallel kernel, whose lowering is most of a cold start."""
+
+
+def _run_blocks(kernel, block_kernel, arguments: tuple, rows: tuple[int, ...], work: int) -> None:
+    """``kernel(*arguments)``, or when its rows take at most ``SERIAL_MULTIPLY_ADDS`` at
+    ``work`` multiply-adds a row, ``block_kernel`` on each aligned block in turn, with the
+    arguments at the indices ``rows`` (one row per input row, or 0 rows: passed whole)
+    sliced to the block."""
+    n_rows = arguments[0].shape[0]
+    if n_rows * work > SERIAL_MULTIPLY_ADDS:
+        kernel(*arguments)
+        return
+    for start in range(0, max(n_rows, 1), cpu.ROWS_PER_BLOCK):
+        stop = min(start + cpu.ROWS_PER_BLOCK, n_rows)
+        block_kernel(
+            *(
+                argument[start:stop] if index in rows and len(argument) else argument
+                for index, argument in enumerate(arguments)
+            )
+        )
+
+
 SLICE_MULTIPLY_ADDS = 2**26
 """Work of one slice of an iterative attack (at most about 0.1 s on one core). The iterative
 kernels run in slices of steps, and between two slices control is back in Python, where a
@@ -83,8 +109,12 @@ class CpuBackend(HostOptimiser):
         """
         X_adv = output_rows(X, out)
         predicted = np.empty(X.shape[0], dtype=np.int64)
-        cpu.fgm_step_into(
-            *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv, predicted),
+        _run_blocks(
+            cpu.fgm_step_into,
+            cpu.fgm_block,
+            (X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv, predicted),
+            rows=(0, 5, 10, 11),
+            work=gradient_work(model),
         )
         return X_adv, predicted
 
@@ -143,7 +173,13 @@ class CpuBackend(HostOptimiser):
         P = np.empty((n_rows, model.n_classes), dtype=X.dtype)
         losses = np.empty(n_rows, dtype=X.dtype)
         predicted = np.empty(n_rows, dtype=np.int64)
-        cpu.forward_into(X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted)
+        _run_blocks(
+            cpu.forward_into,
+            cpu.forward_block,
+            (X, model.W1, model.b1, model.W2, model.b2, Y, A, P, losses, predicted),
+            rows=(0, 5, 6, 7, 8, 9),
+            work=gradient_work(model) // 2,
+        )
         return P, losses, predicted
 
     def margin_bounds(self, model: Model, X, classes, eps, p, x_min, x_max, crown, line_steps):

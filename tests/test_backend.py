@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import reference
+from children import run_python
 from conftest import one_hot, random_network
 
 import advgrad
@@ -228,3 +229,41 @@ def test_backend_output_arrays_are_checked(digits_model, digits_test):
             backend.fgm_step(digits_model, rows, Y, 0.1, np.inf, 0.0, 1.0, out=bad)
     with pytest.raises(ValueError, match="out must not overlap the input rows"):
         backend.fgm_step(digits_model, rows, Y, 0.1, np.inf, 0.0, 1.0, out=rows)
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 256, 300, 512, 513, 1000, 5000])
+def test_small_calls_run_block_by_block_bitwise_as_the_parallel_kernels(n_rows):
+    rng = np.random.default_rng(n_rows)
+    model = Model(*random_network(rng, 30, 12, 4, dtype=np.float32))
+    X = rng.random((n_rows, 30), dtype=np.float32)
+    Y = one_hot(rng.integers(0, 4, n_rows), 4).astype(np.float32)
+    network = (model.W1, model.b1, model.W2, model.b2)
+    for labels in (Y, Y[:0]):
+        X_adv, predicted = CpuBackend().fgm_step(model, X, labels, 0.1, np.inf, 0.0, 1.0)
+        expected = np.empty_like(X), np.empty(n_rows, dtype=np.int64)
+        cpu.fgm_step_into(X, *network, labels, 0.1, np.inf, 0.0, 1.0, *expected)
+        np.testing.assert_array_equal(X_adv, expected[0])
+        np.testing.assert_array_equal(predicted, expected[1])
+        P, losses, predicted = CpuBackend().forward(model, X, labels)
+        A = np.empty((n_rows, 12), np.float32)
+        expected = np.empty_like(P), np.empty_like(losses), np.empty_like(predicted)
+        cpu.forward_into(X, *network, labels, A, *expected)
+        for got, want in zip((P, losses, predicted), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_an_attack_on_the_bundled_test_set_compiles_no_parallel_kernel(tmp_path):
+    code = """
+        import numpy as np
+        import advgrad
+        from advgrad.bundled import MODEL, bundled_path
+        from advgrad.kernels import cpu
+        model = advgrad.load_model(bundled_path(MODEL))
+        X = np.random.default_rng(0).random((450, 64), np.float32)  # the bundled test set's size
+        advgrad.predict(model, advgrad.fgsm(model, X, eps=0.1))
+        print(len(cpu.fgm_step_into.signatures), len(cpu.forward_into.signatures))
+        print(len(cpu.fgm_block.signatures) > 0, len(cpu.forward_block.signatures) > 0)
+    """
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0", "True", "True"]

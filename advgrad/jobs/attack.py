@@ -52,7 +52,7 @@ from advgrad.kernels.cpu import ROWS_PER_BLOCK
 from advgrad.model import MAX_WEIGHTS
 
 COMPILE_NOTICE_AFTER_S = 1.0
-"""How long the first-row warm-up (``_compile_kernels``) runs before the user is told that
+"""How long the warm-up (``_compile_kernels``) runs before the user is told that
 the kernels are compiling: loading them from Numba's cache takes well under this."""
 
 
@@ -397,7 +397,7 @@ def attack_files(
         empty = get_backend(device).empty if tasks.in_process else np.empty
         try:
             if tasks.in_process and reader.n_rows:
-                _compile_kernels(reader, model, plan, writers, notice)
+                _compile_kernels(reader, model, plan, writers, notice, block)
             started = time.perf_counter()
             stream(reader, model, job, tasks, block, empty=empty, stop=stop, progress=progress)
         except NonFiniteResult:
@@ -433,12 +433,14 @@ def attack_files(
     return reports
 
 
-def _compile_kernels(reader, model, plan: Plan, writers, notice) -> None:
-    """Attack the first row with one step (one restart, one DeepFool iteration) of each
-    attack and throw the result away: the kernels the job uses are then compiled (or loaded
-    from Numba's cache) before the rows-per-second clock starts, whatever the job's step
-    count. When that takes longer than ``COMPILE_NOTICE_AFTER_S`` (a first run on this
-    machine), ``notice`` says so while it happens."""
+def _compile_kernels(reader, model, plan: Plan, writers, notice, block: int) -> None:
+    """Attack the first row, and the first block, with one step (one restart, one DeepFool
+    iteration) of each attack, and throw the results away: the kernels the job uses (serial
+    ones on few rows, parallel ones on a block: ``advgrad.backend.SERIAL_MULTIPLY_ADDS``)
+    are then compiled, or loaded from Numba's cache, before the rows-per-second clock
+    starts, whatever the job's step count. When that takes longer than
+    ``COMPILE_NOTICE_AFTER_S`` (a first run on this machine), ``notice`` says so while it
+    happens."""
     timer = None
     if notice is not None:
         message = "compiling the kernels for this machine (first run only)"
@@ -446,15 +448,18 @@ def _compile_kernels(reader, model, plan: Plan, writers, notice) -> None:
         timer.daemon = True
         timer.start()
     try:
-        X, y = reader.read(0, 1)
-        rows = X.reshape(1, -1)
+        largest = min(reader.n_rows, block)
+        X, y = reader.read(0, largest)
         attacks = tuple(
             dataclasses.replace(attack, steps=1, restarts=1, max_iter=1) for attack in plan.attacks
         )
         one_step = dataclasses.replace(plan, attacks=attacks)
-        results = attack_block(model, rows, y, 0, range(len(attacks)), None, one_step)
-        for writer, result in zip(writers, results, strict=True):
-            perturbation_norms(result.X_adv, rows, 0, writer.target)
+        for n_rows in sorted({1, largest}):
+            rows = X[:n_rows].reshape(n_rows, -1)
+            labels = None if y is None else y[:n_rows]
+            results = attack_block(model, rows, labels, 0, range(len(attacks)), None, one_step)
+            for writer, result in zip(writers, results, strict=True):
+                perturbation_norms(result.X_adv, rows, 0, writer.target)
     finally:
         if timer is not None:
             timer.cancel()
