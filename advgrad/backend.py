@@ -46,30 +46,34 @@ __all__ = [
 ]
 
 
+SERIAL_BLOCKS = 2
 SERIAL_MULTIPLY_ADDS = 2**23
-"""A call of at most this much work (about 2 ms on one core) runs a kernel's serial block
-function once per block of ``cpu.ROWS_PER_BLOCK`` rows instead of its parallel kernel:
-bitwise the same result, little slower at that size, and a first run on small data (the
-bundled digits) compiles no parallel kernel, whose lowering is most of a cold start."""
+"""A call on at most ``SERIAL_BLOCKS`` blocks of ``cpu.ROWS_PER_BLOCK`` rows and at most
+this much work (about 0.3 ms on one core) runs a kernel's serial block function once per
+block instead of its parallel kernel: bitwise the same result, a few microseconds slower at
+most, and a first run on small data (the bundled digits) compiles no parallel kernel, whose
+lowering is most of a cold start."""
 
 
 def _run_blocks(kernel, block_kernel, arguments: tuple, rows: tuple[int, ...], work: int) -> None:
-    """``kernel(*arguments)``, or when its rows take at most ``SERIAL_MULTIPLY_ADDS`` at
-    ``work`` multiply-adds a row, ``block_kernel`` on each aligned block in turn, with the
+    """``kernel(*arguments)``, or for a small call (``SERIAL_MULTIPLY_ADDS`` at ``work``
+    multiply-adds a row), ``block_kernel`` on each aligned block in turn, with the
     arguments at the indices ``rows`` (one row per input row, or 0 rows: passed whole)
     sliced to the block."""
     n_rows = arguments[0].shape[0]
-    if n_rows * work > SERIAL_MULTIPLY_ADDS:
+    if n_rows > SERIAL_BLOCKS * cpu.ROWS_PER_BLOCK or n_rows * work > SERIAL_MULTIPLY_ADDS:
         kernel(*arguments)
-        return
-    for start in range(0, max(n_rows, 1), cpu.ROWS_PER_BLOCK):
-        stop = min(start + cpu.ROWS_PER_BLOCK, n_rows)
-        block_kernel(
-            *(
-                argument[start:stop] if index in rows and len(argument) else argument
-                for index, argument in enumerate(arguments)
+    elif n_rows <= cpu.ROWS_PER_BLOCK:
+        block_kernel(*arguments)
+    else:
+        for start in range(0, n_rows, cpu.ROWS_PER_BLOCK):
+            stop = min(start + cpu.ROWS_PER_BLOCK, n_rows)
+            block_kernel(
+                *(
+                    argument[start:stop] if index in rows and len(argument) else argument
+                    for index, argument in enumerate(arguments)
+                )
             )
-        )
 
 
 SLICE_MULTIPLY_ADDS = 2**26
