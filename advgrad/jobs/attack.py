@@ -35,7 +35,7 @@ from advgrad.attacks import (
     perturb,
     success_of,
 )
-from advgrad.backend import get_backend
+from advgrad.backend import SERIAL_BLOCKS, get_backend
 from advgrad.errors import InputFileError
 from advgrad.io import AdversarialWriter, read_column
 from advgrad.jobs.inputs import (
@@ -434,11 +434,11 @@ def attack_files(
 
 
 def _compile_kernels(reader, model, plan: Plan, writers, notice, block: int) -> None:
-    """Attack the first row, and the first block, with one step (one restart, one DeepFool
-    iteration) of each attack, and throw the results away: the kernels the job uses (serial
-    ones on few rows, parallel ones on a block: ``advgrad.backend.SERIAL_MULTIPLY_ADDS``)
-    are then compiled, or loaded from Numba's cache, before the rows-per-second clock
-    starts, whatever the job's step count. When that takes longer than
+    """Attack the first row, and the first block's rows up to one more than the CPU backend
+    runs block by block (``advgrad.backend.SERIAL_BLOCKS``), with one step (one restart, one
+    DeepFool iteration) of each attack, and throw the results away: the kernels the job uses,
+    serial and parallel, are then compiled, or loaded from Numba's cache, before the
+    rows-per-second clock starts, whatever the job's step count. When that takes longer than
     ``COMPILE_NOTICE_AFTER_S`` (a first run on this machine), ``notice`` says so while it
     happens."""
     timer = None
@@ -448,7 +448,7 @@ def _compile_kernels(reader, model, plan: Plan, writers, notice, block: int) -> 
         timer.daemon = True
         timer.start()
     try:
-        largest = min(reader.n_rows, block)
+        largest = min(reader.n_rows, block, SERIAL_BLOCKS * ROWS_PER_BLOCK + 1)
         X, y = reader.read(0, largest)
         attacks = tuple(
             dataclasses.replace(attack, steps=1, restarts=1, max_iter=1) for attack in plan.attacks
