@@ -93,6 +93,7 @@ def stop_on_signals() -> Iterator[Event]:
 
     stop = Event()
     received: list[int] = []
+    errors()  # rich loads now: a signal that lands during an import must not import it
 
     def handle(signum, frame) -> None:
         if stop.is_set():
