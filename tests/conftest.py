@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -41,3 +43,22 @@ def small_model():
 
     rng = np.random.default_rng(20)
     return advgrad.Model(*random_network(rng, 12, 7, 4), input_shape=(3, 4))
+
+
+def interrupted(job, *args, after_blocks: int, **options):
+    """Run the file job ``job(*args, **options)`` with ``stop`` set from its ``progress`` after
+    ``after_blocks`` blocks; returns the ``advgrad.jobs.Interrupted`` it raised and the rows
+    done at each progress call."""
+    from advgrad.jobs import Interrupted
+
+    stop = threading.Event()
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == after_blocks:
+            stop.set()
+
+    with pytest.raises(Interrupted) as caught:
+        job(*args, stop=stop, progress=progress, **options)
+    return caught.value, calls

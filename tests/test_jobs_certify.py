@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from children import CHILD_ENV
+from conftest import interrupted
 from test_resume import assert_partial_kept, assert_same_output, checkpoint_rows, wait_for_rows
 from typer.testing import CliRunner
 
@@ -80,17 +81,8 @@ def test_a_stopped_job_resumes_to_the_same_file_and_figures(
     tmp_path, files, reference, after_blocks
 ):
     out = tmp_path / "c.h5"
-    stop = threading.Event()
-    calls: list[int] = []
-
-    def progress(done: int, total: int) -> None:
-        calls.append(done)
-        if len(calls) == after_blocks:
-            stop.set()
-
-    with pytest.raises(Interrupted) as caught:
-        certify_file(*files, out, stop=stop, progress=progress, **OPTIONS)
-    assert caught.value.rows_done == after_blocks * BLOCK
+    stopped, _ = interrupted(certify_file, *files, out, after_blocks=after_blocks, **OPTIONS)
+    assert stopped.rows_done == after_blocks * BLOCK
     assert_partial_kept(out, after_blocks * BLOCK)
     notices: list[str] = []
     report = certify_file(*files, out, notice=notices.append, **OPTIONS)

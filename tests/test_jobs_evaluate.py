@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from children import CHILD_ENV
+from conftest import interrupted
 from test_resume import checkpoint_rows, wait_for_rows
 
 import advgrad
@@ -84,19 +85,10 @@ def test_a_stopped_evaluation_with_a_checkpoint_resumes_to_the_same_figures(
     tmp_path, files, reference, after_blocks
 ):
     target = tmp_path / "ev.json"
-    stop = threading.Event()
-    calls: list[int] = []
-
-    def progress(done: int, total: int) -> None:
-        calls.append(done)
-        if len(calls) == after_blocks:
-            stop.set()
-
     options = {"batch_size": 256, "checkpoint": target, **OPTIONS}
-    with pytest.raises(Interrupted) as caught:
-        evaluate_file(*files, stop=stop, progress=progress, **options)
-    assert caught.value.kept
-    assert caught.value.rows_done == 256 * after_blocks
+    stopped, _ = interrupted(evaluate_file, *files, after_blocks=after_blocks, **options)
+    assert stopped.kept
+    assert stopped.rows_done == 256 * after_blocks
     assert leftovers(tmp_path) == [".ev.json.partial.h5", ".ev.json.partial.json"]
     notices: list[str] = []
     resumed = evaluate_file(*files, notice=notices.append, **options)

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 import pytest
 from children import CHILD_ENV
-from conftest import random_network
+from conftest import interrupted, random_network
 from typer.testing import CliRunner
 
 import advgrad
@@ -190,19 +190,8 @@ def library_reference(small_files, tmp_path_factory):
 
 
 def interrupt(files, outputs, after_blocks: int, **options) -> tuple[Interrupted, list[int]]:
-    """Run ``attack_files`` with ``stop`` set from ``progress`` after ``after_blocks`` blocks;
-    returns the ``Interrupted`` raised and the progress calls' rows done."""
-    stop = threading.Event()
-    calls: list[int] = []
-
-    def progress(done: int, total: int) -> None:
-        calls.append(done)
-        if len(calls) == after_blocks:
-            stop.set()
-
-    with pytest.raises(Interrupted) as caught:
-        attack_files(*files, outputs, stop=stop, progress=progress, **options)
-    return caught.value, calls
+    """``attack_files`` stopped after ``after_blocks`` blocks (``conftest.interrupted``)."""
+    return interrupted(attack_files, *files, outputs, after_blocks=after_blocks, **options)
 
 
 TOTALS = ("clean_accuracy", "adversarial_accuracy", "success_rate", "mean_linf", "mean_l2")
