@@ -50,9 +50,10 @@ SERIAL_BLOCKS = 2
 SERIAL_MULTIPLY_ADDS = 2**23
 """A call on at most ``SERIAL_BLOCKS`` blocks of ``cpu.ROWS_PER_BLOCK`` rows and at most
 this much work (about 0.3 ms on one core) runs a kernel's serial block function once per
-block instead of its parallel kernel: bitwise the same result, a few microseconds slower at
-most, and a first run on small data (the bundled digits) compiles no parallel kernel, whose
-lowering is most of a cold start."""
+block instead of its parallel kernel: bitwise the same result, at most about 0.15 ms slower
+a call (512 rows of a digits-sized network: 0.24 against 0.11 us a row), and a first run on
+small data (the bundled digits) compiles no parallel kernel, whose lowering is most of a
+cold start."""
 
 
 def _run_blocks(kernel, block_kernel, arguments: tuple, rows: tuple[int, ...], work: int) -> None:

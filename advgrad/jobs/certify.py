@@ -213,18 +213,17 @@ def certify_file(
         counts = _Counts(**(writer.resumed_state or {"certified": zeros, "robust": zeros}))
 
         def account(i, start, offset, rows, y, part: CertifiedRows):
-            part = _rows_from(part, offset)
-            perturbation_norms(part.X_adv, rows[offset:], start + offset, out_path)
+            # one output: every block starts where it resumes, so offset is 0
+            perturbation_norms(part.X_adv, rows, start, out_path)
             counts.add(part)
             state = dataclasses.asdict(counts)
             X_adv = part.X_adv.reshape(len(part.X_adv), *reader.row_shape)
-            y_part = None if y is None else y[offset:]
 
             def write() -> None:
                 writer.write(
-                    start + offset,
+                    start,
                     X_adv,
-                    y_part,
+                    y,
                     part.predicted,
                     part.predicted_adv,
                     radius=part.radius,
@@ -245,20 +244,6 @@ def certify_file(
             writer.discard()
             raise
     return _report(writer, reader.n_rows, settings, attrs["labels"], counts)
-
-
-def _rows_from(part: CertifiedRows, offset: int) -> CertifiedRows:
-    """The block's results without its first ``offset`` rows."""
-    if offset == 0:
-        return part
-    return dataclasses.replace(
-        part,
-        **{
-            name.name: getattr(part, name.name)[offset:]
-            for name in dataclasses.fields(part)
-            if isinstance(getattr(part, name.name), np.ndarray)
-        },
-    )
 
 
 def _report(writer, n_rows, settings: CertifySettings, label_source, counts) -> CertifyReport:

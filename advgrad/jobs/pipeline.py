@@ -83,7 +83,8 @@ class Job:
     account : callable
         ``account(i, start, offset, rows, y, result)`` on the main thread, block by block
         in order: output i's share of a block, its first ``offset`` rows already written
-        (resumed). Returns the action that writes it (run on the writer thread), or None.
+        (resumed; always 0 for a job of one output, whose blocks start where it resumes).
+        Returns the action that writes it (run on the writer thread), or None.
     result_width : int or None
         Width of the per-output result arrays computed in this process into reused
         buffers (``out``), or None when results come as new arrays.
