@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import zlib
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from advgrad.io import (
     save_model,
     sha256_file,
 )
+from advgrad.io.datasets import FileDigest
 from advgrad.model import Model
 
 FLOATS = [np.float32, np.float64]
@@ -717,14 +719,16 @@ def partial_files(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.partial*"))
 
 
-def writer_for(target: Path, labels: bool = True, **options) -> AdversarialWriter:
+def writer_for(
+    target: Path, labels: bool = True, sha256_model="ab" * 32, **options
+) -> AdversarialWriter:
     return AdversarialWriter(
         target,
         n_rows=10,
         row_shape=(2, 3),
         dtype=np.float32,
         y_template=((), np.int64) if labels else None,
-        attrs={"attack": "fgsm", "eps": 0.1, "target": None, "sha256_model": "ab" * 32},
+        attrs={"attack": "fgsm", "eps": 0.1, "target": None, "sha256_model": sha256_model},
         rows_per_chunk=4,
         **options,
     )
@@ -946,6 +950,84 @@ def test_suspended_writer_resumes_to_the_same_file(tmp_path, compression):
     assert file_contents(target) == file_contents(reference)
 
 
+class Later:
+    """A deferred attribute value (as ``FileDigest``): ``result`` waits until ``ready``."""
+
+    def __init__(self, value):
+        self.value, self.ready, self.cancelled = value, threading.Event(), False
+
+    def result(self):
+        assert self.ready.wait(10), "result() was called before the value was ready"
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_deferred_attributes_are_stored_at_the_first_checkpoint(tmp_path):
+    """A deferred value (an input's digest) is waited for at the first checkpoint, not
+    before: rows are written meanwhile. The file equals one written with the plain value."""
+    reference = tmp_path / "reference.h5"
+    with writer_for(reference) as writer:
+        write_blocks(writer, range(0, 10, 4))
+    target = tmp_path / "adv.h5"
+    later = Later("ab" * 32)
+    writer = writer_for(target, sha256_model=later)
+    writer.write(0, *adv_block(0, 4))  # the value is not ready: writing goes on
+    partial_attrs = writer._partial.file.attrs  # the open partial file, as written so far
+    assert "sha256_model" not in partial_attrs
+    later.ready.set()
+    writer.checkpoint({"rows": 4})
+    assert partial_attrs["sha256_model"] == "ab" * 32
+    write_blocks(writer, [4, 8])
+    writer.close()
+    assert file_contents(target) == file_contents(reference)
+
+
+@pytest.mark.parametrize("first_deferred", [True, False])
+def test_a_job_with_deferred_attributes_resumes_as_the_same_job(tmp_path, first_deferred):
+    """Interrupted with a deferred digest and resumed with the plain value, or the other
+    way round: the same job, resumed; a resuming writer waits for the value at once."""
+    target = tmp_path / "adv.h5"
+    ready = Later("ab" * 32)
+    ready.ready.set()
+    first = writer_for(target, sha256_model=ready) if first_deferred else writer_for(target)
+    with pytest.raises(KeyboardInterrupt), first as writer:
+        write_blocks(writer, [0, 4])
+        raise KeyboardInterrupt
+    second = writer_for(target) if first_deferred else writer_for(target, sha256_model=ready)
+    with second as writer:
+        assert writer.resumed_rows == 8
+        write_blocks(writer, [8])
+    reference = tmp_path / "reference.h5"
+    with writer_for(reference) as writer:
+        write_blocks(writer, range(0, 10, 4))
+    assert file_contents(target) == file_contents(reference)
+
+
+def test_a_failed_deferred_attribute_keeps_no_partial_output(tmp_path):
+    target = tmp_path / "adv.h5"
+    failing = Later(InputFileError(tmp_path / "data.h5", None, "cannot read: gone"))
+    failing.ready.set()
+    with (
+        refused(tmp_path / "data.h5", None, "cannot read: gone"),
+        writer_for(target, sha256_model=failing) as writer,
+    ):
+        write_blocks(writer, [0])
+    assert partial_files(tmp_path) == []
+    assert not target.exists()
+
+
+def test_a_writer_stopped_early_cancels_its_deferred_attributes(tmp_path):
+    later = Later("ab" * 32)
+    with pytest.raises(KeyboardInterrupt), writer_for(tmp_path / "adv.h5", sha256_model=later):
+        raise KeyboardInterrupt
+    assert later.cancelled
+    assert partial_files(tmp_path) == []
+
+
 @pytest.mark.parametrize("deflate", ["isal", "zlib"])
 @pytest.mark.parametrize("block", [4, 8, 3])
 @pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
@@ -1051,3 +1133,25 @@ def test_sha256_of_a_missing_file(tmp_path):
         sha256_file(tmp_path / "nope")
     with refused(tmp_path, None, "cannot read"):
         sha256_file(tmp_path)
+
+
+@pytest.mark.parametrize("size", [0, 2**20 + 3])
+def test_file_digest_is_sha256_file_on_a_thread(tmp_path, size):
+    path = tmp_path / "blob"
+    path.write_bytes(np.random.default_rng(size).bytes(size))
+    digest = FileDigest(path)
+    assert digest.result() == sha256_file(path)
+    digest.cancel()  # once done, a no-op
+    assert digest.result() == sha256_file(path)
+
+
+def test_file_digest_hands_over_errors_and_stops_when_cancelled(tmp_path):
+    with refused(tmp_path / "nope", None, "no such file"):
+        FileDigest(tmp_path / "nope").result()
+    huge = tmp_path / "sparse"
+    with huge.open("wb") as handle:
+        handle.truncate(2**40)  # a TiB of holes: hashing it would take many minutes
+    digest = FileDigest(huge)
+    digest.cancel()
+    with refused(huge, None, "hashing was cancelled"):
+        digest.result()

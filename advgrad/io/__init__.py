@@ -14,6 +14,7 @@ from advgrad.io.convert import (
 from advgrad.io.datasets import (
     DatasetAttrs,
     DatasetReader,
+    FileDigest,
     dataset_attrs,
     load_dataset,
     open_dataset,
@@ -32,6 +33,7 @@ __all__ = [
     "DatasetConversion",
     "DatasetReader",
     "FileDescription",
+    "FileDigest",
     "atomic_output",
     "convert_dataset",
     "convert_model",

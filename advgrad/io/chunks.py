@@ -65,7 +65,8 @@ def check_rows_layout(name: str, shape: tuple[int, ...], dtype: np.dtype) -> Non
 def _shuffled_deflate(chunk: np.ndarray) -> bytes:
     """A chunk through HDF5's shuffle filter (byte planes), then gzip."""
     itemsize = chunk.dtype.itemsize
-    return fastzlib.compress(chunk.reshape(-1).view(np.uint8).reshape(-1, itemsize).T.tobytes())
+    planes = chunk.reshape(-1).view(np.uint8).reshape(-1, itemsize).T
+    return fastzlib.compress(np.ascontiguousarray(planes))
 
 
 def chunk_encoder(dset: h5py.Dataset):

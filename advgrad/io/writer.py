@@ -75,6 +75,10 @@ class AdversarialWriter:
         ``shape[1:]`` and dtype of ``/y`` (e.g. ``DatasetReader.y_template``); None: no labels.
     attrs : mapping
         Root attributes (attack, norm, eps, ..., sha256 of inputs); None values are skipped.
+        A value may be deferred (an ``advgrad.io.FileDigest``: it has ``result()`` and
+        ``cancel()``): it is stored, and becomes part of the job's identity, at the first
+        :meth:`checkpoint` or at :meth:`close`; a writer that may resume waits for it at
+        once. A writer that stops early cancels it.
     rows_per_chunk : int
         Rows in one HDF5 chunk (capped so a chunk stays within ``MAX_CHUNK_BYTES``).
     compression : {None, "gzip", "lzf"}
@@ -164,24 +168,20 @@ class AdversarialWriter:
             if not self.target.parent.is_dir():
                 raise InputFileError(target, None, f"cannot create it: {exc.reason}") from exc
             raise
+        self._compression = compression
+        self._deferred = {name: value for name, value in attrs.items() if _deferred(value)}
         try:
-            job = {
-                "attrs": {
-                    name: storable(name, value)
-                    for name, value in attrs.items()
-                    if name != "created" and value is not None
-                },
-                "n_rows": self.n_rows,
-                "layout": {name: [list(tail), str(dt)] for name, (tail, dt) in layout.items()},
-                "compression": compression,
-            }
-            self._checkpoint = Checkpoint(fingerprint(job))
+            if self._deferred and resume is not False and partial_path(self.target).exists():
+                attrs = self._settled(attrs)  # the digests identify the job to resume
+            self._attrs = attrs
+            self._checkpoint = Checkpoint(self._fingerprint() if not self._deferred else "")
             self.resumed_state: dict[str, Any] = {}
             self.notice: str | None = None
             self._partial = self._resumed(resume) or self._created(
                 attrs, rows_per_chunk, compression
             )
         except BaseException:
+            self._cancel_deferred()
             self._lock.release()
             raise
         self._datasets = {name: self._partial.file[name] for name in layout}
@@ -193,12 +193,55 @@ class AdversarialWriter:
         self.resumed_rows = self.rows_written
         self._open = True
 
+    def _fingerprint(self) -> str:
+        """``fingerprint`` of this job: attributes (but ``created``), rows, layout, compression."""
+        job = {
+            "attrs": {
+                name: storable(name, value)
+                for name, value in self._attrs.items()
+                if name != "created" and value is not None
+            },
+            "n_rows": self.n_rows,
+            "layout": {name: [list(tail), str(dt)] for name, (tail, dt) in self._layout.items()},
+            "compression": self._compression,
+        }
+        return fingerprint(job)
+
+    def _settled(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """``attrs`` with every deferred value replaced by its result (waiting for it)."""
+        values = {name: value.result() for name, value in self._deferred.items()}
+        self._deferred = {}
+        return {**attrs, **values}
+
+    def _settle(self) -> None:
+        """Store the deferred attributes and name the job in the checkpoint, once."""
+        if not self._deferred:
+            return
+        values = {name: value.result() for name, value in self._deferred.items()}
+        self._deferred = {}
+        self._attrs = {**self._attrs, **values}
+        try:
+            write_attrs(self._partial.file, values)
+        except (OSError, RuntimeError) as exc:
+            raise self._partial.failure(exc) from exc
+        self._checkpoint.job = self._fingerprint()
+
+    def _cancel_deferred(self) -> None:
+        for value in self._deferred.values():
+            value.cancel()
+
+    def _release(self) -> None:
+        """Stop computing deferred attributes no longer needed, and release the lock."""
+        self._cancel_deferred()
+        self._lock.release()
+
     def _created(
         self, attrs: Mapping[str, Any], rows_per_chunk: int, compression: str | None
     ) -> PartialFile:
         partial = PartialFile(self.target, partial_path(self.target))
         with partial.writing() as f:
-            write_attrs(f, {**attrs, "complete": False})
+            ready = {name: value for name, value in attrs.items() if not _deferred(value)}
+            write_attrs(f, {**ready, "complete": False})
             for name, (tail, dtype) in self._layout.items():
                 create_rows(
                     *(f, name, (0, *tail), dtype, rows_per_chunk, compression),
@@ -389,6 +432,7 @@ class AdversarialWriter:
         """
         if state is not None:
             self._checkpoint.state = dict(state)
+        self._settle()
         self._partial.sync()
         self._checkpoint.save(self.target)
 
@@ -421,6 +465,7 @@ class AdversarialWriter:
                     f"{self.target} was not created"
                 )
             try:
+                self._settle()
                 self._partial.file.attrs["complete"] = True
                 self._partial.close()
             except (OSError, RuntimeError) as exc:
@@ -434,7 +479,7 @@ class AdversarialWriter:
             finally:
                 Checkpoint.remove(self.target)
         finally:
-            self._lock.release()
+            self._release()
 
     def _set_aside(self) -> None:
         """Keep the partial output when it has a checkpoint, else delete it.
@@ -465,7 +510,7 @@ class AdversarialWriter:
         try:
             self._set_aside()
         finally:
-            self._lock.release()
+            self._release()
 
     def discard(self) -> None:
         """Abandon the output: delete the partial file and its checkpoint; the target is
@@ -477,4 +522,10 @@ class AdversarialWriter:
             self._partial.discard()
             Checkpoint.remove(self.target)
         finally:
-            self._lock.release()
+            self._release()
+
+
+def _deferred(value: Any) -> bool:
+    """Whether an attribute value is computed elsewhere (a ``FileDigest``): it has
+    ``result()`` and ``cancel()``."""
+    return callable(getattr(value, "result", None)) and callable(getattr(value, "cancel", None))

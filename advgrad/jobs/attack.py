@@ -333,7 +333,7 @@ def attack_files(
             "x_min": x_min if math.isfinite(x_min) else None,  # None: not stored
             "x_max": x_max if math.isfinite(x_max) else None,
             "min_eps_tolerance": min_eps_tolerance,
-            **provenance(model_path, data_path),
+            **stack.enter_context(provenance(model_path, data_path)),
         }
         # Compressed outputs get chunks of one aligned row group, so that every block writes
         # whole chunks, compressed in parallel (AdversarialWriter), at any batch size.

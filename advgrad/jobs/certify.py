@@ -192,7 +192,7 @@ def certify_file(
             "step_size_ratio": attack.alpha / attack.eps if attack.eps > 0 else None,
             "seed": attack.seed,
             "targeted": False,
-            **provenance(model_path, data_path),
+            **stack.enter_context(provenance(model_path, data_path)),
         }
         writer = AdversarialWriter(
             out_path,

@@ -124,7 +124,7 @@ def evaluate_file(
                 y_template=None,
                 attrs={
                     **_describe(settings),
-                    **provenance(model_path, data_path),
+                    **stack.enter_context(provenance(model_path, data_path)),
                 },
                 rows_per_chunk=min(block, max(reader.n_rows, 1)),
                 overwrite=overwrite,

@@ -5,6 +5,7 @@ check what a block computed before it is written."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import advgrad
 from advgrad.attacks import declared_range
 from advgrad.errors import InputFileError
-from advgrad.io import load_model, open_dataset, sha256_file
+from advgrad.io import FileDigest, load_model, open_dataset
 from advgrad.io.safe import MAX_READ_BYTES
 from advgrad.kernels import cpu
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
@@ -135,13 +136,24 @@ def open_for_model(
         yield model, reader
 
 
-def provenance(model_path, data_path) -> dict:
-    """Output attributes naming the inputs (file names and SHA-256), version and time."""
-    return {
-        "model_sha256": sha256_file(model_path),
-        "data_sha256": sha256_file(data_path),
-        "model_file": Path(model_path).name,
-        "data_file": Path(data_path).name,
-        "advgrad_version": advgrad.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+@contextmanager
+def provenance(model_path, data_path) -> Iterator[dict]:
+    """Output attributes naming the inputs (file names and SHA-256), version and time.
+
+    The SHA-256 values are ``FileDigest`` objects: the inputs are hashed on threads of their
+    own while the job starts working, and the writers store the digests before their first
+    checkpoint (at once when they resume, since the digests identify the job). Leaving the
+    context stops hashing that no writer waited for.
+    """
+    digests = {"model_sha256": FileDigest(model_path), "data_sha256": FileDigest(data_path)}
+    try:
+        yield {
+            **digests,
+            "model_file": Path(model_path).name,
+            "data_file": Path(data_path).name,
+            "advgrad_version": advgrad.__version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    finally:
+        for digest in digests.values():
+            digest.cancel()
