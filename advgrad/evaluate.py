@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -282,34 +280,3 @@ def evaluate(model: Model, X, y, *, backend=None, **options) -> Evaluation:
     block = evaluate_rows(model, rows, y, settings, 0, backend or get_backend())
     totals.add(block)
     return totals.evaluation(block.minimal)
-
-
-def require_matplotlib():
-    """matplotlib.pyplot on the non-interactive Agg backend; ValueError when missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ValueError("plotting needs matplotlib: pip install 'advgrad[plot]'") from error
-    return plt
-
-
-def plot_curves(evaluation: Evaluation, path: str | os.PathLike) -> Path:
-    """Accuracy against eps, one line per method, saved as an image (needs matplotlib)."""
-    plt = require_matplotlib()
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(point.method for point in evaluation.points):
-        points = [point for point in evaluation.points if point.method == method]
-        axes.plot([p.eps for p in points], [p.accuracy for p in points], marker="o", label=method)
-    axes.set_xlabel(f"eps (L{evaluation.norm})")
-    axes.set_ylabel("accuracy")
-    axes.set_ylim(0.0, 1.0)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    axes.set_title(f"Accuracy under attack ({evaluation.n_rows} rows)")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)

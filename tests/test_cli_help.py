@@ -42,7 +42,7 @@ def rendered_help(*command: str) -> str:
 
 def test_the_commands_are_the_documented_ones():
     assert list(COMMANDS) == [
-        *("attack", "evaluate", "certify", "info", "gradcheck", "train"),
+        *("attack", "evaluate", "certify", "info", "gradcheck", "train", "show"),
         *("convert-model", "convert-data"),
     ]
 

@@ -7,7 +7,7 @@ happen inside the commands, so ``--help`` is fast.
 
 import typer
 
-from advgrad.cli import attack, certify, convert, evaluate, gradcheck, info, train
+from advgrad.cli import attack, certify, convert, evaluate, gradcheck, info, show, train
 
 app = typer.Typer(
     name="advgrad",
@@ -24,6 +24,7 @@ for command in (
     info.info,
     gradcheck.gradcheck,
     train.train,
+    show.show,
 ):
     app.command()(command)
 app.command("convert-model")(convert.convert_model)

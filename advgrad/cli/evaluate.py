@@ -133,12 +133,12 @@ def evaluate(
     methods = [name.value for name in method]
     with reported_errors(), stop_on_signals() as stop, ExitStack() as side_outputs:
         from advgrad.attacks import Attack
-        from advgrad.evaluate import plot_curves, require_matplotlib
+        from advgrad.figures import plot_curves, require_matplotlib
         from advgrad.io import atomic_output, same_file
         from advgrad.jobs.evaluate import evaluate_file
 
         if plot is not None:
-            require_matplotlib()
+            require_matplotlib("advgrad evaluate --plot")
         config = Attack(
             methods[0],
             norm=norm.value,
