@@ -461,16 +461,6 @@ def minimal_eps(
     return high
 
 
-def quartiles(values) -> tuple[float, float, float] | None:
-    """The lower quartile, median and upper quartile of ``values`` (numpy's "lower"
-    method: each is one of the values, inf included), or None when there are none."""
-    values = np.asarray(values, dtype=np.float64)
-    if not values.size:
-        return None
-    q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75], method="lower")
-    return float(q25), float(median), float(q75)
-
-
 MODEL_RANGE = "model"
 """The array API's default ``clip``: the model's declared range (see ``declared_range``)."""
 

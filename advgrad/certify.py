@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -51,6 +51,7 @@ from advgrad.attacks import (
 )
 from advgrad.backend import bound_workspace_bytes, check_workspace, get_backend
 from advgrad.model import Model
+from advgrad.quantiles import lower_quantiles
 
 NORMS = ("inf", "2")
 METHODS = ("crown", "ibp")
@@ -160,24 +161,44 @@ class CertifyResult:
         """Medians of the per-row brackets (None without attack or correct rows)."""
         if self.attack_eps is None:
             return None
-        return bracket_of(self.radius, self.attack_eps, self.predicted == self.labels)
+        correct = self.predicted == self.labels
+        return bracket_of(lambda: [(self.radius, self.attack_eps, correct)])
 
 
-def bracket_of(radius: np.ndarray, attack_eps: np.ndarray, correct: np.ndarray) -> Bracket | None:
-    """Medians of the brackets [radius, attack_eps] (N,) float64 of the rows where
-    ``correct`` (N,) bool; None when no row is."""
-    if not correct.any():
+def bracket_of(
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+) -> Bracket | None:
+    """Medians of the brackets [radius, attack_eps] of the correctly classified rows.
+
+    Parameters
+    ----------
+    blocks : callable
+        Gives the rows in blocks, each time it is called (a few times: see
+        ``advgrad.quantiles.lower_quantiles``): (radius (n,) float64, attack_eps (n,)
+        float64, correct (n,) bool); for arrays in memory, ``lambda: [(radius, eps, correct)]``.
+
+    Returns
+    -------
+    Bracket or None
+        None when no row is correct.
+    """
+
+    def side(which: int) -> Callable[[], Iterator[np.ndarray]]:
+        def values() -> Iterator[np.ndarray]:
+            for radius, attack_eps, correct in blocks():
+                lower, upper = radius[correct], attack_eps[correct]
+                yield (lower, upper, upper - lower)[which]
+
+        return values
+
+    medians = [lower_quantiles(side(which), (0.5,)) for which in range(3)]
+    if medians[0] is None:
         return None
-    lower = radius[correct]
-    upper = attack_eps[correct]
-    gap = upper - lower
-    return Bracket(
-        rows=int(correct.sum()),
-        median_lower=float(np.quantile(lower, 0.5, method="lower")),
-        median_upper=float(np.quantile(upper, 0.5, method="lower")),
-        median_gap=float(np.quantile(gap, 0.5, method="lower")),
-        found=float(np.isfinite(upper).mean()),
-    )
+    rows = found = 0
+    for _, attack_eps, correct in blocks():
+        rows += int(correct.sum())
+        found += int(np.isfinite(attack_eps[correct]).sum())
+    return Bracket(rows, *(median for (median,) in medians), found=found / rows)
 
 
 def check_norm(norm) -> str:

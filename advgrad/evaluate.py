@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, astuple, dataclass, replace
 
 import numpy as np
 
@@ -18,10 +18,10 @@ from advgrad.attacks import (
     check_search,
     minimal_eps,
     perturb,
-    quartiles,
 )
 from advgrad.backend import get_backend
 from advgrad.model import Model
+from advgrad.quantiles import spread_of
 
 DEFAULT_EPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
@@ -230,9 +230,11 @@ class EvaluationTotals:
             tally[1] += wrong
             tally[2] += confidence
 
-    def evaluation(self, minimal: dict[str, np.ndarray]) -> Evaluation:
-        """The ``Evaluation`` of the rows counted, with ``minimal``: every row's minimal eps
-        (N,) float64 for each searched method."""
+    def evaluation(self, minimal: Mapping[str, Callable[[], Iterable[np.ndarray]]]) -> Evaluation:
+        """The ``Evaluation`` of the rows counted, with ``minimal``: for each searched method,
+        a function giving every row's minimal eps (float64) in blocks, each time it is called
+        (``advgrad.quantiles.lower_quantiles`` reads them a few times); for an array in
+        memory, ``lambda: [values]``."""
         settings, n_rows = self.settings, self.n_rows
         points = []
         for (method, eps), (correct, wrong, confidence) in self.tallies.items():
@@ -241,12 +243,11 @@ class EvaluationTotals:
             points.append(CurvePoint(method, eps, _fraction(correct, n_rows), mean_confidence))
         summaries = []
         for method in settings.searched:
-            values = minimal[method]
+            spread = spread_of(minimal[method])
             summaries.append(
                 MinimalEpsSummary(
                     method,
-                    *(quartiles(values) or (None, None, None)),
-                    _fraction(int(np.isfinite(values).sum()), n_rows),
+                    *((None,) * 4 if spread is None else astuple(spread)),
                     settings.eps_max,
                     settings.tolerance,
                 )
@@ -279,4 +280,4 @@ def evaluate(model: Model, X, y, *, backend=None, **options) -> Evaluation:
     rows, y = as_rows(model, X), np.asarray(y)
     block = evaluate_rows(model, rows, y, settings, 0, backend or get_backend())
     totals.add(block)
-    return totals.evaluation(block.minimal)
+    return totals.evaluation({m: (lambda v=v: [v]) for m, v in block.minimal.items()})

@@ -19,6 +19,7 @@ from hypothesis.extra.numpy import arrays
 from advgrad.errors import InputFileError
 from advgrad.io import (
     AdversarialWriter,
+    column_blocks,
     dataset_attrs,
     fastzlib,
     load_dataset,
@@ -948,6 +949,30 @@ def test_suspended_writer_resumes_to_the_same_file(tmp_path, compression):
     assert partial_files(tmp_path) == []
     assert list(tmp_path.glob(".*.lock")) == []
     assert file_contents(target) == file_contents(reference)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 10, 64])
+def test_column_blocks_read_the_columns_together(tmp_path, block_rows):
+    target = tmp_path / "adv.h5"
+    with writer_for(target) as writer:
+        write_blocks(writer, range(0, 10, 4))
+    blocks = list(column_blocks(target, ["pred_adv", "y"], block_rows))
+    assert [len(a) for a, _ in blocks] == [len(b) for _, b in blocks]
+    assert max(len(a) for a, _ in blocks) == min(block_rows, 10)
+    _, y, _, adv = adv_block(0, 10)
+    assert_bitwise_equal(np.concatenate([a for a, _ in blocks]), adv)
+    assert_bitwise_equal(np.concatenate([b for _, b in blocks]), y)
+
+
+def test_column_blocks_refuse_columns_of_other_lengths(tmp_path):
+    path = tmp_path / "odd.h5"
+    with h5py.File(path, "w") as f:
+        f["a"] = np.zeros(4)
+        f["b"] = np.zeros(5)
+    with refused(path, "/b", "has 5 rows; /a has 4"):
+        list(column_blocks(path, ["a", "b"]))
+    with refused(path, "/c", "no dataset /c"):
+        list(column_blocks(path, ["a", "c"]))
 
 
 class Later:

@@ -164,14 +164,12 @@ def number(value: float | None, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def quartiles(values) -> str:
-    """Median and quartiles of the finite ``values``, and the share of them that is finite."""
-    import numpy as np
-
-    from advgrad.attacks import quartiles as spread_of
-
-    if (spread := spread_of(values)) is None:
+def quartiles(spread) -> str:
+    """Median and quartiles of a per-row result (an ``advgrad.quantiles.Spread``), and the
+    share of the rows where it is finite; "-" for None."""
+    if spread is None:
         return "-"
-    q25, median, q75 = spread
-    found = np.isfinite(values).mean()
-    return f"median {median:.4g} (quartiles {q25:.4g}, {q75:.4g}); found for {100 * found:.1f} %"
+    return (
+        f"median {spread.median:.4g} (quartiles {spread.q25:.4g}, {spread.q75:.4g}); "
+        f"found for {100 * spread.found:.1f} %"
+    )

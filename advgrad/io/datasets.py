@@ -40,6 +40,8 @@ Loose enough for rounding in float32 files with thousands of classes, tight enou
 gradient factor ``P - Y`` (which assumes each row of Y sums to 1) stays within 0.1 %.
 """
 HASH_BLOCK_BYTES = 2**20
+COLUMN_BLOCK_ROWS = 2**16
+"""Rows of the blocks in which ``column_blocks`` reads per-row columns."""
 
 
 def label_layout_problem(
@@ -441,6 +443,37 @@ def read_column(path: str | os.PathLike, name: str) -> np.ndarray:
         if dset.ndim != 1:
             raise InputFileError(path, f"/{name}", f"has shape {dset.shape}; expected (N,)")
         return read_rows(dset, 0, dset.shape[0], path=path, allow_nonfinite=True)
+
+
+def column_blocks(
+    path: str | os.PathLike, names: Sequence[str], block_rows: int = COLUMN_BLOCK_ROWS
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Per-row datasets of an advgrad output (``/radius``, ``/pred_clean``, ``/y``...), read
+    safely and together, ``block_rows`` rows at a time: memory bounded by the block.
+
+    Yields
+    ------
+    tuple of arrays
+        One block of each dataset, in the order of ``names``.
+
+    Raises
+    ------
+    InputFileError
+        The file or a dataset is missing or refused, or the datasets differ in rows.
+    """
+    with open_input(path) as f:
+        datasets = [checked_dataset(f, f"/{name}", kind="label") for name in names]
+        n_rows = datasets[0].shape[0]
+        for name, dset in zip(names, datasets, strict=True):
+            if dset.shape[0] != n_rows:
+                raise InputFileError(
+                    path, f"/{name}", f"has {dset.shape[0]} rows; /{names[0]} has {n_rows}"
+                )
+        for start in range(0, n_rows, block_rows):
+            stop = min(start + block_rows, n_rows)
+            yield tuple(
+                read_rows(dset, start, stop, path=path, allow_nonfinite=True) for dset in datasets
+            )
 
 
 def sha256_file(path: str | os.PathLike, stop: threading.Event | None = None) -> str:

@@ -6,7 +6,7 @@ resumes an interrupted run of the same job, and renames the finished file onto i
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from advgrad.io.chunks import (
     create_rows,
     write_chunks,
 )
-from advgrad.io.datasets import label_layout_problem
+from advgrad.io.datasets import COLUMN_BLOCK_ROWS, label_layout_problem
 from advgrad.io.paths import check_output, refuse_clobbering
 from advgrad.io.safe import checked_dataset, open_input, read_rows
 
@@ -387,11 +387,14 @@ class AdversarialWriter:
             raise ValueError(f"rows {start}:{start + m} go past n_rows {self.n_rows}")
         self._append(start, m, {}, columns)
 
-    def read_column(self, name: str) -> np.ndarray:
-        """The rows written so far of the column ``name``, resumed rows included."""
+    def column_blocks(self, name: str, block_rows: int = COLUMN_BLOCK_ROWS) -> Iterator[np.ndarray]:
+        """The rows written so far of the column ``name`` (resumed rows included), in blocks
+        of ``block_rows``: memory bounded by the block, whatever the rows."""
         if name not in self._column_names:
             raise ValueError(f"no column {name!r}; columns {sorted(self._column_names)}")
-        return self._datasets[name][: self.rows_written]
+        dset = self._datasets[name]
+        for start in range(0, self.rows_written, block_rows):
+            yield dset[start : min(start + block_rows, self.rows_written)]
 
     def _append(self, start: int, m: int, values: dict, columns: dict) -> None:
         """Store ``values`` and ``columns`` (each m rows) at ``start``, checking the columns,

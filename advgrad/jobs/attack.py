@@ -37,11 +37,12 @@ from advgrad.attacks import (
 )
 from advgrad.backend import SERIAL_BLOCKS, get_backend
 from advgrad.errors import InputFileError
-from advgrad.io import AdversarialWriter, read_column
+from advgrad.io import AdversarialWriter
 from advgrad.jobs.inputs import (
     DEFAULT_BATCH_SIZE,
     NonFiniteResult,
     clip_range,
+    column_values,
     open_for_model,
     perturbation_norms,
     provenance,
@@ -50,6 +51,7 @@ from advgrad.jobs.inputs import (
 from advgrad.jobs.pipeline import Job, announce, stream, tasks_for
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
 from advgrad.model import MAX_WEIGHTS
+from advgrad.quantiles import Spread, spread_of
 
 COMPILE_NOTICE_AFTER_S = 1.0
 """How long the warm-up (``_compile_kernels``) runs before the user is told that
@@ -64,8 +66,9 @@ class AttackReport:
     moved off the attacked label (untargeted) or onto the target (targeted). The accuracies
     are None when the dataset has no labels. Perturbation norms are means over rows of
     ||X_adv - X|| on the flattened rows. The rates, accuracies and means are None for a
-    dataset of 0 rows. ``eps_min`` holds the per-row minimal eps when it was searched (0
-    values for 0 rows). ``seconds`` covers reading, attacking and writing the rows of this run
+    dataset of 0 rows. ``eps_min`` is the spread (quartiles, fraction found) of the per-row
+    minimal eps written as ``/eps_min``, when it was searched (None for 0 rows). ``seconds``
+    covers reading, attacking and writing the rows of this run
     (not loading the model or hashing the inputs); ``resumed_rows`` were done by an
     interrupted run before it.
     """
@@ -81,7 +84,7 @@ class AttackReport:
     mean_linf: float | None
     mean_l2: float | None
     seconds: float
-    eps_min: np.ndarray | None = None
+    eps_min: Spread | None = None
     resumed_rows: int = 0
 
     @property
@@ -412,7 +415,9 @@ def attack_files(
 
     reports = []
     for attack, writer, total in zip(attacks, writers, totals, strict=True):
-        eps_min = read_column(writer.target, "eps_min") if min_eps_tolerance is not None else None
+        eps_min = None
+        if min_eps_tolerance is not None:
+            eps_min = spread_of(column_values(writer.target, "eps_min"))
         reports.append(
             AttackReport(
                 output=writer.target,

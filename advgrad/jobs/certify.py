@@ -34,7 +34,7 @@ from advgrad.certify import (
     certify_settings,
     check_norm,
 )
-from advgrad.io import AdversarialWriter, read_column
+from advgrad.io import AdversarialWriter, column_blocks
 from advgrad.jobs.inputs import (
     DEFAULT_BATCH_SIZE,
     NonFiniteResult,
@@ -247,17 +247,17 @@ def certify_file(
 
 
 def _report(writer, n_rows, settings: CertifySettings, label_source, counts) -> CertifyReport:
-    """The report of a finished job; the medians come from the per-row columns written."""
+    """The report of a finished job; the medians come from the per-row columns written,
+    read block by block."""
     output = writer.target
-    predicted = read_column(output, "pred_clean")
-    if label_source == "labels":
-        y = read_column(output, "y")
-        labels = y if y.ndim == 1 else np.argmax(y, axis=1)
-    else:
-        labels = predicted
-    medians = bracket_of(
-        read_column(output, "radius"), read_column(output, "attack_eps"), predicted == labels
-    )
+    names = ("radius", "attack_eps", "pred_clean", *(("y",) if label_source == "labels" else ()))
+
+    def brackets():
+        for radius, attack_eps, predicted, *y in column_blocks(output, names):
+            labels = predicted if not y else y[0] if y[0].ndim == 1 else np.argmax(y[0], axis=1)
+            yield radius, attack_eps, predicted == labels
+
+    medians = bracket_of(brackets)
 
     def fraction(count: int) -> float | None:
         return count / n_rows if n_rows else None

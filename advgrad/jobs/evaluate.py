@@ -13,6 +13,9 @@ import os
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import numpy as np
 
@@ -36,28 +39,6 @@ from advgrad.jobs.inputs import (
 )
 from advgrad.jobs.pipeline import Interrupted, Job, announce, stream, tasks_for
 from advgrad.model import MAX_WEIGHTS
-
-
-class _InMemory:
-    """The per-row results of an evaluation without a checkpoint: kept in memory (8 bytes
-    per row and searched method), never resumed."""
-
-    rows_written = 0
-
-    def __init__(self, methods) -> None:
-        self.resumed_state: dict = {}
-        self._parts: dict[str, list[np.ndarray]] = {method: [] for method in methods}
-
-    def write_columns(self, start: int, **columns: np.ndarray) -> None:
-        for name, values in columns.items():
-            self._parts[name].append(values)
-
-    def checkpoint(self, state: dict) -> None:
-        """Nothing to make durable."""
-
-    def read_column(self, name: str) -> np.ndarray:
-        parts = self._parts[name]
-        return np.concatenate(parts) if parts else np.empty(0)
 
 
 def evaluate_block(model, rows, y, first_row, outputs, out, settings: EvaluationSettings, device):
@@ -99,9 +80,9 @@ def evaluate_file(
     writes) and deletes it once the evaluation is returned: a stopped or killed job run
     again resumes there (``resume`` and ``notice`` as in ``advgrad.jobs.attack_files``;
     ``overwrite`` lets ``checkpoint`` be an existing file), and memory stays bounded by
-    the block size. Without it the minimal eps stay in memory (8 bytes per row and
-    searched method). Setting ``stop`` ends the job after the blocks in progress with
-    ``advgrad.jobs.Interrupted``.
+    the block size. Without it the per-row results go to a temporary directory, deleted
+    at the end, so memory stays bounded too. Setting ``stop`` ends the job after the
+    blocks in progress with ``advgrad.jobs.Interrupted``.
     """
     get_backend(device)
     with (
@@ -113,26 +94,29 @@ def evaluate_file(
         block = rows_per_block(batch_size, model)
         settings = evaluation_settings(model, clip=clip_range(clip, reader, model), **options)
         columns = {method: np.float64 for method in settings.searched}
-        if checkpoint is None:
-            results = _InMemory(settings.searched)
+        if checkpoint is None:  # the per-row results still go to a file, a temporary one
+            scratch = stack.enter_context(TemporaryDirectory(prefix="advgrad-evaluate-"))
+            target, resume = Path(scratch) / "minimal-eps.h5", False
         else:
-            results = AdversarialWriter(
-                checkpoint,
-                n_rows=reader.n_rows,
-                row_shape=None,
-                dtype=None,
-                y_template=None,
-                attrs={
-                    **_describe(settings),
-                    **stack.enter_context(provenance(model_path, data_path)),
-                },
-                rows_per_chunk=min(block, max(reader.n_rows, 1)),
-                overwrite=overwrite,
-                inputs=(model_path, data_path),
-                columns=columns,
-                resume=resume,
-            )
-            stack.enter_context(results)
+            target = checkpoint
+        results = AdversarialWriter(
+            target,
+            n_rows=reader.n_rows,
+            row_shape=None,
+            dtype=None,
+            y_template=None,
+            attrs={
+                **_describe(settings),
+                **stack.enter_context(provenance(model_path, data_path)),
+            },
+            rows_per_chunk=min(block, max(reader.n_rows, 1)),
+            overwrite=overwrite,
+            inputs=(model_path, data_path),
+            columns=columns,
+            resume=resume,
+        )
+        stack.enter_context(results)
+        if checkpoint is not None:
             announce(results, checkpoint, reader.n_rows, notice)
         totals = EvaluationTotals(settings, results.resumed_state or None)
 
@@ -156,9 +140,10 @@ def evaluate_file(
             if checkpoint is None:
                 raise Interrupted(totals.n_rows, interruption.n_rows, kept=False) from None
             raise
-        evaluation = totals.evaluation({name: results.read_column(name) for name in columns})
-        if checkpoint is not None:
-            results.discard()  # the evaluation is complete: its partial state goes
+        evaluation = totals.evaluation(
+            {name: partial(results.column_blocks, name) for name in columns}
+        )
+        results.discard()  # the evaluation is complete: its partial state goes
     return evaluation
 
 

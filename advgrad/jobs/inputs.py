@@ -5,7 +5,7 @@ check what a block computed before it is written."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +15,7 @@ import numpy as np
 import advgrad
 from advgrad.attacks import declared_range
 from advgrad.errors import InputFileError
-from advgrad.io import FileDigest, load_model, open_dataset
+from advgrad.io import FileDigest, column_blocks, load_model, open_dataset
 from advgrad.io.safe import MAX_READ_BYTES
 from advgrad.kernels import cpu
 from advgrad.kernels.cpu import ROWS_PER_BLOCK
@@ -157,3 +157,9 @@ def provenance(model_path, data_path) -> Iterator[dict]:
     finally:
         for digest in digests.values():
             digest.cancel()
+
+
+def column_values(path, name: str) -> Callable[[], Iterator[np.ndarray]]:
+    """The per-row column ``/name`` of an output, as a function that reads it block by block
+    at each call (for ``advgrad.quantiles``)."""
+    return lambda: (block for (block,) in column_blocks(path, [name]))
