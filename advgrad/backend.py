@@ -4,7 +4,8 @@ A backend takes a validated ``Model`` and C-contiguous 2-D arrays of the model's
 (``advgrad.attacks`` prepares them) and returns host numpy arrays; the certified bounds take
 their rows in float64, and training passes the parameters it updates as plain arrays. Every
 backend has the methods of ``CpuBackend`` (here) and ``advgrad.cuda_backend.CudaBackend``:
-gradients and steps, iterative attacks, DeepFool, the forward pass, certified bounds and
+gradients and steps, the gradients of the attack losses (``LOSSES``) and the logits,
+iterative attacks, DeepFool, the forward pass, certified bounds and
 radii, training gradients and optimiser updates. ``get_backend`` picks one by device name.
 
 What both backends share (``output_rows``, ``check_workspace``, the work estimates) lives in
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from advgrad.backend_common import (
+    LOSSES,
     WORKSPACE_BYTES,
     HostOptimiser,
     bound_rows,
@@ -23,6 +25,7 @@ from advgrad.backend_common import (
     deepfool_work,
     float64_network,
     gradient_work,
+    loss_arguments,
     output_rows,
     step_slices,
 )
@@ -32,6 +35,7 @@ from advgrad.model import Model
 
 __all__ = [
     "DEVICES",
+    "LOSSES",
     "SLICE_MULTIPLY_ADDS",
     "WORKSPACE_BYTES",
     "CpuBackend",
@@ -106,6 +110,66 @@ class CpuBackend(HostOptimiser):
         predicted = np.empty(X.shape[0], dtype=np.int64)
         cpu.input_gradient_into(X, model.W1, model.b1, model.W2, model.b2, Y, G, predicted)
         return G, predicted
+
+    def loss_gradient(self, model: Model, X, labels, loss, *, targets=None, kappa=0.0):
+        """The input gradient of a per-row attack loss of the logits (``cpu.loss_gradient_into``).
+
+        Parameters
+        ----------
+        model : Model
+        X : (N, d) float32 or float64, C-contiguous, the model's dtype
+        labels : (N,) int, the true class of each row
+        loss : str, one of ``LOSSES``, each a quantity an attack maximises, of the logits z
+            (b2 included) and pi_1, pi_2, ... the classes by descending logit:
+            "ce" -log softmax(z)_y; "dlr" -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 +
+            1e-12) (C >= 3); "dlr-targeted" -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 +
+            1e-12) (C >= 4); "cw" min(max_{i != y} z_i - z_y, kappa), with targets
+            min(z_t - max_{i != t} z_i, kappa). A tied maximum is differentiated through its
+            first index; where "cw" is clipped at kappa its gradient is 0.
+        targets : (N,) int, the target class of each row: required by "dlr-targeted",
+            optional for "cw", refused by "ce" and "dlr"
+        kappa : float, the confidence of "cw"
+
+        Returns
+        -------
+        G : (N, d) X's dtype, d(loss)/dX per row ("ce": bitwise ``input_gradient`` with
+            one-hot labels)
+        values : (N,) X's dtype, the loss of each row
+        predicted : (N,) int64, argmax of the logits (the first on ties)
+
+        Raises ValueError with a one-line reason for a loss not in ``LOSSES``, too few
+        classes for it, targets missing or refused, or classes out of range.
+        """
+        code, labels, targets, kappa = loss_arguments(
+            model.n_classes, X.shape[0], loss, labels, targets, kappa
+        )
+        n_rows = X.shape[0]
+        G = np.empty_like(X)
+        values = np.empty(n_rows, dtype=X.dtype)
+        predicted = np.empty(n_rows, dtype=np.int64)
+        network = (model.W1, model.b1, model.W2, model.b2)
+        _run_blocks(
+            cpu.loss_gradient_into,
+            cpu.loss_gradient_block,
+            (X, *network, labels, targets, code, kappa, G, values, predicted),
+            rows=(0, 5, 6, 9, 10, 11),
+            work=gradient_work(model),
+        )
+        return G, values, predicted
+
+    def logits(self, model: Model, X: np.ndarray) -> np.ndarray:
+        """Logits Z (N, C) in X's dtype, A @ W2 + b2, of X (N, d) (float32 or float64,
+        C-contiguous, the model's dtype): bitwise the z that :meth:`loss_gradient`
+        differentiates."""
+        Z = np.empty((X.shape[0], model.n_classes), dtype=X.dtype)
+        _run_blocks(
+            cpu.logits_into,
+            cpu.logits_block,
+            (X, model.W1, model.b1, model.W2, model.b2, Z),
+            rows=(0, 5),
+            work=gradient_work(model) // 2,
+        )
+        return Z
 
     def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None):
         """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64.

@@ -9,11 +9,13 @@ re-exports the public ones, where users find them. Importing this module imports
 - ``gradient_work``, ``deepfool_work``, ``step_slices``: the work of one row's step and
   the slices of steps the iterative methods run in;
 - ``float64_network``, ``bound_rows``: the arrays as the certified-bound kernels take them;
+- ``LOSSES``, ``loss_arguments``: the losses of ``loss_gradient`` and its checked arguments;
 - ``HostOptimiser``: the optimiser updates of training, on host parameter vectors.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -88,6 +90,66 @@ def bound_rows(X, classes, eps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         np.ascontiguousarray(classes, dtype=np.int64),
         np.ascontiguousarray(eps, dtype=np.float64),
     )
+
+
+LOSSES = ("ce", "dlr", "dlr-targeted", "cw")
+"""The losses of a backend's ``loss_gradient``, each a per-row quantity of the logits z that
+an attack maximises: the cross-entropy -log softmax(z)_y, the difference of logits ratio
+(Croce and Hein 2020) untargeted and targeted, and the Carlini-Wagner margin. A loss's
+index here is its code in the kernels (``advgrad.kernels.cpu.LOSS_CE``, ...)."""
+
+LOSS_MIN_CLASSES = {"ce": 2, "dlr": 3, "dlr-targeted": 4, "cw": 2}
+"""The fewest classes each loss is defined for (DLR's denominator needs the third, targeted
+DLR's the fourth largest logit)."""
+
+
+def loss_arguments(
+    n_classes: int, n_rows: int, loss: str, labels, targets, kappa: float
+) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """The arguments of the loss-gradient kernels for ``loss`` on ``n_rows`` rows, checked.
+
+    Returns (the loss's code, labels (N,) int64, targets (N,) int64 or 0 rows for none,
+    kappa as a float). Raises ValueError with a one-line reason: a loss not in ``LOSSES``, a
+    model with fewer classes than ``LOSS_MIN_CLASSES``, targets missing ("dlr-targeted") or
+    given where they mean nothing ("ce", "dlr"), labels or targets that are not one class in
+    [0, n_classes) per row, a NaN kappa.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    if n_classes < LOSS_MIN_CLASSES[loss]:
+        raise ValueError(
+            f"the {loss} loss needs at least {LOSS_MIN_CLASSES[loss]} classes, "
+            f"the model has {n_classes}"
+        )
+    if loss == "dlr-targeted" and targets is None:
+        raise ValueError("the dlr-targeted loss needs targets, the target class of each row")
+    if loss in ("ce", "dlr") and targets is not None:
+        raise ValueError(f"the {loss} loss takes no targets (targeted: dlr-targeted or cw)")
+    labels = _class_per_row("labels", labels, n_rows, n_classes)
+    if targets is None:
+        targets = np.empty(0, dtype=np.int64)
+    else:
+        targets = _class_per_row("targets", targets, n_rows, n_classes)
+    if math.isnan(kappa):
+        raise ValueError("kappa must be a number, got nan")
+    return LOSSES.index(loss), labels, targets, float(kappa)
+
+
+def _class_per_row(name: str, classes, n_rows: int, n_classes: int) -> np.ndarray:
+    """``classes`` as a C-contiguous (n_rows,) int64 array, or ValueError naming ``name``."""
+    classes = np.asarray(classes)
+    if classes.shape != (n_rows,) or classes.dtype.kind not in "iu":
+        raise ValueError(
+            f"{name} must be one integer class per row, shape ({n_rows},), "
+            f"got shape {classes.shape} of {classes.dtype}"
+        )
+    outside = np.flatnonzero((classes < 0) | (classes >= n_classes))
+    if len(outside):
+        row = int(outside[0])
+        raise ValueError(
+            f"{name} must be classes in [0, {n_classes}), got {classes[row]} at row {row}"
+        )
+    return np.ascontiguousarray(classes, dtype=np.int64)
 
 
 class HostOptimiser:

@@ -36,6 +36,7 @@ from advgrad.backend_common import (
     HostOptimiser,
     bound_rows,
     gradient_work,
+    loss_arguments,
     output_rows,
     step_slices,
 )
@@ -158,6 +159,44 @@ class CudaBackend(HostOptimiser):
 
         self._stream(model, (X, Y), (G, predicted), launch)
         return G, predicted
+
+    def loss_gradient(self, model: Model, X, labels, loss, *, targets=None, kappa=0.0):
+        """G (N, d), values (N,) and predicted (N,) int64 of a per-row attack loss, as
+        ``CpuBackend.loss_gradient`` (within rounding; the same refusals), streamed in
+        chunks (``kernels.loss_gradient_into``)."""
+        from advgrad.kernels import cuda as kernels
+
+        code, labels, targets, kappa = loss_arguments(
+            model.n_classes, X.shape[0], loss, labels, targets, kappa
+        )
+        n_rows = X.shape[0]
+        G = np.empty_like(X)
+        values = np.empty(n_rows, dtype=X.dtype)
+        predicted = np.empty(n_rows, dtype=np.int64)
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, labels_d, targets_d = inputs
+            kernels.loss_gradient_into(
+                *(X_d, *weights, labels_d, targets_d, code, kappa, *outputs),
+                stream=stream,
+                workspace=workspace,
+            )
+
+        self._stream(model, (X, labels, targets), (G, values, predicted), launch)
+        return G, values, predicted
+
+    def logits(self, model: Model, X: np.ndarray) -> np.ndarray:
+        """Logits Z (N, C) in X's dtype, A @ W2 + b2, as ``CpuBackend.logits`` (within
+        rounding), streamed in chunks (``kernels.logits_into``)."""
+        from advgrad.kernels import cuda as kernels
+
+        Z = np.empty((X.shape[0], model.n_classes), dtype=X.dtype)
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            kernels.logits_into(*inputs, *weights, *outputs, stream=stream, workspace=workspace)
+
+        self._stream(model, (X,), (Z,), launch)
+        return Z
 
     def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None):
         """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64.

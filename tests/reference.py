@@ -246,3 +246,40 @@ def interval_margin_bound(X, labels, eps, p, x_min, x_max, W1, b1, W2, b2):
         margins[y] = np.inf
         out[n] = margins.min()
     return out
+
+
+def logits(X, W1, b1, W2, b2):
+    """Logits Z2 = A W2 + b2 (N, C), float64."""
+    return forward(X, W1, b1, W2, b2)[1]
+
+
+def loss_value(X, W1, b1, W2, b2, labels, loss, targets=None, kappa=0.0):
+    """Per-row loss (N,) float64 of the logits z, each a quantity an attack maximises.
+
+    With s_1 >= s_2 >= ... the logits of a row sorted in descending order:
+    "ce": logsumexp(z) - z_y; "dlr": -(z_y - max_{i != y} z_i) / (s_1 - s_3 + 1e-12);
+    "dlr-targeted": -(z_y - z_t) / (s_1 - (s_3 + s_4) / 2 + 1e-12); "cw": min(max_{i != y} z_i
+    - z_y, kappa), or with targets min(z_t - max_{i != t} z_i, kappa). (Croce and Hein 2020,
+    Carlini and Wagner 2017.)
+    """
+    Z = logits(X, W1, b1, W2, b2)
+    rows = np.arange(len(Z))
+    labels = np.asarray(labels)
+
+    def best_other(classes):
+        others = Z.copy()
+        others[rows, classes] = -np.inf
+        return others.max(axis=1)
+
+    if loss == "ce":
+        top = Z.max(axis=1)
+        return top + np.log(np.exp(Z - top[:, None]).sum(axis=1)) - Z[rows, labels]
+    s = -np.sort(-Z, axis=1)
+    if loss == "dlr":
+        return -(Z[rows, labels] - best_other(labels)) / (s[:, 0] - s[:, 2] + 1e-12)
+    if loss == "dlr-targeted":
+        spread = s[:, 0] - (s[:, 2] + s[:, 3]) / 2 + 1e-12
+        return -(Z[rows, labels] - Z[rows, targets]) / spread
+    if targets is None:
+        return np.minimum(best_other(labels) - Z[rows, labels], kappa)
+    return np.minimum(Z[rows, targets] - best_other(targets), kappa)

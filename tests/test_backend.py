@@ -267,3 +267,136 @@ def test_an_attack_on_the_bundled_test_set_compiles_no_parallel_kernel(tmp_path)
     result = run_python(code, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "0", "True", "True"]
+
+
+def loss_problem(n_rows, dtype=np.float32, C=5, seed=12):
+    """A model with C classes, rows, true labels and target classes."""
+    rng = np.random.default_rng(seed)
+    model = Model(*random_network(rng, 11, 7, C, dtype, scale=2.0))
+    X = rng.random((n_rows, 11)).astype(dtype)
+    labels = rng.integers(0, C, n_rows)
+    return model, X, labels, (labels + 1) % C
+
+
+def test_losses_are_in_the_order_of_the_kernels_codes():
+    assert backend.LOSSES is backend_common.LOSSES
+    codes = [cpu.LOSS_CE, cpu.LOSS_DLR, cpu.LOSS_DLR_TARGETED, cpu.LOSS_CW]
+    assert [
+        backend_common.LOSSES.index(name) for name in ("ce", "dlr", "dlr-targeted", "cw")
+    ] == codes
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 255, 257, 513, 1000])
+@pytest.mark.parametrize(
+    ("loss", "targeted", "kappa"),
+    [("ce", False, 0.0), ("dlr", False, 0.0), ("dlr-targeted", True, 0.0), ("cw", True, 0.5)],
+)
+def test_loss_gradient_and_logits_are_the_kernels_bitwise(n_rows, loss, targeted, kappa):
+    """Small calls block by block, large ones in parallel: bitwise the kernels' results."""
+    model, X, labels, targets = loss_problem(n_rows, seed=n_rows)
+    network = (model.W1, model.b1, model.W2, model.b2)
+    targets = targets.astype(np.int32) if targeted else None  # any integer type
+    G, values, predicted = CpuBackend().loss_gradient(
+        model, X, labels, loss, targets=targets, kappa=kappa
+    )
+    chosen = labels[:0] if targets is None else targets.astype(np.int64)
+    code = backend_common.LOSSES.index(loss)
+    expected = cpu.loss_gradient(X, *network, labels, chosen, code, kappa)
+    for got, want in zip((G, values, predicted), expected, strict=True):
+        assert_bitwise_equal(got, want)
+    assert_bitwise_equal(CpuBackend().logits(model, X), cpu.logits(X, *network))
+
+
+def test_loss_gradient_of_ce_is_the_input_gradient_bitwise():
+    model, X, labels, _ = loss_problem(700)
+    G, values, predicted = CpuBackend().loss_gradient(model, X, labels, "ce")
+    expected_G, expected_predicted = CpuBackend().input_gradient(
+        model, X, one_hot(labels, 5, np.float32)
+    )
+    assert_bitwise_equal(G, expected_G)
+    assert_bitwise_equal(predicted, expected_predicted)
+    np.testing.assert_allclose(
+        values, reference.loss_value(X, *float64_network(model), labels, "ce"), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("C", "loss", "labels", "targets", "kappa", "message"),
+    [
+        (
+            5,
+            "hinge",
+            [0, 1],
+            None,
+            0.0,
+            "unknown loss 'hinge'; expected one of ce, dlr, dlr-targeted, cw",
+        ),
+        (2, "dlr", [0, 1], None, 0.0, "the dlr loss needs at least 3 classes, the model has 2"),
+        (
+            3,
+            "dlr-targeted",
+            [0, 1],
+            [1, 2],
+            0.0,
+            "the dlr-targeted loss needs at least 4 classes, the model has 3",
+        ),
+        (
+            5,
+            "dlr-targeted",
+            [0, 1],
+            None,
+            0.0,
+            "the dlr-targeted loss needs targets, the target class of each row",
+        ),
+        (
+            5,
+            "ce",
+            [0, 1],
+            [1, 2],
+            0.0,
+            "the ce loss takes no targets (targeted: dlr-targeted or cw)",
+        ),
+        (
+            5,
+            "dlr",
+            [0, 1],
+            [1, 2],
+            0.0,
+            "the dlr loss takes no targets (targeted: dlr-targeted or cw)",
+        ),
+        (5, "cw", [0, 5], None, 0.0, "labels must be classes in [0, 5), got 5 at row 1"),
+        (5, "cw", [-1, 0], None, 0.0, "labels must be classes in [0, 5), got -1 at row 0"),
+        (5, "cw", [0, 1], [0, 7], 0.0, "targets must be classes in [0, 5), got 7 at row 1"),
+        (
+            5,
+            "ce",
+            [0, 1, 2],
+            None,
+            0.0,
+            "labels must be one integer class per row, shape (2,), got shape (3,) of int64",
+        ),
+        (
+            5,
+            "ce",
+            [0.0, 1.0],
+            None,
+            0.0,
+            "labels must be one integer class per row, shape (2,), got shape (2,) of float64",
+        ),
+        (
+            5,
+            "cw",
+            [0, 1],
+            [[1, 2]],
+            0.0,
+            "targets must be one integer class per row, shape (2,), got shape (1, 2) of int64",
+        ),
+        (5, "cw", [0, 1], None, np.nan, "kappa must be a number, got nan"),
+    ],
+)
+def test_loss_gradient_refuses_bad_arguments_in_one_line(C, loss, labels, targets, kappa, message):
+    model, X, _, _ = loss_problem(2, C=C)
+    targets = None if targets is None else np.array(targets)
+    with pytest.raises(ValueError) as caught:
+        CpuBackend().loss_gradient(model, X, np.array(labels), loss, targets=targets, kappa=kappa)
+    assert str(caught.value) == message

@@ -1350,3 +1350,81 @@ def test_backend_bounds_and_training_match_cpu_backend(monkeypatch):
         b.parameter_gradient(net, X, Y, 0.6, 0.4, 0.05, 0.0, 1.0, gradient)
     for actual, wanted in zip(*gradients, strict=True):
         assert_close(actual, wanted, np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss switch: logits and the gradients of the attack losses
+
+LOSS_CASES = [("ce", False), ("dlr", False), ("dlr-targeted", True), ("cw", False), ("cw", True)]
+LOSS_CODES = {
+    "ce": cpu.LOSS_CE,
+    "dlr": cpu.LOSS_DLR,
+    "dlr-targeted": cpu.LOSS_DLR_TARGETED,
+    "cw": cpu.LOSS_CW,
+}
+KAPPA = 0.5
+
+
+def loss_problem(shape, dtype, seed=21):
+    """X and the network (``network``), labels and target classes other than them. The
+    labels alternate between the largest and the second largest logit: a DLR loss whose
+    label is the third largest is constant, its gradient rounding noise on either device."""
+    X, W1, b1, W2, b2, _ = network(shape, dtype, seed=seed, logit_scale=0.5)
+    order = np.argsort(-reference.logits(X, W1, b1, W2, b2), axis=1, kind="stable")
+    labels = order[np.arange(len(X)), np.arange(len(X)) % 2]
+    targets = (labels + 1 + np.arange(len(X)) % (W2.shape[1] - 1)) % W2.shape[1]
+    return (X, W1, b1, W2, b2), labels, targets
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("loss", "targeted"), LOSS_CASES)
+@pytest.mark.parametrize("shape", [(1, 9, 5, 4), (13, 19, 9, 5)])
+def test_loss_gradient_and_logits_match_cpu(dtype, loss, targeted, shape):
+    """The kernels against the CPU's on many blocks (every row's gradient, value, argmax)."""
+    from advgrad.kernels import cuda as kernels
+
+    net, labels, targets = loss_problem(shape, dtype)
+    chosen = targets if targeted else labels[:0]
+    arguments = (labels, chosen, LOSS_CODES[loss], KAPPA)
+    G, values, predicted = (
+        a.copy_to_host()
+        for a in kernels.loss_gradient(*to_device(*net, *arguments[:2]), *arguments[2:])
+    )
+    G_cpu, values_cpu, predicted_cpu = cpu.loss_gradient(*net, *arguments)
+    assert (G.dtype, values.dtype, predicted.dtype) == (dtype, dtype, np.int64)
+    assert_close(G, G_cpu, dtype)
+    assert_close(values, values_cpu, dtype)
+    np.testing.assert_array_equal(predicted, predicted_cpu)
+    assert_close(kernels.logits(*to_device(*net)).copy_to_host(), cpu.logits(*net), dtype)
+    if loss == "ce":  # the cross-entropy kernels on the one-hot labels, bitwise
+        expected = kernels.input_gradient(*to_device(*net, np.eye(shape[3], dtype=dtype)[labels]))
+        assert G.tobytes() == expected.copy_to_host().tobytes()
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize(("loss", "targeted"), LOSS_CASES)
+def test_backend_loss_gradient_and_logits_match_cpu_backend(loss, targeted):
+    """Chunks of 5 rows; the same refusals as the CPU backend; no rows."""
+    dtype = np.float32
+    net, labels, targets = loss_problem((12, 19, 9, 5), dtype, seed=22)
+    model = Model(*net[1:])
+    X = net[0]
+    gpu, host = CudaBackend(chunk_rows=5), CpuBackend()
+    chosen = targets if targeted else None
+    results = [
+        b.loss_gradient(model, X, labels, loss, targets=chosen, kappa=KAPPA) for b in (gpu, host)
+    ]
+    for actual, expected in zip(*results, strict=True):
+        assert actual.dtype == expected.dtype
+        assert_close(actual, expected, dtype)
+    assert_close(gpu.logits(model, X), host.logits(model, X), dtype)
+    empty = gpu.loss_gradient(
+        model, X[:0], labels[:0], loss, targets=None if chosen is None else targets[:0], kappa=KAPPA
+    )
+    assert [a.shape for a in empty] == [(0, 19), (0,), (0,)]
+    assert gpu.logits(model, X[:0]).shape == (0, 5)
+    with pytest.raises(ValueError, match=r"^labels must be classes in \[0, 5\), got 5 at row 0$"):
+        gpu.loss_gradient(model, X, np.full_like(labels, 5), loss, targets=chosen)

@@ -186,7 +186,8 @@ def _thread_ids(n_items):
 
 def batch_kernel_outputs() -> dict[str, np.ndarray]:
     """Every public batch kernel on 3 blocks of ``cpu.ROWS_PER_BLOCK`` rows and a partial
-    one: the gradient and FGM steps, the forward pass, the iterative attacks (L1, momentum,
+    one: the gradient and FGM steps, the forward pass, a targeted DLR loss gradient, the
+    logits, the iterative attacks (L1, momentum,
     some rows targeted), DeepFool, the training gradients (their block sums fused with
     FGSM), the margin bounds (CROWN) and certified radii. float32, the bounds in float64."""
     rng = np.random.default_rng(8)
@@ -201,6 +202,12 @@ def batch_kernel_outputs() -> dict[str, np.ndarray]:
     out["losses"] = np.empty(n_rows, dtype=np.float32)
     A = np.empty((n_rows, 20), dtype=np.float32)
     cpu.forward_into(X, *network, Y, A, out["P"], out["losses"], predicted)
+    labels, targets = np.argmax(Y, axis=1), (np.argmax(Y, axis=1) + 1) % C
+    out["G_dlr"], out["dlr"] = np.empty_like(X), np.empty(n_rows, dtype=np.float32)
+    targeted = (labels, targets, cpu.LOSS_DLR_TARGETED, 0.0, out["G_dlr"], out["dlr"])
+    cpu.loss_gradient_into(X, *network, *targeted, predicted)
+    out["Z"] = np.empty((n_rows, C), dtype=np.float32)
+    cpu.logits_into(X, *network, out["Z"])
     out["X_iterate"] = np.empty_like(X)
     eps = np.full(n_rows, 2.0)
     alpha = np.where(np.arange(n_rows) % 3, 0.3, -0.3)
@@ -211,7 +218,7 @@ def batch_kernel_outputs() -> dict[str, np.ndarray]:
     gradients = [np.zeros_like(a) for a in network]
     cpu.parameter_gradient_into(X, *network, Y, 0.5, 0.5, 0.1, 0.0, 1.0, *gradients)
     out |= dict(zip(("dW1", "db1", "dW2", "db2"), gradients, strict=True))
-    X64, labels = X.astype(np.float64), np.argmax(Y, axis=1)
+    X64 = X.astype(np.float64)
     bounds = (0.0, 1.0, *(a.astype(np.float64) for a in network), True, 20)  # clip .. steps
     out["worst"] = np.empty(n_rows)
     cpu.margin_bounds_into(X64, labels, eps / 50, np.inf, *bounds, out["worst"])
@@ -463,3 +470,160 @@ def test_logit_jacobian_matches_finite_differences():
             - reference.forward(down[None], W1, b1, W2, b2)[1][0]
         ) / (2 * h)
         np.testing.assert_allclose(J[i], numeric, rtol=1e-7, atol=1e-9)
+
+
+LOSS_CODES = {
+    "ce": cpu.LOSS_CE,
+    "dlr": cpu.LOSS_DLR,
+    "dlr-targeted": cpu.LOSS_DLR_TARGETED,
+    "cw": cpu.LOSS_CW,
+}
+LOSS_CASES = [("ce", False), ("dlr", False), ("dlr-targeted", True), ("cw", False), ("cw", True)]
+KAPPA = 0.3
+
+
+def loss_problem(n_rows, dtype=np.float64, seed=11, d=10, C=6):
+    """A network, rows, true labels and target classes (each other than its label)."""
+    rng = np.random.default_rng(seed)
+    network = random_network(rng, d, 8, C, dtype, scale=3.0)
+    X = rng.uniform(size=(n_rows, d)).astype(dtype)
+    labels = rng.integers(0, C, n_rows)
+    targets = (labels + rng.integers(1, C, n_rows)) % C
+    return X, network, labels, targets
+
+
+def loss_gradient_of(loss, X, network, labels, targets, kappa=KAPPA):
+    """``cpu.loss_gradient`` by loss name; targets None for none."""
+    chosen = labels[:0] if targets is None else targets
+    return cpu.loss_gradient(X, *network, labels, chosen, LOSS_CODES[loss], kappa)
+
+
+def rows_off_kinks(X, network, labels, targets, loss, kappa=KAPPA, gap=1e-3):
+    """Rows where the loss is smooth within ``gap`` of the logits: no two logits closer than
+    that, and a C&W margin that far from kappa."""
+    Z = reference.logits(X, *network)
+    s = -np.sort(-Z, axis=1)
+    smooth = (s[:, :-1] - s[:, 1:]).min(axis=1) > gap
+    if loss == "cw":
+        margin = reference.loss_value(X, *network, labels, "cw", targets, np.inf)
+        smooth &= np.abs(margin - kappa) > gap
+    return smooth
+
+
+def central_differences(value, X, h=1e-6):
+    """Central differences of ``value(X) -> (N,)``, one coordinate at a time."""
+    F = np.empty_like(X)
+    for i in range(X.shape[1]):
+        up, down = X.copy(), X.copy()
+        up[:, i] += h
+        down[:, i] -= h
+        F[:, i] = (value(up) - value(down)) / (2 * h)
+    return F
+
+
+@pytest.mark.parametrize("n_rows", [1, 80, 255, 257, 513])
+@pytest.mark.parametrize(("loss", "targeted"), LOSS_CASES)
+def test_loss_gradient_matches_central_differences(n_rows, loss, targeted):
+    """Every loss's gradient against float64 central differences of the reference loss, at
+    rows away from ties (and, for C&W, from the clip at kappa); values and predictions
+    against the reference; at one row, within one block of rows, and a few past blocks."""
+    X, network, labels, targets = loss_problem(n_rows, seed=n_rows)
+    targets = targets if targeted else None
+    G, values, predicted = loss_gradient_of(loss, X, network, labels, targets)
+    assert (G.shape, values.shape, predicted.shape) == (X.shape, (n_rows,), (n_rows,))
+    assert (G.dtype, values.dtype, predicted.dtype) == (X.dtype, X.dtype, np.int64)
+
+    def value(X_moved):
+        return reference.loss_value(X_moved, *network, labels, loss, targets, KAPPA)
+
+    F = central_differences(value, X)
+    smooth = rows_off_kinks(X, network, labels, targets, loss)
+    assert smooth.mean() > 0.75
+    np.testing.assert_allclose(G[smooth], F[smooth], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(values, value(X), rtol=1e-12, atol=1e-14)
+    Z = reference.logits(X, *network)
+    np.testing.assert_array_equal(predicted, Z.argmax(axis=1))
+    np.testing.assert_allclose(cpu.logits(X, *network), Z, rtol=1e-13, atol=1e-14)
+    clipped = values == KAPPA if loss == "cw" else np.zeros(n_rows, dtype=bool)
+    assert (G[clipped] == 0.0).all()
+    if n_rows > 1:
+        # DLR is constant (1) where y is the third largest logit: its gradient cancels there
+        assert (np.abs(G[~clipped]).max(axis=1) > 1e-3).mean() > 0.6
+        assert loss != "cw" or 0.1 < clipped.mean() < 0.9  # both sides of the clip covered
+
+
+@pytest.mark.parametrize(("loss", "targeted"), LOSS_CASES)
+def test_loss_gradient_of_no_rows(loss, targeted):
+    X, network, labels, targets = loss_problem(0)
+    G, values, predicted = loss_gradient_of(loss, X, network, labels, targets if targeted else None)
+    assert (G.shape, values.shape, predicted.shape) == ((0, 10), (0,), (0,))
+    assert cpu.logits(X, *network).shape == (0, 6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ce_loss_gradient_is_the_cross_entropy_gradient_bitwise(dtype):
+    X, network, labels, _ = loss_problem(3 * cpu.ROWS_PER_BLOCK + 5, dtype)
+    G, values, predicted = loss_gradient_of("ce", X, network, labels, None)
+    Y = one_hot(labels, 6, dtype)
+    expected_predicted = np.empty(len(X), dtype=np.int64)
+    expected = np.empty_like(X)
+    cpu.input_gradient_into(X, *network, Y, expected, expected_predicted)
+    assert G.tobytes() == expected.tobytes()
+    assert predicted.tobytes() == expected_predicted.tobytes()
+    np.testing.assert_allclose(
+        values, cpu.loss(X, *network, Y), rtol=1e-6 if dtype == np.float32 else 1e-15
+    )
+
+
+@pytest.mark.parametrize(("loss", "targeted"), LOSS_CASES)
+def test_loss_gradient_float32_agrees_with_float64(loss, targeted):
+    X, network, labels, targets = loss_problem(600, np.float32)
+    targets = targets if targeted else None
+    G32, values32, predicted32 = loss_gradient_of(loss, X, network, labels, targets)
+    wide = [a.astype(np.float64) for a in (X, *network)]
+    G64, values64, predicted64 = loss_gradient_of(loss, wide[0], wide[1:], labels, targets)
+    assert (G32.dtype, values32.dtype) == (np.float32, np.float32)
+    same = predicted32 == predicted64
+    if loss == "cw":
+        margin = reference.loss_value(*wide, labels, loss, targets, np.inf)
+        same &= np.abs(margin - KAPPA) > 1e-4  # away from the clip
+    assert same.mean() > 0.95
+    assert np.linalg.norm(G32[same] - G64[same]) / np.linalg.norm(G64[same]) < 1e-5
+    np.testing.assert_allclose(values32, values64, rtol=1e-4, atol=1e-5)
+
+
+def test_margin_losses_differentiate_ties_through_the_first_index():
+    """Logits with ties: the maximum (and the sorted order) takes the first index, and the
+    C&W margin's gradient is 0 where clipped at kappa, 1 and -1 below it."""
+    z = np.array([3.0, 1.0, 3.0, 1.0, 0.0])
+    spread = 3.0 - 1.0 + cpu.DLR_OFFSET  # s_1 = z_0, s_3 = z_1
+    gap = 0.0 - 3.0  # label 4 against the first of the two largest, class 0
+
+    def row(loss, label, target, kappa=0.0):
+        dz = np.empty(5)
+        value, predicted = cpu.margin_loss_row(z, label, target, loss, kappa, dz)
+        assert predicted == 0
+        return value, dz
+
+    value, dz = row(cpu.LOSS_DLR, 4, -1)
+    assert value == -gap / spread
+    ratio = gap / spread**2
+    np.testing.assert_array_equal(dz, [1 / spread + ratio, -ratio, 0.0, 0.0, -1 / spread])
+    value, dz = row(cpu.LOSS_DLR, 0, -1)  # the rival of class 0 is class 2
+    assert value == 0.0
+    np.testing.assert_array_equal(dz, [-1 / spread, 0.0, 1 / spread, 0.0, 0.0])
+    spread = 3.0 - (1.0 + 1.0) / 2 + cpu.DLR_OFFSET  # s_3 = z_1, s_4 = z_3
+    value, dz = row(cpu.LOSS_DLR_TARGETED, 4, 3)
+    gap = 0.0 - 1.0
+    ratio = gap / spread**2
+    assert value == -gap / spread
+    np.testing.assert_array_equal(dz, [ratio, -ratio / 2, 0.0, 1 / spread - ratio / 2, -1 / spread])
+    value, dz = row(cpu.LOSS_CW, 4, -1, kappa=5.0)  # the best class other than 4: class 0
+    assert value == 3.0
+    np.testing.assert_array_equal(dz, [1.0, 0.0, 0.0, 0.0, -1.0])
+    value, dz = row(cpu.LOSS_CW, 1, 3, kappa=5.0)  # target 3 against class 0
+    assert value == -2.0
+    np.testing.assert_array_equal(dz, [-1.0, 0.0, 0.0, 1.0, 0.0])
+    value, dz = row(cpu.LOSS_CW, 4, -1, kappa=2.0)
+    assert value == 2.0
+    np.testing.assert_array_equal(dz, np.zeros(5))

@@ -18,7 +18,10 @@ BLAS may use its own threads.
 
 Labels ``Y`` are float (N, C), one-hot or soft (each row sums to 1). Kernels that take an
 output for predictions also accept ``Y`` with 0 rows: the model's own predictions are
-then the labels (one-hot of the argmax of the logits).
+then the labels (one-hot of the argmax of the logits). ``loss_gradient`` takes int64 class
+labels instead, and switches between the losses that attacks maximise (cross-entropy, DLR,
+targeted DLR, C&W margin): each loss's gradient with respect to the logits, then the one
+back-propagation (``backpropagate_block``) that every gradient here shares.
 """
 
 import math
@@ -165,6 +168,66 @@ def hidden_block_into(X, W1, b1, A):
 
 
 @njit(cache=True, error_model="numpy")
+def logits_block_into(X, W1, b1, W2, A, ZT):
+    """Hidden activations A (B, H) and logits ZT (C, B) of a block of rows X (B, d), serial.
+
+    ZT holds the logits as columns, without the bias b2 (``softmax_columns`` adds it): the
+    loops over the rows of a class then run along memory. Every kernel that needs logits
+    forms them here, so that its z_k = ZT[k, n] + b2[k] are bitwise those of ``logits``.
+    """
+    hidden_block_into(X, W1, b1, A)
+    np.dot(W2.T, A.T, ZT)
+
+
+@njit(cache=True, error_model="numpy")
+def backpropagate_block(A, D2T, W1, W2, D1, G):
+    """G (B, d) = ((D2 W2^T) * A * (1 - A)) W1^T for a block of rows, serial: the input
+    gradient of any loss whose gradient with respect to the logits is D2 (B, C), given as
+    D2T (C, B). D1 (B, H) receives D2 W2^T * A * (1 - A), the gradient at Z1."""
+    np.dot(D2T.T, W2.T, D1)
+    for n in range(D1.shape[0]):
+        for j in range(D1.shape[1]):
+            a = A[n, j]
+            D1[n, j] *= a * (1.0 - a)
+    np.dot(D1, W1.T, G)
+
+
+def _label(Y, predicted, n, k):
+    """The weight of class k in the label of row n, for jitted code: Y[n, k] for float labels
+    Y (N, C), or the one-hot of predicted[n] when Y has 0 rows; labels[n] == k for int
+    labels Y (N,)."""
+
+
+@overload(_label)
+def _label_for_type(Y, predicted, n, k):
+    if Y.ndim == 1:
+        return lambda Y, predicted, n, k: Y[n] == k
+    return lambda Y, predicted, n, k: (predicted[n] == k) if Y.shape[0] == 0 else Y[n, k]
+
+
+@njit(cache=True, error_model="numpy")
+def cross_entropy_logit_gradient(ZT, b2, Y, predicted, top, rest):
+    """dJ/dZ2 = P - Y of the cross-entropy for a block of B rows, in place, serial.
+
+    Parameters
+    ----------
+    ZT : (C, B) float32 or float64, logits as columns without the bias (as
+        ``logits_block_into`` leaves them); overwritten with (P - Y)^T
+    b2 : (C,) same dtype, the output bias
+    Y : (B, C) same dtype, one-hot or soft labels, or 0 rows for the predictions; or
+        (B,) int64 class labels
+    predicted, top, rest : (B,) outputs of ``softmax_columns``
+    """
+    softmax_columns(ZT, b2, predicted, top, rest)
+    for k in range(ZT.shape[0]):
+        for n in range(ZT.shape[1]):
+            label = _label(Y, predicted, n, k)
+            # P - Y; for the top class as (1 - Y) - (1 - P), exact when P rounds to 1
+            top_class = (1.0 - label) - rest[n] * ZT[k, n]
+            ZT[k, n] = top_class if k == predicted[n] else ZT[k, n] - label
+
+
+@njit(cache=True, error_model="numpy")
 def gradient_workspace(n_rows, W1, W2):
     """Scratch arrays of ``gradient_block`` for blocks of ``n_rows`` rows.
 
@@ -189,21 +252,9 @@ def gradient_block(X, W1, b1, W2, b2, Y, G, predicted, work):
     ``gradient_workspace(B, W1, W2)``.
     """
     A, D2T, D1, top, rest = work
-    hidden_block_into(X, W1, b1, A)
-    np.dot(W2.T, A.T, D2T)  # logits as (C, B): the softmax loops run along rows
-    softmax_columns(D2T, b2, predicted, top, rest)
-    for k in range(D2T.shape[0]):
-        for n in range(X.shape[0]):
-            label = (predicted[n] == k) if Y.shape[0] == 0 else Y[n, k]
-            # P - Y; for the top class as (1 - Y) - (1 - P), exact when P rounds to 1
-            top_class = (1.0 - label) - rest[n] * D2T[k, n]
-            D2T[k, n] = top_class if k == predicted[n] else D2T[k, n] - label
-    np.dot(D2T.T, W2.T, D1)
-    for n in range(X.shape[0]):
-        for j in range(D1.shape[1]):
-            a = A[n, j]
-            D1[n, j] *= a * (1.0 - a)
-    np.dot(D1, W1.T, G)
+    logits_block_into(X, W1, b1, W2, A, D2T)
+    cross_entropy_logit_gradient(D2T, b2, Y, predicted, top, rest)
+    backpropagate_block(A, D2T, W1, W2, D1, G)
 
 
 @njit(cache=True, error_model="numpy")
@@ -498,6 +549,240 @@ def loss(X, W1, b1, W2, b2, Y):
     predicted = np.empty(N, dtype=np.int64)
     forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted)
     return losses
+
+
+# ---- the loss switch
+#
+# ``loss_gradient`` takes the input gradient of any of four per-row losses of the logits
+# z = Z2 (bias included), each a quantity an attack maximises: the cross-entropy and the
+# three margin losses of evaluation-grade attacks (Croce and Hein 2020, Carlini and Wagner
+# 2017). A loss differs from another only in its gradient dL/dz; the back-propagation from
+# there to the inputs is ``backpropagate_block``, the same for all.
+
+LOSS_CE = 0
+"""-log softmax(z)_y, the cross-entropy (``input_gradient`` with one-hot labels)."""
+LOSS_DLR = 1
+"""-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + DLR_OFFSET), the difference of logits ratio;
+pi1, pi2, ... order the classes by descending logit (C >= 3)."""
+LOSS_DLR_TARGETED = 2
+"""-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + DLR_OFFSET), towards target t (C >= 4)."""
+LOSS_CW = 3
+"""The Carlini-Wagner margin min(max_{i != y} z_i - z_y, kappa); towards a target t,
+min(z_t - max_{i != t} z_i, kappa) (C >= 2)."""
+DLR_OFFSET = 1e-12
+"""Added to the DLR losses' denominators, as the reference implementation (AutoAttack) does."""
+
+
+@njit(cache=True, error_model="numpy")
+def largest_four(z):
+    """Indices of the four largest entries of z (C,) in descending order, -1 past C.
+
+    Of equal entries the first index comes first (the order of a stable sort), so the
+    first one is ``np.argmax(z)``.
+    """
+    i1 = i2 = i3 = i4 = -1
+    for k in range(z.shape[0]):
+        v = z[k]
+        if i1 < 0 or v > z[i1]:
+            i1, i2, i3, i4 = k, i1, i2, i3
+        elif i2 < 0 or v > z[i2]:
+            i2, i3, i4 = k, i2, i3
+        elif i3 < 0 or v > z[i3]:
+            i3, i4 = k, i3
+        elif i4 < 0 or v > z[i4]:
+            i4 = k
+    return i1, i2, i3, i4
+
+
+@njit(cache=True, error_model="numpy")
+def margin_loss_row(z, label, target, loss, kappa, dz):
+    """One row's margin loss (``LOSS_DLR``, ``LOSS_DLR_TARGETED`` or ``LOSS_CW``) and its
+    gradient with respect to the logits.
+
+    Parameters
+    ----------
+    z : (C,) float32 or float64, the logits, bias included
+    label : int, the true class y
+    target : int, the target class t; -1 for none (``LOSS_CW`` is then untargeted)
+    loss : int, the loss code
+    kappa : float, the confidence at which ``LOSS_CW`` is clipped
+    dz : (C,) z's dtype, output: dL/dz; it may be z itself. A maximum over classes is
+        differentiated through its first index on ties; where ``LOSS_CW`` is clipped at
+        kappa (margin >= kappa) the gradient is 0.
+
+    Returns
+    -------
+    value : float64, the loss
+    predicted : int, argmax of z (the first on ties)
+    """
+    i1, i2, i3, i4 = largest_four(z)
+    if loss == LOSS_CW:
+        up = i2 if i1 == label else i1  # untargeted: the best other class against y
+        down = label
+        if target >= 0:  # targeted: t against the best other class
+            up = target
+            down = i2 if i1 == target else i1
+        margin = np.float64(z[up]) - np.float64(z[down])
+        slope = 1.0 if margin < kappa else 0.0
+        dz[:] = 0.0
+        dz[up] += slope
+        dz[down] -= slope
+        return min(margin, kappa), i1
+    # DLR: the gap between y and its rival, over the spread z_pi1 - (z_pi3 + z_low) / 2,
+    # with z_low = z_pi3 untargeted (halves of one number add up to it exactly)
+    rival = target if loss == LOSS_DLR_TARGETED else (i2 if i1 == label else i1)
+    low = i4 if loss == LOSS_DLR_TARGETED else i3
+    gap = np.float64(z[label]) - np.float64(z[rival])
+    spread = np.float64(z[i1]) - 0.5 * (np.float64(z[i3]) + np.float64(z[low])) + DLR_OFFSET
+    inverse = 1.0 / spread
+    ratio = gap * inverse * inverse  # dL/dspread
+    dz[:] = 0.0
+    dz[label] -= inverse
+    dz[rival] += inverse
+    dz[i1] += ratio
+    dz[i3] -= 0.5 * ratio
+    dz[low] -= 0.5 * ratio
+    return -gap * inverse, i1
+
+
+@njit(cache=True, error_model="numpy")
+def loss_gradient_block(X, W1, b1, W2, b2, labels, targets, loss, kappa, G, values, predicted):
+    """``loss_gradient_into`` on a block of rows, serial (targets: the block's rows or 0)."""
+    A, ZT, D1, top, rest = gradient_workspace(X.shape[0], W1, W2)
+    logits_block_into(X, W1, b1, W2, A, ZT)
+    if loss == LOSS_CE:
+        for n in range(X.shape[0]):
+            values[n] = ZT[labels[n], n] + b2[labels[n]]  # z_y, before the softmax
+        cross_entropy_logit_gradient(ZT, b2, labels, predicted, top, rest)
+        for n in range(X.shape[0]):
+            # logsumexp(z) - z_y = (max - z_y) + log1p(rest): no cancellation near 0
+            values[n] = (top[n] - values[n]) + math.log1p(rest[n])
+    else:
+        for k in range(ZT.shape[0]):
+            for n in range(X.shape[0]):
+                ZT[k, n] += b2[k]
+        for n in range(X.shape[0]):
+            target = targets[n] if targets.shape[0] != 0 else -1
+            z = ZT[:, n]
+            values[n], predicted[n] = margin_loss_row(z, labels[n], target, loss, kappa, z)
+    backpropagate_block(A, ZT, W1, W2, D1, G)
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def loss_gradient_into(X, W1, b1, W2, b2, labels, targets, loss, kappa, G, values, predicted):
+    """The input gradient of a per-row loss of the logits, for every row.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64
+    W1, b1, W2, b2 : the network, same dtype as X
+    labels : (N,) int64, the true class of each row, in [0, C)
+    targets : (N,) int64, the target class of each row, in [0, C), for ``LOSS_DLR_TARGETED``
+        and a targeted ``LOSS_CW``; 0 rows otherwise
+    loss : int, ``LOSS_CE``, ``LOSS_DLR`` (C >= 3), ``LOSS_DLR_TARGETED`` (C >= 4) or
+        ``LOSS_CW``: a quantity an attack maximises (see the constants)
+    kappa : float, the confidence of ``LOSS_CW`` (unused by the others)
+    G : (N, d) same dtype, output: d(loss)/dX per row
+    values : (N,) same dtype, output: the loss of each row
+    predicted : (N,) int64, output: argmax of the logits of each row (the first on ties)
+
+    ``LOSS_CE`` gives bitwise the G and predictions of ``input_gradient_into`` with one-hot
+    labels. Nothing is checked here: the classes must be in range and C large enough.
+    """
+    N = X.shape[0]
+    blocks = n_blocks(N)
+    if blocks == 1:
+        loss_gradient_block(X, W1, b1, W2, b2, labels, targets, loss, kappa, G, values, predicted)
+        return
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
+        start, stop = block_rows(N, block)
+        loss_gradient_block(
+            X[start:stop],
+            W1,
+            b1,
+            W2,
+            b2,
+            labels[start:stop],
+            targets if targets.shape[0] == 0 else targets[start:stop],
+            loss,
+            kappa,
+            G[start:stop],
+            values[start:stop],
+            predicted[start:stop],
+        )
+    unpin_blas(pinned)
+
+
+@njit(cache=True, error_model="numpy")
+def loss_gradient(X, W1, b1, W2, b2, labels, targets, loss, kappa):
+    """The input gradient of a per-row loss of the logits; see ``loss_gradient_into``.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64
+    W1 : (d, H), b1 : (H,), W2 : (H, C), b2 : (C,), same dtype as X
+    labels : (N,) int64, the true classes
+    targets : (N,) int64, the target classes, or 0 rows for none
+    loss : int, ``LOSS_CE``, ``LOSS_DLR``, ``LOSS_DLR_TARGETED`` or ``LOSS_CW``
+    kappa : float, the confidence of ``LOSS_CW``
+
+    Returns
+    -------
+    G : (N, d) same dtype, d(loss)/dX
+    values : (N,) same dtype, the loss of each row
+    predicted : (N,) int64, argmax of the logits of each row
+    """
+    N = X.shape[0]
+    G = np.empty_like(X)
+    advise_huge_pages(G)
+    values = np.empty(N, dtype=X.dtype)
+    predicted = np.empty(N, dtype=np.int64)
+    loss_gradient_into(X, W1, b1, W2, b2, labels, targets, loss, kappa, G, values, predicted)
+    return G, values, predicted
+
+
+@njit(cache=True, error_model="numpy")
+def logits_block(X, W1, b1, W2, b2, Z):
+    """``logits_into`` on a block of rows, serial."""
+    A = np.empty((X.shape[0], W1.shape[1]), dtype=X.dtype)
+    ZT = np.empty((W2.shape[1], X.shape[0]), dtype=X.dtype)
+    logits_block_into(X, W1, b1, W2, A, ZT)
+    for n in range(X.shape[0]):
+        for k in range(ZT.shape[0]):  # loops, not slice copies: they compile seconds faster
+            Z[n, k] = ZT[k, n] + b2[k]
+
+
+@njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def logits_into(X, W1, b1, W2, b2, Z):
+    """The logits of every row.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64
+    W1, b1, W2, b2 : the network, same dtype as X
+    Z : (N, C) same dtype, output: A @ W2 + b2 with A = sigmoid(X @ W1 + b1), bitwise the
+        logits that ``loss_gradient_into`` differentiates
+    """
+    N = X.shape[0]
+    blocks = n_blocks(N)
+    if blocks == 1:
+        logits_block(X, W1, b1, W2, b2, Z)
+        return
+    pinned = pin_blas(blocks)
+    for block in prange(blocks):
+        start, stop = block_rows(N, block)
+        logits_block(X[start:stop], W1, b1, W2, b2, Z[start:stop])
+    unpin_blas(pinned)
+
+
+@njit(cache=True, error_model="numpy")
+def logits(X, W1, b1, W2, b2):
+    """Logits Z (N, C) of X (N, d) in X's dtype: A @ W2 + b2; see ``logits_into``."""
+    Z = np.empty((X.shape[0], W2.shape[1]), dtype=X.dtype)
+    advise_huge_pages(Z)
+    logits_into(X, W1, b1, W2, b2, Z)
+    return Z
 
 
 @njit(cache=True, error_model="numpy")

@@ -32,6 +32,12 @@ per row; the L1 projection is exact, by Michelot's algorithm in float64). ``deep
 works on the rows still moving only: per iteration ``X @ W1``, ``hidden_slopes``, the logits
 and the Jacobians of all C logits as two more products, then ``deepfool_step_kernel``.
 
+``loss_gradient_into`` takes the gradient of an attack loss (the loss switch of
+``cpu.loss_gradient_into``): the cross-entropy through the kernels above on one-hot labels,
+the margin losses (DLR, targeted DLR, C&W) as the hidden product, ``logit_rows_kernel``
+(logits, ``margin_loss_row`` per row, D1) and the back-product; ``logits_into`` runs the
+first two alone.
+
 ``parameter_gradient_into`` (training) adds the parameter gradients of a batch's loss, with
 an optional FGSM pass: the hidden product and ``rows_kernel`` as above, then sums over the
 rows. ``margin_bounds_into`` and ``certified_radius_into`` (certification) run the CPU's

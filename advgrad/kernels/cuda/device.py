@@ -7,15 +7,20 @@ The ``block_*`` helpers and the reductions must be called by every thread of a b
 
 import math
 
+from advgrad.kernels.cpu import DLR_OFFSET, LOSS_CW, LOSS_DLR_TARGETED
 from advgrad.kernels.cuda.internals import cuda
 
 __all__ = [
     "UNROLL",
+    "block_hidden",
     "block_logits",
+    "block_margin_loss",
     "block_softmax",
     "clip",
     "hidden_delta",
     "l1_threshold",
+    "largest_four",
+    "margin_loss_row",
     "row_reduce",
     "segment_reduce",
     "sigmoid",
@@ -119,6 +124,21 @@ def l1_threshold(X_adv, X, n, live, radius, total, red, t, width):
 
 
 @cuda.jit(device=True)
+def block_hidden(Z1, b1, A, N, first, count, t, threads):
+    """``A[n, j] = sigmoid(Z1[n, j] + ... + b1[j])`` for the ``count`` rows from ``first``:
+    Z1 ``(splits * N, H)`` holds the split partial sums of ``X @ W1``, added in split order.
+    Threads stride over the hidden units of each row; A may be the first N rows of Z1."""
+    H = A.shape[1]
+    splits = Z1.shape[0] // N
+    for n in range(first, first + count):
+        for j in range(t, H, threads):
+            z = Z1[n, j]
+            for split in range(1, splits):
+                z += Z1[split * N + n, j]
+            A[n, j] = sigmoid(z + b1[j])
+
+
+@cuda.jit(device=True)
 def block_logits(A, a_first, W2, b2, count, pair_threads, red, t, Z, z_first):
     """Logits of ``count`` rows: ``Z[z_first + r, k] = A[a_first + r] @ W2[:, k] + b2[k]``.
 
@@ -205,6 +225,84 @@ def block_softmax(Z, z_first, Y, n_first, count, delta, store, losses, predicted
     cached = count * C <= cache.shape[0]
     if t < count:
         softmax_row(Z, z_first + t, Y, n_first + t, delta, store, losses, predicted)
+        if cached:
+            for k in range(C):
+                cache[t * C + k] = Z[z_first + t, k]
+    return cached
+
+
+@cuda.jit(device=True)
+def largest_four(Z, z):
+    """Indices of the four largest entries of row z of Z, descending, -1 past C; of equal
+    entries the first index comes first (``cpu.largest_four``)."""
+    i1 = i2 = i3 = i4 = -1
+    for k in range(Z.shape[1]):
+        v = Z[z, k]
+        if i1 < 0 or v > Z[z, i1]:
+            i1, i2, i3, i4 = k, i1, i2, i3
+        elif i2 < 0 or v > Z[z, i2]:
+            i2, i3, i4 = k, i2, i3
+        elif i3 < 0 or v > Z[z, i3]:
+            i3, i4 = k, i3
+        elif i4 < 0 or v > Z[z, i4]:
+            i4 = k
+    return i1, i2, i3, i4
+
+
+@cuda.jit(device=True)
+def margin_loss_row(Z, z, label, target, loss, kappa):
+    """Row z of Z: logits (bias included) in, the margin loss's gradient dL/dz out; returns
+    (the loss, float64; the argmax of the logits). ``cpu.margin_loss_row``, in float64: the
+    DLR losses (``LOSS_DLR``, ``LOSS_DLR_TARGETED``) and the C&W margin (``LOSS_CW``), whose
+    gradient is 0 where it is clipped at kappa; target -1 for none."""
+    C = Z.shape[1]
+    i1, i2, i3, i4 = largest_four(Z, z)
+    if loss == LOSS_CW:
+        up = i2 if i1 == label else i1  # untargeted: the best other class against y
+        down = label
+        if target >= 0:  # targeted: t against the best other class
+            up = target
+            down = i2 if i1 == target else i1
+        margin = float(Z[z, up]) - float(Z[z, down])
+        slope = 1.0 if margin < kappa else 0.0
+        for k in range(C):
+            Z[z, k] = 0.0
+        Z[z, up] += slope
+        Z[z, down] -= slope
+        return min(margin, kappa), i1
+    rival = target if loss == LOSS_DLR_TARGETED else (i2 if i1 == label else i1)
+    low = i4 if loss == LOSS_DLR_TARGETED else i3
+    gap = float(Z[z, label]) - float(Z[z, rival])
+    spread = float(Z[z, i1]) - 0.5 * (float(Z[z, i3]) + float(Z[z, low])) + DLR_OFFSET
+    inverse = 1.0 / spread
+    ratio = gap * inverse * inverse
+    for k in range(C):
+        Z[z, k] = 0.0
+    Z[z, label] -= inverse
+    Z[z, rival] += inverse
+    Z[z, i1] += ratio
+    Z[z, i3] -= 0.5 * ratio
+    Z[z, low] -= 0.5 * ratio
+    return -gap * inverse, i1
+
+
+@cuda.jit(device=True)
+def block_margin_loss(
+    Z, z_first, labels, targets, n_first, count, loss, kappa, values, predicted, cache, t
+):
+    """``margin_loss_row`` on the block's ``count`` rows, one thread each: row ``z_first + r``
+    of Z with the classes of row ``n_first + r`` (targets with 0 rows: none), its loss to
+    ``values`` and its argmax to ``predicted``. Returns whether the rows also went to the
+    shared ``cache`` (row r at ``r * C``), which they do when they fit, for ``hidden_delta``.
+    """
+    C = Z.shape[1]
+    cached = count * C <= cache.shape[0]
+    if t < count:
+        n = n_first + t
+        target = targets[n] if targets.shape[0] != 0 else -1
+        value, top = margin_loss_row(Z, z_first + t, labels[n], target, loss, kappa)
+        values[n] = value
+        predicted[n] = top
         if cached:
             for k in range(C):
                 cache[t * C + k] = Z[z_first + t, k]

@@ -11,8 +11,16 @@ import math
 
 import numpy as np
 
+from advgrad.kernels.cpu import LOSS_CE
 from advgrad.kernels.cuda.internals import address_range, as_device, cuda, launch
-from advgrad.kernels.cuda.products import Tile, gemm_kernel, rows_kernel, small_batch_kernel
+from advgrad.kernels.cuda.products import (
+    Tile,
+    gemm_kernel,
+    logit_rows_kernel,
+    one_hot_rows,
+    rows_kernel,
+    small_batch_kernel,
+)
 from advgrad.kernels.cuda.steps import (
     deepfool_start,
     deepfool_step_kernel,
@@ -52,7 +60,11 @@ __all__ = [
     "iterate_into",
     "iterate_start_into",
     "iterate_steps_into",
+    "logits",
+    "logits_into",
     "loss",
+    "loss_gradient",
+    "loss_gradient_into",
     "parameter_gradient_into",
 ]
 
@@ -150,22 +162,38 @@ def _gemm(A, B, b_transposed, n_rows, splits, split_depth, X, eps, x_min, x_max,
     )
 
 
-def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, stream, delta):
-    """Queue the hidden product and the row kernel; returns Z1, the split partial sums of
-    ``X @ W1``. With ``delta`` (gradient mode) Z2 gets P - Y and A (None: the first N rows
-    of Z1) gets D1; else Z2 gets P and A the activations."""
+def _hidden_product(X, W1, workspace, stream):
+    """Queue ``X @ W1`` into the workspace's Z1 ``(splits * N, H)``, the split partial sums
+    (the depth is split only when the output tiles alone leave multiprocessors idle)."""
     n_rows, depth = X.shape
-    n_hidden, n_classes = W2.shape
+    n_hidden = W1.shape[1]
     splits, split_depth = _split_depth(n_rows, n_hidden, depth, _tile(n_rows))
     Z1 = workspace.array("Z1", (splits * n_rows, n_hidden), X.dtype)
     _gemm(X, W1, False, n_rows, splits, split_depth, X, 0.0, 0.0, 0.0, False, Z1, stream)
+    return Z1
+
+
+def _row_blocks(n_rows: int, n_classes: int) -> tuple[int, int, int, int]:
+    """(blocks, threads per block, rows per block, threads per logit) of a per-row kernel
+    (``rows_kernel``, ``logit_rows_kernel``): ``THREADS_PER_BLOCK`` threads, rows spread over
+    the multiprocessors."""
     threads = THREADS_PER_BLOCK
     if threads & (threads - 1):
         raise ValueError(f"THREADS_PER_BLOCK must be a power of two, got {threads}")
     per_block = max(1, min(threads // n_classes, _ceil_div(n_rows, _multiprocessors())))
+    pair_threads = _pair_threads(threads, per_block, n_classes)
+    return _ceil_div(n_rows, per_block), threads, per_block, pair_threads
+
+
+def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, stream, delta):
+    """Queue the hidden product and the row kernel; returns Z1, the split partial sums of
+    ``X @ W1``. With ``delta`` (gradient mode) Z2 gets P - Y and A (None: the first N rows
+    of Z1) gets D1; else Z2 gets P and A the activations."""
+    Z1 = _hidden_product(X, W1, workspace, stream)
+    blocks, threads, per_block, pair_threads = _row_blocks(X.shape[0], W2.shape[1])
     launch(
         rows_kernel(threads),
-        _ceil_div(n_rows, per_block),
+        blocks,
         threads,
         stream,
         Z1,
@@ -174,11 +202,49 @@ def _forward_rows(X, W1, b1, W2, b2, Y, A, Z2, losses, predicted, workspace, str
         b2,
         Y,
         per_block,
-        _pair_threads(threads, per_block, n_classes),
+        pair_threads,
         delta,
         Z1 if A is None else A,
         Z2,
         losses,
+        predicted,
+    )
+    return Z1
+
+
+def _logit_rows(X, W1, b1, W2, b2, classes, loss, kappa, outputs, workspace, stream):
+    """Queue the hidden product and ``logit_rows_kernel``; returns Z1, whose first N rows
+    hold the activations, or with ``classes`` D1.
+
+    ``classes``: (labels, targets) device arrays for the margin loss ``loss`` (Z2 then gets
+    dL/dz), or None for the logits alone. ``outputs``: (Z2 (N, C), values (N,), predicted
+    (N,)), the last two unused without classes (0 rows allowed).
+    """
+    Z1 = _hidden_product(X, W1, workspace, stream)
+    blocks, threads, per_block, pair_threads = _row_blocks(X.shape[0], W2.shape[1])
+    gradient = classes is not None
+    if not gradient:
+        no_classes = workspace.array("no_classes", (0,), np.int64)
+        classes = (no_classes, no_classes)
+    Z2, values, predicted = outputs
+    launch(
+        logit_rows_kernel(threads),
+        blocks,
+        threads,
+        stream,
+        Z1,
+        b1,
+        W2,
+        b2,
+        *classes,
+        int(loss),
+        float(kappa),
+        gradient,
+        per_block,
+        pair_threads,
+        Z1,
+        Z2,
+        values,
         predicted,
     )
     return Z1
@@ -189,8 +255,11 @@ def _pair_threads(threads: int, rows: int, n_classes: int) -> int:
     return 1 << (max(1, threads // (rows * n_classes)).bit_length() - 1)
 
 
-def _gradient(X, W1, b1, W2, b2, Y, eps, x_min, x_max, sign, predicted, out, workspace, stream):
-    """Queue ``G = dJ/dX`` into out, or the L-inf step from it with ``sign``.
+def _gradient(
+    X, W1, b1, W2, b2, Y, eps, x_min, x_max, sign, predicted, out, workspace, stream, losses=None
+):
+    """Queue ``G = dJ/dX`` into out, or the L-inf step from it with ``sign``; the rows'
+    cross-entropy into ``losses`` (N,) when given.
 
     One launch (``small_batch_kernel``) for a batch of at most ``SMALL_BATCH_ROWS`` rows whose
     W1 is at most ``SMALL_WEIGHT_BYTES``; else three: the hidden product, ``rows_kernel`` and
@@ -199,7 +268,8 @@ def _gradient(X, W1, b1, W2, b2, Y, eps, x_min, x_max, sign, predicted, out, wor
     n_rows, depth = X.shape
     n_hidden, n_classes = W2.shape
     eps, x_min, x_max = float(eps), float(x_min), float(x_max)
-    losses = workspace.array("losses", (n_rows,), X.dtype)
+    if losses is None:
+        losses = workspace.array("losses", (n_rows,), X.dtype)
     if n_rows > SMALL_BATCH_ROWS or W1.size * W1.dtype.itemsize > SMALL_WEIGHT_BYTES:
         Z2 = workspace.array("Z2", (n_rows, n_classes), X.dtype)
         net = (X, W1, b1, W2, b2, Y)
@@ -267,6 +337,92 @@ def input_gradient_into(X, W1, b1, W2, b2, Y, G, predicted, *, stream=0, workspa
     _gradient(X, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, out, workspace, stream)
     if out is not G:
         G.copy_to_device(out, stream=stream)
+
+
+def loss_gradient_into(
+    X,
+    W1,
+    b1,
+    W2,
+    b2,
+    labels,
+    targets,
+    loss,
+    kappa,
+    G,
+    values,
+    predicted,
+    *,
+    stream=0,
+    workspace=None,
+):
+    """The input gradient of a per-row loss of the logits, for every row
+    (``cpu.loss_gradient_into``).
+
+    ``LOSS_CE`` runs ``input_gradient_into``'s kernels on the one-hot labels
+    (``one_hot_rows``), so its G is bitwise that one's. The margin losses take three
+    launches: the hidden product, ``logit_rows_kernel`` (logits, ``margin_loss_row`` per
+    row, D1) and the back-product. G may overlap X (then it is written by a copy from
+    scratch).
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64 device array
+    W1, b1, W2, b2 : the network, device arrays of X's dtype
+    labels : (N,) int64 device array, the true classes, in [0, C)
+    targets : (N,) int64 device array, the target classes, in [0, C); 0 rows for none
+    loss : int, ``cpu.LOSS_CE``, ``LOSS_DLR`` (C >= 3), ``LOSS_DLR_TARGETED`` (C >= 4) or
+        ``LOSS_CW``
+    kappa : float, the confidence of ``LOSS_CW``
+    G : (N, d) device array of X's dtype, output: d(loss)/dX per row
+    values : (N,) device array of X's dtype, output: the loss of each row
+    predicted : (N,) int64 device array, output: argmax of the logits of each row
+    stream : numba stream the kernels are queued on (default: the default stream)
+    workspace : Workspace for scratch buffers; None allocates fresh ones
+    """
+    arrays = map(as_device, (X, W1, b1, W2, b2, labels, targets, G, values, predicted))
+    X, W1, b1, W2, b2, labels, targets, G, values, predicted = arrays
+    n_rows = X.shape[0]
+    if n_rows == 0:
+        return
+    workspace = Workspace() if workspace is None else workspace
+    out = workspace.array("G", X.shape, X.dtype) if _overlap(X, G) else G
+    n_hidden, n_classes = W2.shape
+    if loss == LOSS_CE:
+        Y = workspace.array("loss_Y", (n_rows, n_classes), X.dtype)
+        launch(one_hot_rows, _flat_grid(Y.size), THREADS_PER_BLOCK, stream, labels, Y)
+        network = (X, W1, b1, W2, b2, Y)
+        _gradient(*network, 0.0, 0.0, 0.0, False, predicted, out, workspace, stream, values)
+    else:
+        Z2 = workspace.array("Z2", (n_rows, n_classes), X.dtype)
+        outputs = (Z2, values, predicted)
+        classes = (labels, targets)
+        D1 = _logit_rows(X, W1, b1, W2, b2, classes, loss, kappa, outputs, workspace, stream)
+        _gemm(D1, W1, True, n_rows, 1, n_hidden, X, 0.0, 0.0, 0.0, False, out, stream)
+    if out is not G:
+        G.copy_to_device(out, stream=stream)
+
+
+def logits_into(X, W1, b1, W2, b2, Z, *, stream=0, workspace=None):
+    """The logits of every row (``cpu.logits_into``): the hidden product and
+    ``logit_rows_kernel``, the logits that ``loss_gradient_into``'s margin losses take.
+
+    Parameters
+    ----------
+    X : (N, d) float32 or float64 device array
+    W1, b1, W2, b2 : the network, device arrays of X's dtype
+    Z : (N, C) device array of X's dtype, output: A @ W2 + b2
+    stream : numba stream the kernels are queued on (default: the default stream)
+    workspace : Workspace for scratch buffers; None allocates fresh ones
+    """
+    X, W1, b1, W2, b2, Z = map(as_device, (X, W1, b1, W2, b2, Z))
+    if X.shape[0] == 0:
+        return
+    workspace = Workspace() if workspace is None else workspace
+    unused = workspace.array("no_values", (0,), X.dtype)
+    no_classes = workspace.array("no_classes", (0,), np.int64)
+    outputs = (Z, unused, no_classes)
+    _logit_rows(X, W1, b1, W2, b2, None, 0, 0.0, outputs, workspace, stream)
 
 
 def fgm_step_into(
@@ -763,6 +919,27 @@ def forward(X, W1, b1, W2, b2, *, stream=0):
     predicted = _like(n_rows, X, stream, np.int64)
     forward_into(X, W1, b1, W2, b2, P[:0], A, P, losses, predicted, stream=stream)
     return A, P, predicted
+
+
+def loss_gradient(X, W1, b1, W2, b2, labels, targets, loss, kappa, *, stream=0):
+    """G (N, d), values (N,) and predicted (N,) int64, new device arrays; see
+    ``loss_gradient_into``."""
+    X = as_device(X)
+    G = _like(X.shape, X, stream)
+    values = _like(X.shape[0], X, stream)
+    predicted = _like(X.shape[0], X, stream, np.int64)
+    loss_gradient_into(
+        *(X, W1, b1, W2, b2, labels, targets, loss, kappa, G, values, predicted), stream=stream
+    )
+    return G, values, predicted
+
+
+def logits(X, W1, b1, W2, b2, *, stream=0):
+    """Logits Z (N, C), a new device array of X's dtype; see ``logits_into``."""
+    X, W2 = as_device(X), as_device(W2)
+    Z = _like((X.shape[0], W2.shape[1]), X, stream)
+    logits_into(X, W1, b1, W2, b2, Z, stream=stream)
+    return Z
 
 
 def loss(X, W1, b1, W2, b2, Y, *, stream=0):

@@ -1,9 +1,11 @@
 """CUDA kernels of the forward pass and the input gradient, built per configuration.
 
 ``gemm_kernel`` (the tiled matrix product, whose epilogue can take the L-inf step),
-``rows_kernel`` (activations, softmax, losses and D1 per row) and ``small_batch_kernel`` (a
-small batch's whole gradient in one launch). Each factory builds, and caches, one kernel per
-configuration; ``advgrad.kernels.cuda.launchers`` picks the configuration and launches it.
+``rows_kernel`` (activations, softmax, losses and D1 per row), ``small_batch_kernel`` (a
+small batch's whole gradient in one launch), ``logit_rows_kernel`` (the logits, or the
+margin losses of the loss switch and their D1, per row) and ``one_hot_rows``. Each factory
+builds, and caches, one kernel per configuration; ``advgrad.kernels.cuda.launchers`` picks
+the configuration and launches it.
 """
 
 import functools
@@ -12,7 +14,9 @@ from typing import NamedTuple
 import numpy as np
 
 from advgrad.kernels.cuda.device import (
+    block_hidden,
     block_logits,
+    block_margin_loss,
     block_softmax,
     hidden_delta,
     sigmoid,
@@ -20,7 +24,14 @@ from advgrad.kernels.cuda.device import (
 )
 from advgrad.kernels.cuda.internals import SIMULATOR, cuda
 
-__all__ = ["Tile", "gemm_kernel", "rows_kernel", "small_batch_kernel"]
+__all__ = [
+    "Tile",
+    "gemm_kernel",
+    "logit_rows_kernel",
+    "one_hot_rows",
+    "rows_kernel",
+    "small_batch_kernel",
+]
 
 _u = np.uint64  # indexing with unsigned integers skips numba's negative-index wraparound
 
@@ -205,19 +216,12 @@ def rows_kernel(threads: int):
     @cuda.jit
     def rows(Z1, b1, W2, b2, Y, rows_per_block, pair_threads, delta, A, Z2, losses, predicted):
         N = predicted.shape[0]  # A may be Z1 itself, with splits * N rows
-        H = A.shape[1]
-        splits = Z1.shape[0] // N
         t = cuda.threadIdx.x
         first = cuda.blockIdx.x * rows_per_block
         count = min(rows_per_block, N - first)
         red = cuda.shared.array(threads, A.dtype)
         block_z2 = cuda.shared.array(threads, A.dtype)  # Z2 of the block's rows, if they fit
-        for n in range(first, first + count):
-            for j in range(t, H, threads):
-                z = Z1[n, j]
-                for split in range(1, splits):
-                    z += Z1[split * N + n, j]
-                A[n, j] = sigmoid(z + b1[j])
+        block_hidden(Z1, b1, A, N, first, count, t, threads)
         cuda.syncthreads()
         block_logits(A, first, W2, b2, count, pair_threads, red, t, Z2, first)
         cached = block_softmax(
@@ -228,6 +232,79 @@ def rows_kernel(threads: int):
             hidden_delta(A, first, Z2, first, W2, count, block_z2, cached, t, threads)
 
     return rows
+
+
+@functools.cache
+def logit_rows_kernel(threads: int):
+    """The per-row kernel of the logits and of the margin losses (``cpu.margin_loss_row``).
+
+    ``rows[ceil(N / rows_per_block), threads, stream](Z1, b1, W2, b2, labels, targets, loss,
+    kappa, gradient, rows_per_block, pair_threads, A, Z2, values, predicted)``. As
+    ``rows_kernel``: ``Z1 (splits * N, H)`` holds the split partial sums of ``X @ W1``, ``A
+    (N, H)`` (it may be the first N rows of Z1) receives the activations, ``Z2 (N, C)`` the
+    logits. With ``gradient``, Z2 receives dL/dz of the margin loss ``loss`` (``LOSS_DLR``,
+    ``LOSS_DLR_TARGETED`` or ``LOSS_CW``, with ``kappa``) of each row's classes (labels and
+    targets (N,) int64, targets with 0 rows for none), ``values (N,)`` the losses,
+    ``predicted (N,)`` int64 the argmax of the logits, and A is overwritten with ``D1 = dL/dz
+    W2^T * A * (1 - A)``; without it they are not touched.
+    """
+
+    @cuda.jit
+    def rows(
+        Z1,
+        b1,
+        W2,
+        b2,
+        labels,
+        targets,
+        loss,
+        kappa,
+        gradient,
+        rows_per_block,
+        pair_threads,
+        A,
+        Z2,
+        values,
+        predicted,
+    ):
+        N = Z2.shape[0]
+        t = cuda.threadIdx.x
+        first = cuda.blockIdx.x * rows_per_block
+        count = min(rows_per_block, N - first)
+        red = cuda.shared.array(threads, A.dtype)
+        block_z2 = cuda.shared.array(threads, A.dtype)  # dL/dz of the block's rows, if they fit
+        block_hidden(Z1, b1, A, N, first, count, t, threads)
+        cuda.syncthreads()
+        block_logits(A, first, W2, b2, count, pair_threads, red, t, Z2, first)
+        if gradient:
+            cached = block_margin_loss(
+                Z2,
+                first,
+                labels,
+                targets,
+                first,
+                count,
+                loss,
+                kappa,
+                values,
+                predicted,
+                block_z2,
+                t,
+            )
+            cuda.syncthreads()
+            hidden_delta(A, first, Z2, first, W2, count, block_z2, cached, t, threads)
+
+    return rows
+
+
+@cuda.jit
+def one_hot_rows(labels, Y):
+    """``Y (N, C)`` = the one-hot rows of ``labels (N,)`` int64, in Y's dtype (grid-stride
+    over the elements of Y)."""
+    N, C = Y.shape
+    for e in range(cuda.grid(1), N * C, cuda.gridsize(1)):
+        n = e // C
+        Y[n, e - n * C] = 1.0 if labels[n] == e - n * C else 0.0
 
 
 @functools.cache
