@@ -1,0 +1,229 @@
+"""Slow, plain NumPy float64 APGD and APGD-T, written from the paper (Croce & Hein 2020,
+Algorithm 1) and the reference implementation's semantics, one row at a time, with the
+losses' gradients derived by hand (not from advgrad's kernels or ``advgrad.apgd``).
+
+The starts are shared with advgrad: X + eps u / ||u||_p with u from
+``advgrad.attacks.random_in_ball`` (stream: the run's number), so that both start alike.
+The loss, its gradient and the prediction come from an ``oracle(x, label, loss, target)``,
+by default ``loss_and_gradient`` of the network. APGD decides on comparisons of losses
+(a step raised the loss, a new best), some between values equal but for rounding (an
+iterate that no longer moves); given another oracle (a backend's), the reference follows
+that oracle's roundings, so its result must equal advgrad's bit for bit but for the
+rounding of the update itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from advgrad.attacks import random_in_ball
+
+DLR_OFFSET = 1e-12
+"""Added to the DLR losses' denominators (the reference's 1e-12)."""
+
+
+def sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def loss_and_gradient(x, network, label, loss, target=None):
+    """(loss, dloss/dx (d,), predicted class) of one row x (d,), float64.
+
+    ce: -log softmax(z)_y; dlr: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12);
+    dlr-targeted: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12), pi the classes
+    sorted by decreasing logit. dloss/dz then back through the network:
+    dz/dx = W1 diag(A (1 - A)) W2.
+    """
+    W1, b1, W2, b2 = (np.asarray(a, dtype=np.float64) for a in network)
+    A = sigmoid(x @ W1 + b1)
+    z = A @ W2 + b2
+    order = np.argsort(-z, kind="stable")
+    dz = np.zeros_like(z)
+    if loss == "ce":
+        shifted = z - z.max()
+        log_p = shifted - np.log(np.exp(shifted).sum())
+        value = -log_p[label]
+        dz = np.exp(log_p)
+        dz[label] -= 1.0
+    else:
+        if loss == "dlr":
+            other = max((k for k in range(len(z)) if k != label), key=lambda k: z[k])
+            low = {order[2]: 1.0}
+        else:
+            other = target
+            low = {order[2]: 0.5, order[3]: 0.5}
+        numerator = z[label] - z[other]
+        denominator = z[order[0]] - sum(w * z[k] for k, w in low.items()) + DLR_OFFSET
+        value = -numerator / denominator
+        dz[label] -= 1.0 / denominator
+        dz[other] += 1.0 / denominator
+        dz[order[0]] += numerator / denominator**2
+        for k, w in low.items():
+            dz[k] -= w * numerator / denominator**2
+    gradient = W1 @ ((W2 @ dz) * A * (1.0 - A))
+    return value, gradient, int(np.argmax(z))
+
+
+def checkpoints(steps):
+    """{steps done: window length} of the paper's schedule, rounded as the reference does."""
+    out, length, done = {}, max(int(0.22 * steps), 1), 0
+    while done + length <= steps:
+        done += length
+        out[done] = length
+        length = max(length - max(int(0.03 * steps), 1), max(int(0.06 * steps), 1))
+    return out
+
+
+def project(v, x, eps, p, x_min, x_max):
+    """v into the eps-ball of norm p around x, then clipped to [x_min, x_max]."""
+    if p == np.inf:
+        v = np.minimum(np.maximum(v, x - eps), x + eps)
+    else:
+        length = np.linalg.norm(v - x)
+        if length > eps:
+            v = x + (v - x) * (eps / length)
+    return np.clip(v, x_min, x_max)
+
+
+def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=None):
+    """One APGD run of one row: (best point, its loss, last misclassified iterate or None)."""
+
+    def evaluate(v):
+        return oracle(v, label, loss, target)
+
+    def direction(g):
+        if p == np.inf:
+            return np.sign(g)
+        length = np.linalg.norm(g)
+        return g / length if length > 0 else g
+
+    eta = 2.0 * eps
+    windows = checkpoints(steps)
+    x_now = project(start, x, eps, p, x_min, x_max)
+    value, g, predicted = evaluate(x_now)
+    best, best_value, best_g = x_now, value, g
+    adversarial = x_now if predicted != label else None
+    x_before, value_before = x_now, value
+    increases, halved_last, best_at_last = 0, True, best_value
+    for i in range(steps):
+        z = project(x_now + eta * direction(g), x, eps, p, x_min, x_max)
+        if i > 0:
+            moved = x_now + 0.75 * (z - x_now) + 0.25 * (x_now - x_before)
+            z = project(moved, x, eps, p, x_min, x_max)
+        x_before, x_now = x_now, z
+        value, g, predicted = evaluate(x_now)
+        if predicted != label:
+            adversarial = x_now
+        increases += value > value_before
+        value_before = value
+        if value > best_value:
+            best, best_value, best_g = x_now, value, g
+        if i + 1 in windows:
+            halve = increases <= 0.75 * windows[i + 1] or (
+                not halved_last and best_at_last >= best_value
+            )
+            halved_last, best_at_last, increases = halve, best_value, 0
+            if halve:
+                eta /= 2.0
+                x_now, g = best, best_g
+    return best, best_value, adversarial
+
+
+def surface_start(x, eps, p, seed, stream, row_index):
+    u = random_in_ball(seed, stream, np.array([row_index]), len(x), p)[0]
+    return x + eps * (u / np.linalg.norm(u, ord=p))
+
+
+def analytic(network):
+    """The default oracle: ``loss_and_gradient`` of ``network``."""
+
+    def oracle(x, label, loss, target):
+        return loss_and_gradient(x, network, label, loss, target)
+
+    return oracle
+
+
+def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max):
+    """Rows of X (N, d) attacked by ``runs`` ((stream, loss, targets (N,) or None) each) in
+    turn (row n starts from its ``surface_start`` of index n), each row until one run
+    breaks it; unbroken rows: the highest-loss point seen, the clean row included (its loss
+    under the first run's loss)."""
+    X = np.asarray(X, dtype=np.float64)
+    out = X.copy()
+    for n, x in enumerate(X):
+        first_targets = runs[0][2]
+        value, _, predicted = oracle(
+            x, labels[n], runs[0][1], None if first_targets is None else first_targets[n]
+        )
+        if predicted != labels[n]:
+            continue
+        best_value = value
+        for stream, loss, targets in runs:
+            target = None if targets is None else targets[n]
+            start = surface_start(x, eps, p, seed, stream, n)
+            best, value, adversarial = run_row(
+                x, oracle, labels[n], start, eps, p, loss, steps, x_min, x_max, target
+            )
+            if adversarial is not None:
+                out[n] = adversarial
+                break
+            if value > best_value:
+                out[n], best_value = best, value
+    return out
+
+
+def apgd(X, network, labels, eps, p, loss, steps, restarts, seed, x_min, x_max, oracle=None):
+    """APGD-CE / APGD-DLR, float64 (N, d); rows of absolute index 0, 1, ..."""
+    runs = [(r, loss, None) for r in range(restarts)]
+    oracle = oracle or analytic(network)
+    return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max)
+
+
+def apgd_targeted(
+    X, network, labels, eps, p, steps, restarts, target_classes, seed, x_min, x_max, oracle=None
+):
+    """APGD-T, float64 (N, d): targets the highest non-true clean logits, one after another."""
+    W1, b1, W2, b2 = (np.asarray(a, dtype=np.float64) for a in network)
+    Z = sigmoid(np.asarray(X, dtype=np.float64) @ W1 + b1) @ W2 + b2
+    n_targets = min(target_classes, Z.shape[1] - 1)
+    ranked = np.array(
+        [
+            [k for k in np.argsort(-z, kind="stable") if k != y][:n_targets]
+            for z, y in zip(Z, labels, strict=True)
+        ]
+    )
+    runs = [
+        (rank * restarts + r, "dlr-targeted", ranked[:, rank])
+        for rank in range(n_targets)
+        for r in range(restarts)
+    ]
+    oracle = oracle or analytic(network)
+    return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max)
+
+
+class ReferenceBackend:
+    """A backend's ``logits`` and ``loss_gradient`` over ``loss_and_gradient``, row by row
+    in float64 (returned in X's dtype): ``advgrad.apgd`` run on it sees, for a given
+    point, bitwise the losses the reference sees."""
+
+    @staticmethod
+    def logits(model, X):
+        W1, b1, W2, b2 = (np.asarray(a, dtype=np.float64) for a in network_of(model))
+        return (sigmoid(np.asarray(X, dtype=np.float64) @ W1 + b1) @ W2 + b2).astype(X.dtype)
+
+    @staticmethod
+    def loss_gradient(model, X, labels, loss, *, targets=None):
+        rows = [
+            loss_and_gradient(x, network_of(model), label, loss, None if targets is None else t)
+            for x, label, t in zip(X, labels, labels if targets is None else targets, strict=True)
+        ]
+        values, gradients, predicted = zip(*rows, strict=True)
+        return (
+            np.array(gradients, dtype=X.dtype).reshape(X.shape),
+            np.array(values, dtype=X.dtype),
+            np.array(predicted, dtype=np.int64),
+        )
+
+
+def network_of(model):
+    return (model.W1, model.b1, model.W2, model.b2)
