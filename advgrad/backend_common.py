@@ -9,7 +9,8 @@ re-exports the public ones, where users find them. Importing this module imports
 - ``gradient_work``, ``deepfool_work``, ``step_slices``: the work of one row's step and
   the slices of steps the iterative methods run in;
 - ``float64_network``, ``bound_rows``: the arrays as the certified-bound kernels take them;
-- ``LOSSES``, ``loss_arguments``: the losses of ``loss_gradient`` and its checked arguments;
+- ``LOSSES``, ``TARGETED_LOSSES``, ``loss_arguments``: the losses of ``loss_gradient`` and
+  its checked arguments;
 - ``HostOptimiser``: the optimiser updates of training, on host parameter vectors.
 """
 
@@ -92,15 +93,19 @@ def bound_rows(X, classes, eps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-LOSSES = ("ce", "dlr", "dlr-targeted", "cw")
+LOSSES = ("ce", "dlr", "dlr-targeted", "cw", "logit-difference")
 """The losses of a backend's ``loss_gradient``, each a per-row quantity of the logits z that
 an attack maximises: the cross-entropy -log softmax(z)_y, the difference of logits ratio
-(Croce and Hein 2020) untargeted and targeted, and the Carlini-Wagner margin. A loss's
-index here is its code in the kernels (``advgrad.kernels.cpu.LOSS_CE``, ...)."""
+(Croce and Hein 2020) untargeted and targeted, the Carlini-Wagner margin, and the logit
+difference z_t - z_y whose zero set FAB-T linearises. A loss's index here is its code in
+the kernels (``advgrad.kernels.cpu.LOSS_CE``, ...)."""
 
-LOSS_MIN_CLASSES = {"ce": 2, "dlr": 3, "dlr-targeted": 4, "cw": 2}
+LOSS_MIN_CLASSES = {"ce": 2, "dlr": 3, "dlr-targeted": 4, "cw": 2, "logit-difference": 2}
 """The fewest classes each loss is defined for (DLR's denominator needs the third, targeted
 DLR's the fourth largest logit)."""
+
+TARGETED_LOSSES = ("dlr-targeted", "logit-difference")
+"""The losses that need the target class of each row ("cw" takes one optionally)."""
 
 
 def loss_arguments(
@@ -110,9 +115,9 @@ def loss_arguments(
 
     Returns (the loss's code, labels (N,) int64, targets (N,) int64 or 0 rows for none,
     kappa as a float). Raises ValueError with a one-line reason: a loss not in ``LOSSES``, a
-    model with fewer classes than ``LOSS_MIN_CLASSES``, targets missing ("dlr-targeted") or
-    given where they mean nothing ("ce", "dlr"), labels or targets that are not one class in
-    [0, n_classes) per row, a NaN kappa.
+    model with fewer classes than ``LOSS_MIN_CLASSES``, targets missing (``TARGETED_LOSSES``)
+    or given where they mean nothing ("ce", "dlr"), labels or targets that are not one class
+    in [0, n_classes) per row, a NaN kappa.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
@@ -121,10 +126,12 @@ def loss_arguments(
             f"the {loss} loss needs at least {LOSS_MIN_CLASSES[loss]} classes, "
             f"the model has {n_classes}"
         )
-    if loss == "dlr-targeted" and targets is None:
-        raise ValueError("the dlr-targeted loss needs targets, the target class of each row")
+    if loss in TARGETED_LOSSES and targets is None:
+        raise ValueError(f"the {loss} loss needs targets, the target class of each row")
     if loss in ("ce", "dlr") and targets is not None:
-        raise ValueError(f"the {loss} loss takes no targets (targeted: dlr-targeted or cw)")
+        raise ValueError(
+            f"the {loss} loss takes no targets (targeted: dlr-targeted, cw or logit-difference)"
+        )
     labels = _class_per_row("labels", labels, n_rows, n_classes)
     if targets is None:
         targets = np.empty(0, dtype=np.int64)

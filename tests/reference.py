@@ -259,8 +259,8 @@ def loss_value(X, W1, b1, W2, b2, labels, loss, targets=None, kappa=0.0):
     With s_1 >= s_2 >= ... the logits of a row sorted in descending order:
     "ce": logsumexp(z) - z_y; "dlr": -(z_y - max_{i != y} z_i) / (s_1 - s_3 + 1e-12);
     "dlr-targeted": -(z_y - z_t) / (s_1 - (s_3 + s_4) / 2 + 1e-12); "cw": min(max_{i != y} z_i
-    - z_y, kappa), or with targets min(z_t - max_{i != t} z_i, kappa). (Croce and Hein 2020,
-    Carlini and Wagner 2017.)
+    - z_y, kappa), or with targets min(z_t - max_{i != t} z_i, kappa); "logit-difference":
+    z_t - z_y. (Croce and Hein 2020, Carlini and Wagner 2017.)
     """
     Z = logits(X, W1, b1, W2, b2)
     rows = np.arange(len(Z))
@@ -271,6 +271,8 @@ def loss_value(X, W1, b1, W2, b2, labels, loss, targets=None, kappa=0.0):
         others[rows, classes] = -np.inf
         return others.max(axis=1)
 
+    if loss == "logit-difference":
+        return Z[rows, targets] - Z[rows, labels]
     if loss == "ce":
         top = Z.max(axis=1)
         return top + np.log(np.exp(Z - top[:, None]).sum(axis=1)) - Z[rows, labels]

@@ -281,9 +281,9 @@ def loss_problem(n_rows, dtype=np.float32, C=5, seed=12):
 def test_losses_are_in_the_order_of_the_kernels_codes():
     assert backend.LOSSES is backend_common.LOSSES
     codes = [cpu.LOSS_CE, cpu.LOSS_DLR, cpu.LOSS_DLR_TARGETED, cpu.LOSS_CW]
-    assert [
-        backend_common.LOSSES.index(name) for name in ("ce", "dlr", "dlr-targeted", "cw")
-    ] == codes
+    codes.append(cpu.LOSS_LOGIT_DIFFERENCE)
+    names = ("ce", "dlr", "dlr-targeted", "cw", "logit-difference")
+    assert [backend_common.LOSSES.index(name) for name in names] == codes
 
 
 @pytest.mark.parametrize("n_rows", [0, 1, 255, 257, 513, 1000])
@@ -329,7 +329,7 @@ def test_loss_gradient_of_ce_is_the_input_gradient_bitwise():
             [0, 1],
             None,
             0.0,
-            "unknown loss 'hinge'; expected one of ce, dlr, dlr-targeted, cw",
+            "unknown loss 'hinge'; expected one of ce, dlr, dlr-targeted, cw, logit-difference",
         ),
         (2, "dlr", [0, 1], None, 0.0, "the dlr loss needs at least 3 classes, the model has 2"),
         (
@@ -350,11 +350,19 @@ def test_loss_gradient_of_ce_is_the_input_gradient_bitwise():
         ),
         (
             5,
+            "logit-difference",
+            [0, 1],
+            None,
+            0.0,
+            "the logit-difference loss needs targets, the target class of each row",
+        ),
+        (
+            5,
             "ce",
             [0, 1],
             [1, 2],
             0.0,
-            "the ce loss takes no targets (targeted: dlr-targeted or cw)",
+            "the ce loss takes no targets (targeted: dlr-targeted, cw or logit-difference)",
         ),
         (
             5,
@@ -362,7 +370,7 @@ def test_loss_gradient_of_ce_is_the_input_gradient_bitwise():
             [0, 1],
             [1, 2],
             0.0,
-            "the dlr loss takes no targets (targeted: dlr-targeted or cw)",
+            "the dlr loss takes no targets (targeted: dlr-targeted, cw or logit-difference)",
         ),
         (5, "cw", [0, 5], None, 0.0, "labels must be classes in [0, 5), got 5 at row 1"),
         (5, "cw", [-1, 0], None, 0.0, "labels must be classes in [0, 5), got -1 at row 0"),

@@ -1355,12 +1355,20 @@ def test_backend_bounds_and_training_match_cpu_backend(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # The loss switch: logits and the gradients of the attack losses
 
-LOSS_CASES = [("ce", False), ("dlr", False), ("dlr-targeted", True), ("cw", False), ("cw", True)]
+LOSS_CASES = [
+    ("ce", False),
+    ("dlr", False),
+    ("dlr-targeted", True),
+    ("cw", False),
+    ("cw", True),
+    ("logit-difference", True),
+]
 LOSS_CODES = {
     "ce": cpu.LOSS_CE,
     "dlr": cpu.LOSS_DLR,
     "dlr-targeted": cpu.LOSS_DLR_TARGETED,
     "cw": cpu.LOSS_CW,
+    "logit-difference": cpu.LOSS_LOGIT_DIFFERENCE,
 }
 KAPPA = 0.5
 

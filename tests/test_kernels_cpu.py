@@ -477,8 +477,16 @@ LOSS_CODES = {
     "dlr": cpu.LOSS_DLR,
     "dlr-targeted": cpu.LOSS_DLR_TARGETED,
     "cw": cpu.LOSS_CW,
+    "logit-difference": cpu.LOSS_LOGIT_DIFFERENCE,
 }
-LOSS_CASES = [("ce", False), ("dlr", False), ("dlr-targeted", True), ("cw", False), ("cw", True)]
+LOSS_CASES = [
+    ("ce", False),
+    ("dlr", False),
+    ("dlr-targeted", True),
+    ("cw", False),
+    ("cw", True),
+    ("logit-difference", True),
+]
 KAPPA = 0.3
 
 
@@ -627,3 +635,13 @@ def test_margin_losses_differentiate_ties_through_the_first_index():
     value, dz = row(cpu.LOSS_CW, 4, -1, kappa=2.0)
     assert value == 2.0
     np.testing.assert_array_equal(dz, np.zeros(5))
+
+
+def test_logit_difference_is_the_target_logit_less_the_true_one():
+    """z_t - z_y and e_t - e_y, whatever the order of the logits; 0 where t = y."""
+    z = np.array([3.0, 1.0, 3.0, -1.5, 0.0])
+    for label, target, expected in [(4, 2, 3.0), (0, 3, -4.5), (1, 1, 0.0)]:
+        dz = np.empty(5)
+        value, predicted = cpu.margin_loss_row(z, label, target, cpu.LOSS_LOGIT_DIFFERENCE, 0.0, dz)
+        assert (value, predicted) == (expected, 0)
+        np.testing.assert_array_equal(dz, np.eye(5)[target] - np.eye(5)[label])

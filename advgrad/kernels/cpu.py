@@ -20,8 +20,9 @@ Labels ``Y`` are float (N, C), one-hot or soft (each row sums to 1). Kernels tha
 output for predictions also accept ``Y`` with 0 rows: the model's own predictions are
 then the labels (one-hot of the argmax of the logits). ``loss_gradient`` takes int64 class
 labels instead, and switches between the losses that attacks maximise (cross-entropy, DLR,
-targeted DLR, C&W margin): each loss's gradient with respect to the logits, then the one
-back-propagation (``backpropagate_block``) that every gradient here shares.
+targeted DLR, C&W margin, FAB's logit difference): each loss's gradient with respect to
+the logits, then the one back-propagation (``backpropagate_block``) that every gradient
+here shares.
 """
 
 import math
@@ -553,11 +554,12 @@ def loss(X, W1, b1, W2, b2, Y):
 
 # ---- the loss switch
 #
-# ``loss_gradient`` takes the input gradient of any of four per-row losses of the logits
-# z = Z2 (bias included), each a quantity an attack maximises: the cross-entropy and the
+# ``loss_gradient`` takes the input gradient of any of five per-row losses of the logits
+# z = Z2 (bias included), each a quantity an attack maximises: the cross-entropy, the
 # three margin losses of evaluation-grade attacks (Croce and Hein 2020, Carlini and Wagner
-# 2017). A loss differs from another only in its gradient dL/dz; the back-propagation from
-# there to the inputs is ``backpropagate_block``, the same for all.
+# 2017) and the logit difference whose boundary FAB linearises. A loss differs from another
+# only in its gradient dL/dz; the back-propagation from there to the inputs is
+# ``backpropagate_block``, the same for all.
 
 LOSS_CE = 0
 """-log softmax(z)_y, the cross-entropy (``input_gradient`` with one-hot labels)."""
@@ -569,6 +571,9 @@ LOSS_DLR_TARGETED = 2
 LOSS_CW = 3
 """The Carlini-Wagner margin min(max_{i != y} z_i - z_y, kappa); towards a target t,
 min(z_t - max_{i != t} z_i, kappa) (C >= 2)."""
+LOSS_LOGIT_DIFFERENCE = 4
+"""z_t - z_y, the logit of the target t less that of the true class y, whose zero set is
+the boundary FAB-T linearises (C >= 2); its gradient is e_t - e_y."""
 DLR_OFFSET = 1e-12
 """Added to the DLR losses' denominators, as the reference implementation (AutoAttack) does."""
 
@@ -596,14 +601,15 @@ def largest_four(z):
 
 @njit(cache=True, error_model="numpy")
 def margin_loss_row(z, label, target, loss, kappa, dz):
-    """One row's margin loss (``LOSS_DLR``, ``LOSS_DLR_TARGETED`` or ``LOSS_CW``) and its
-    gradient with respect to the logits.
+    """One row's margin loss (``LOSS_DLR``, ``LOSS_DLR_TARGETED``, ``LOSS_CW`` or
+    ``LOSS_LOGIT_DIFFERENCE``) and its gradient with respect to the logits.
 
     Parameters
     ----------
     z : (C,) float32 or float64, the logits, bias included
     label : int, the true class y
-    target : int, the target class t; -1 for none (``LOSS_CW`` is then untargeted)
+    target : int, the target class t; -1 for none (``LOSS_CW`` is then untargeted;
+        ``LOSS_DLR_TARGETED`` and ``LOSS_LOGIT_DIFFERENCE`` need one)
     loss : int, the loss code
     kappa : float, the confidence at which ``LOSS_CW`` is clipped
     dz : (C,) z's dtype, output: dL/dz; it may be z itself. A maximum over classes is
@@ -616,6 +622,12 @@ def margin_loss_row(z, label, target, loss, kappa, dz):
     predicted : int, argmax of z (the first on ties)
     """
     i1, i2, i3, i4 = largest_four(z)
+    if loss == LOSS_LOGIT_DIFFERENCE:
+        difference = np.float64(z[target]) - np.float64(z[label])
+        dz[:] = 0.0
+        dz[target] += 1.0
+        dz[label] -= 1.0
+        return difference, i1
     if loss == LOSS_CW:
         up = i2 if i1 == label else i1  # untargeted: the best other class against y
         down = label
@@ -677,10 +689,11 @@ def loss_gradient_into(X, W1, b1, W2, b2, labels, targets, loss, kappa, G, value
     X : (N, d) float32 or float64
     W1, b1, W2, b2 : the network, same dtype as X
     labels : (N,) int64, the true class of each row, in [0, C)
-    targets : (N,) int64, the target class of each row, in [0, C), for ``LOSS_DLR_TARGETED``
-        and a targeted ``LOSS_CW``; 0 rows otherwise
-    loss : int, ``LOSS_CE``, ``LOSS_DLR`` (C >= 3), ``LOSS_DLR_TARGETED`` (C >= 4) or
-        ``LOSS_CW``: a quantity an attack maximises (see the constants)
+    targets : (N,) int64, the target class of each row, in [0, C), for ``LOSS_DLR_TARGETED``,
+        ``LOSS_LOGIT_DIFFERENCE`` and a targeted ``LOSS_CW``; 0 rows otherwise
+    loss : int, ``LOSS_CE``, ``LOSS_DLR`` (C >= 3), ``LOSS_DLR_TARGETED`` (C >= 4),
+        ``LOSS_CW`` or ``LOSS_LOGIT_DIFFERENCE``: a quantity an attack maximises (see the
+        constants)
     kappa : float, the confidence of ``LOSS_CW`` (unused by the others)
     G : (N, d) same dtype, output: d(loss)/dX per row
     values : (N,) same dtype, output: the loss of each row
@@ -724,7 +737,8 @@ def loss_gradient(X, W1, b1, W2, b2, labels, targets, loss, kappa):
     W1 : (d, H), b1 : (H,), W2 : (H, C), b2 : (C,), same dtype as X
     labels : (N,) int64, the true classes
     targets : (N,) int64, the target classes, or 0 rows for none
-    loss : int, ``LOSS_CE``, ``LOSS_DLR``, ``LOSS_DLR_TARGETED`` or ``LOSS_CW``
+    loss : int, ``LOSS_CE``, ``LOSS_DLR``, ``LOSS_DLR_TARGETED``, ``LOSS_CW`` or
+        ``LOSS_LOGIT_DIFFERENCE``
     kappa : float, the confidence of ``LOSS_CW``
 
     Returns

@@ -7,7 +7,7 @@ The ``block_*`` helpers and the reductions must be called by every thread of a b
 
 import math
 
-from advgrad.kernels.cpu import DLR_OFFSET, LOSS_CW, LOSS_DLR_TARGETED
+from advgrad.kernels.cpu import DLR_OFFSET, LOSS_CW, LOSS_DLR_TARGETED, LOSS_LOGIT_DIFFERENCE
 from advgrad.kernels.cuda.internals import cuda
 
 __all__ = [
@@ -253,10 +253,18 @@ def largest_four(Z, z):
 def margin_loss_row(Z, z, label, target, loss, kappa):
     """Row z of Z: logits (bias included) in, the margin loss's gradient dL/dz out; returns
     (the loss, float64; the argmax of the logits). ``cpu.margin_loss_row``, in float64: the
-    DLR losses (``LOSS_DLR``, ``LOSS_DLR_TARGETED``) and the C&W margin (``LOSS_CW``), whose
-    gradient is 0 where it is clipped at kappa; target -1 for none."""
+    DLR losses (``LOSS_DLR``, ``LOSS_DLR_TARGETED``), the C&W margin (``LOSS_CW``), whose
+    gradient is 0 where it is clipped at kappa, and the logit difference z_t - z_y
+    (``LOSS_LOGIT_DIFFERENCE``); target -1 for none."""
     C = Z.shape[1]
     i1, i2, i3, i4 = largest_four(Z, z)
+    if loss == LOSS_LOGIT_DIFFERENCE:
+        difference = float(Z[z, target]) - float(Z[z, label])
+        for k in range(C):
+            Z[z, k] = 0.0
+        Z[z, target] += 1.0
+        Z[z, label] -= 1.0
+        return difference, i1
     if loss == LOSS_CW:
         up = i2 if i1 == label else i1  # untargeted: the best other class against y
         down = label

@@ -371,8 +371,8 @@ def loss_gradient_into(
     W1, b1, W2, b2 : the network, device arrays of X's dtype
     labels : (N,) int64 device array, the true classes, in [0, C)
     targets : (N,) int64 device array, the target classes, in [0, C); 0 rows for none
-    loss : int, ``cpu.LOSS_CE``, ``LOSS_DLR`` (C >= 3), ``LOSS_DLR_TARGETED`` (C >= 4) or
-        ``LOSS_CW``
+    loss : int, ``cpu.LOSS_CE``, ``LOSS_DLR`` (C >= 3), ``LOSS_DLR_TARGETED`` (C >= 4),
+        ``LOSS_CW`` or ``LOSS_LOGIT_DIFFERENCE``
     kappa : float, the confidence of ``LOSS_CW``
     G : (N, d) device array of X's dtype, output: d(loss)/dX per row
     values : (N,) device array of X's dtype, output: the loss of each row

@@ -243,10 +243,10 @@ def logit_rows_kernel(threads: int):
     ``rows_kernel``: ``Z1 (splits * N, H)`` holds the split partial sums of ``X @ W1``, ``A
     (N, H)`` (it may be the first N rows of Z1) receives the activations, ``Z2 (N, C)`` the
     logits. With ``gradient``, Z2 receives dL/dz of the margin loss ``loss`` (``LOSS_DLR``,
-    ``LOSS_DLR_TARGETED`` or ``LOSS_CW``, with ``kappa``) of each row's classes (labels and
-    targets (N,) int64, targets with 0 rows for none), ``values (N,)`` the losses,
-    ``predicted (N,)`` int64 the argmax of the logits, and A is overwritten with ``D1 = dL/dz
-    W2^T * A * (1 - A)``; without it they are not touched.
+    ``LOSS_DLR_TARGETED``, ``LOSS_CW`` with ``kappa``, or ``LOSS_LOGIT_DIFFERENCE``) of each
+    row's classes (labels and targets (N,) int64, targets with 0 rows for none), ``values
+    (N,)`` the losses, ``predicted (N,)`` int64 the argmax of the logits, and A is
+    overwritten with ``D1 = dL/dz W2^T * A * (1 - A)``; without it they are not touched.
     """
 
     @cuda.jit
