@@ -1,4 +1,5 @@
-"""APGD and APGD-T (Croce & Hein, ICML 2020), written once over a backend.
+"""APGD and APGD-T (Croce & Hein, ICML 2020), and l1-APGD (Croce & Hein, ICCV 2021), written
+once over a backend.
 
 Auto-PGD is PGD without a step size to tune: the step eta starts at 2 eps and halves at
 checkpoints when progress stalls, each halving restarting from the best point so far; the
@@ -7,11 +8,12 @@ step follows the gradient with momentum 0.75. ``apgd`` maximises the cross-entro
 targeted DLR loss against the highest non-true classes of the clean row, one after another.
 
 The semantics are those of the reference implementation (fra31/auto-attack,
-``autoattack/autopgd_base.py``), for the norms inf and 2:
+``autoattack/autopgd_base.py``), for the norms inf, 2 and 1:
 
 - a run starts on the surface of the eps-ball: X + eps u / ||u||_p, u uniform in the unit
   ball (``advgrad.attacks.random_in_ball``: the reference's uniform cube for inf, Gaussian
-  direction for 2), clipped into [x_min, x_max];
+  direction for 2), clipped into [x_min, x_max]; L1 (as the reference): X plus standard
+  normal noise, projected into the L1 ball intersected with the box;
 - step i: z = P(x_i + eta s(G_i)), s = sign (inf) or G / ||G||_2 (2, a zero row stays put);
   then, from the second step on, x_{i+1} = P(x_i + a (z - x_i) + (1 - a) (x_i - x_{i-1}))
   with a = ``MOMENTUM``; P is the projection into the eps-ball followed by the clip;
@@ -22,6 +24,14 @@ The semantics are those of the reference implementation (fra31/auto-attack,
   (2) it did not halve at the previous checkpoint and its best loss has not risen since;
   one deliberate difference: the first step of a run is compared with the loss at the
   start, where the reference compares it with 0 (an unfilled slot of its loss history);
+- L1 (l1-APGD): eta starts at eps; a step moves the coordinates of the largest |G| (a
+  fraction topk of them, 0.2 at first) by eta / (their count) each, along sign(G), with
+  no momentum; P is the exact Euclidean projection into the L1 ball intersected with the
+  box (the reference's ``L1_projection``); a checkpoint every max(int(0.04 steps), 1)
+  steps sets topk to the best point's moved coordinates / d / 1.5 and, when the best point
+  got sparser (fewer than 0.95 times the moved coordinates of the checkpoint before),
+  resets eta to eps and goes back to the best point, else divides eta by 1.5 (eta stays
+  in [eps / 10, eps]) (``advgrad.kernels.apgd`` names these constants);
 - every row runs every step; a row is broken by a run when any iterate is misclassified,
   and takes the last misclassified iterate (as the reference does);
 - restarts (and, for APGD-T, the target classes, each with all its restarts) run in turn,
@@ -35,14 +45,18 @@ row's loss is taken against the first target, the highest non-true logit.
 
 Random starts come from ``seed``: run r (APGD-T: target k, restart r, as run
 k * restarts + r) of the row of absolute index i draws from the stream r of
-``random_in_ball``, so a row's result does not depend on the batch it is processed in, as
-far as the backend's loss and gradient of a row do not depend on the rows beside it (on
-the CPU a row alone in its block takes another BLAS path, about 1e-16 apart; APGD's
-comparisons of losses equal but for rounding can turn such a difference into another
-point).
+``random_in_ball`` (L1: ``row_uniforms``), so a row's result does not depend on the batch
+it is processed in, as far as the backend's loss and gradient of a row do not depend on
+the rows beside it (on the CPU a row alone in its block takes another BLAS path, about
+1e-16 apart; APGD's comparisons of losses equal but for rounding can turn such a
+difference into another point).
 
-The gradients come from ``backend.loss_gradient``; the update of the iterates runs on the
-host, in numpy, in the model's dtype.
+``eps`` may differ per row ((N,) array: the minimal-eps bisection), and ``first_row`` may
+give the absolute index of every row ((N,) int array: AutoAttack runs each attack on the
+rows still classified correctly).
+
+Each run is one call of ``backend.apgd_run``: the backend evaluates the loss gradient and
+updates the iterates in fused kernels (``advgrad.kernels.apgd``), in the model's dtype.
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import ndtri
 
 from advgrad.attacks import (
     as_rows,
@@ -58,29 +73,34 @@ from advgrad.attacks import (
     check_seed,
     norm_order,
     random_in_ball,
+    row_uniforms,
 )
 from advgrad.backend import get_backend
 from advgrad.backend_common import loss_arguments
+from advgrad.kernels.apgd import INITIAL_STEP, MOMENTUM, RHO
 from advgrad.model import Model
 
+__all__ = ["INITIAL_STEP", "MOMENTUM", "RHO", "apgd", "apgd_targeted", "checkpoint_windows"]
+
 LOSSES = ("ce", "dlr")
-NORMS = ("inf", "2")
-INITIAL_STEP = 2.0
-"""eta starts at INITIAL_STEP * eps (both norms)."""
-MOMENTUM = 0.75
-RHO = 0.75
-"""Condition (1): a window in which at most this fraction of the steps raised the loss."""
+NORMS = ("inf", "2", "1")
 FIRST_WINDOW, WINDOW_DECREASE, SHORTEST_WINDOW = 0.22, 0.03, 0.06
 """Checkpoint windows, as fractions of the steps (the paper's p_1, and p_{j+1} - p_j =
 max(p_j - p_{j-1} - 0.03, 0.06))."""
+L1_WINDOW = 0.04
+"""L1: a checkpoint every max(int(L1_WINDOW * steps), 1) steps."""
 TARGET_CLASSES = 9
 """APGD-T's default number of target classes (at most C - 1 are used)."""
 
 
-def checkpoint_windows(steps: int) -> dict[int, int]:
+def checkpoint_windows(steps: int, norm="inf") -> dict[int, int]:
     """The checkpoints of a run of ``steps`` steps: {steps done at the checkpoint: steps in
     the window that ends there}, as the reference rounds them (int of the fractions, at
-    least 1). 100 steps: checkpoints after 22, 41, 57, 70, 80, 87, 93 and 99 steps."""
+    least 1). 100 steps: checkpoints after 22, 41, 57, 70, 80, 87, 93 and 99 steps; norm
+    "1": every max(int(0.04 steps), 1) steps."""
+    if norm_order(norm) == 1.0:
+        window = max(int(L1_WINDOW * steps), 1)
+        return {done: window for done in range(window, steps + 1, window)}
     window = max(int(FIRST_WINDOW * steps), 1)
     decrease = max(int(WINDOW_DECREASE * steps), 1)
     shortest = max(int(SHORTEST_WINDOW * steps), 1)
@@ -98,7 +118,7 @@ def apgd(
     X,
     labels=None,
     *,
-    eps: float,
+    eps,
     norm="inf",
     loss: str = "ce",
     steps: int = 100,
@@ -107,7 +127,7 @@ def apgd(
     x_min: float = -math.inf,
     x_max: float = math.inf,
     backend=None,
-    first_row: int = 0,
+    first_row=0,
 ) -> np.ndarray:
     """APGD with the cross-entropy (``apgd-ce``) or the DLR loss (``apgd-dlr``).
 
@@ -116,15 +136,16 @@ def apgd(
     model : Model
     X : (N, ...) array, trailing dimensions flatten to d; computed in the model's dtype
     labels : (N,) int, the true classes; None: the model's predictions
-    eps : float > 0, the radius of the ball in ``norm``
-    norm : "inf" or "2"
+    eps : float > 0, the radius of the ball in ``norm``; or (N,) floats > 0, one per row
+    norm : "inf", "2" or "1" (l1-APGD)
     loss : "ce" or "dlr" (the DLR loss needs at least 3 classes)
     steps : int >= 1, steps of each run
     restarts : int >= 1, runs from independent random starts
     seed : int in [0, 2**63), seeds the starts
     x_min, x_max : float, the valid input range (infinite: no clip)
     backend : a backend (``advgrad.backend.get_backend``); None: the CPU's
-    first_row : int >= 0, the absolute index of X's first row (random starts depend on it)
+    first_row : int >= 0, the absolute index of X's first row, or (N,) int >= 0, the
+        absolute index of every row (random starts depend on it)
 
     Returns
     -------
@@ -137,8 +158,8 @@ def apgd(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     plan = [(stream, loss, None) for stream in range(check_count("restarts", restarts))]
-    rows, labels, p, backend = _prepared(model, X, labels, loss, eps, norm, x_min, x_max, backend)
-    settings = _run_settings(eps, p, steps, seed, first_row, x_min, x_max, backend)
+    rows, labels, p, backend = _prepared(model, X, labels, loss, norm, x_min, x_max, backend)
+    settings = _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend)
     return _worst_case(model, rows, labels, plan, **settings).reshape(np.shape(X))
 
 
@@ -147,7 +168,7 @@ def apgd_targeted(
     X,
     labels=None,
     *,
-    eps: float,
+    eps,
     norm="inf",
     steps: int = 100,
     restarts: int = 1,
@@ -156,7 +177,7 @@ def apgd_targeted(
     x_min: float = -math.inf,
     x_max: float = math.inf,
     backend=None,
-    first_row: int = 0,
+    first_row=0,
 ) -> np.ndarray:
     """APGD-T: APGD on the targeted DLR loss, against each of the ``target_classes``
     highest non-true logits of the clean row in turn (ranks 1, 2, ...), ``restarts`` runs
@@ -176,8 +197,8 @@ def apgd_targeted(
         raise ValueError(f"APGD-T needs a model of at least 4 classes, this one has {C}")
     n_targets = min(check_count("target_classes", target_classes), C - 1)
     n_restarts = check_count("restarts", restarts)
-    rows, labels, p, backend = _prepared(model, X, labels, "ce", eps, norm, x_min, x_max, backend)
-    settings = _run_settings(eps, p, steps, seed, first_row, x_min, x_max, backend)
+    rows, labels, p, backend = _prepared(model, X, labels, "ce", norm, x_min, x_max, backend)
+    settings = _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend)
     others = backend.logits(model, rows).astype(np.float64)
     others[np.arange(len(rows)), labels] = -np.inf
     ranked = np.argsort(-others, axis=1, kind="stable")[:, :n_targets]
@@ -189,13 +210,11 @@ def apgd_targeted(
     return _worst_case(model, rows, labels, plan, **settings).reshape(np.shape(X))
 
 
-def _prepared(model, X, labels, loss, eps, norm, x_min, x_max, backend):
+def _prepared(model, X, labels, loss, norm, x_min, x_max, backend):
     """Validated rows (N, d), labels (N,) int64, norm order and backend; ``loss`` ("ce" or
     "dlr") must be defined for the model's classes."""
     if str(norm).removesuffix(".0") not in NORMS:
-        raise ValueError(f"APGD supports the norms {' and '.join(NORMS)}, got {norm!r}")
-    if not check_radius("eps", eps, model.dtype) > 0.0:
-        raise ValueError("eps must be > 0")
+        raise ValueError(f"APGD supports the norms {', '.join(NORMS)}, got {norm!r}")
     if not x_min <= x_max:
         raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
     backend = backend or get_backend()
@@ -206,41 +225,87 @@ def _prepared(model, X, labels, loss, eps, norm, x_min, x_max, backend):
     return rows, labels, norm_order(norm), backend
 
 
-def _run_settings(eps, p, steps, seed, first_row, x_min, x_max, backend) -> dict:
+def _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend) -> dict:
+    """The checked settings of the runs: eps and the row indices per row, the checkpoint
+    windows as the backend takes them ((steps + 1,) int64, the window ending after each
+    step, 0 for none)."""
+    n_rows = len(rows)
+    steps = check_count("steps", steps)
+    windows = np.zeros(steps + 1, dtype=np.int64)
+    for done, window in checkpoint_windows(steps, "1" if p == 1.0 else "inf").items():
+        windows[done] = window
     return {
-        "eps": float(eps),
+        "eps": _radii(eps, n_rows, rows.dtype),
         "p": p,
-        "steps": check_count("steps", steps),
+        "windows": windows,
         "seed": check_seed(seed),
-        "first_row": check_count("first_row", first_row, minimum=0),
+        "index": _row_indices(first_row, n_rows),
         "x_min": float(x_min),
         "x_max": float(x_max),
         "backend": backend,
     }
 
 
-def _worst_case(model, rows, labels, plan, *, first_row, seed, **settings) -> np.ndarray:
+def _radii(eps, n_rows: int, dtype) -> np.ndarray:
+    """eps, a float or one per row, as (N,) float64, each > 0 and finite in ``dtype``."""
+    if np.ndim(eps) == 0:
+        if not check_radius("eps", eps, dtype) > 0.0:
+            raise ValueError("eps must be > 0")
+        return np.full(n_rows, float(eps))
+    radii = np.asarray(eps)
+    if radii.shape != (n_rows,) or radii.dtype.kind not in "fiu":
+        raise ValueError(
+            f"eps must be a number or one per row, shape ({n_rows},), got shape "
+            f"{radii.shape} of {radii.dtype}"
+        )
+    radii = radii.astype(np.float64)
+    for row in np.flatnonzero(~(radii > 0.0))[:1]:
+        raise ValueError(f"eps must be > 0, got {radii[row]:g} at row {row}")
+    for row in np.flatnonzero(radii > float(np.finfo(dtype).max))[:1]:
+        check_radius(f"eps at row {row}", radii[row], dtype)
+    return radii
+
+
+def _row_indices(first_row, n_rows: int) -> np.ndarray:
+    """The absolute index of every row, (N,) int64: first_row + 0, 1, ... for an int, or
+    the (N,) array given (each in [0, 2**31 - 1], as ``check_count`` bounds an int)."""
+    if np.ndim(first_row) == 0:
+        first = check_count("first_row", first_row, minimum=0)
+        return first + np.arange(n_rows, dtype=np.int64)
+    index = np.asarray(first_row)
+    if index.shape != (n_rows,) or index.dtype.kind not in "iu":
+        raise ValueError(
+            f"first_row must be an integer or one integer per row, shape ({n_rows},), got "
+            f"shape {index.shape} of {index.dtype}"
+        )
+    for row in np.flatnonzero((index < 0) | (index > np.iinfo(np.int32).max))[:1]:
+        check_count(f"first_row at row {row}", int(index[row]), minimum=0)
+    return index.astype(np.int64)
+
+
+def _worst_case(model, rows, labels, plan, *, index, seed, **settings) -> np.ndarray:
     """Run ``plan`` ((stream, loss, targets (N,) or None) per run) in turn, each on the rows
     still not broken; returns X_adv (N, d) (see ``apgd``)."""
-    backend = settings["backend"]
+    backend, eps, p = settings["backend"], settings["eps"], settings["p"]
     _, first_loss, first_targets = plan[0]
     _, best_values, predicted = backend.loss_gradient(
         model, rows, labels, first_loss, targets=first_targets
     )
     X_adv = rows.copy()
     broken = predicted != labels
-    index = first_row + np.arange(len(rows))
     for stream, loss, targets in plan:
         todo = np.flatnonzero(~broken)
         if not todo.size:
             break
-        start = _surface_start(
-            rows[todo], settings["eps"], settings["p"], seed, stream, index[todo]
-        )
-        best, values, adversarial, hit = _run(
+        start = _start(rows[todo], eps[todo], p, seed, stream, index[todo])
+        best, values, adversarial, hit = backend.apgd_run(
             *(model, rows[todo], labels[todo], start, loss),
             targets=None if targets is None else targets[todo],
-            **settings,
+            eps=eps[todo],
+            p=p,
+            windows=settings["windows"],
+            x_min=settings["x_min"],
+            x_max=settings["x_max"],
         )
         X_adv[todo[hit]] = adversarial[hit]
         broken[todo[hit]] = True
@@ -250,93 +315,17 @@ def _worst_case(model, rows, labels, plan, *, first_row, seed, **settings) -> np
     return X_adv
 
 
-def _surface_start(rows, eps, p, seed, stream, index) -> np.ndarray:
-    """X + eps u / ||u||_p for u from ``random_in_ball``, in the rows' dtype (not clipped)."""
-    ball = random_in_ball(seed, stream, index, rows.shape[1], p)
-    length = np.linalg.norm(ball, ord=p, axis=1, keepdims=True)
+def _start(rows, eps, p, seed, stream, index) -> np.ndarray:
+    """The start of a run, in the rows' dtype, before the projection the run applies:
+    X + eps u / ||u||_p for u from ``random_in_ball`` (inf, 2), X plus standard normal
+    noise (1, as the reference)."""
+    d = rows.shape[1]
+    if p == 1.0:
+        uniforms = row_uniforms(seed, stream, index, d)
+        noise = ndtri(np.clip(uniforms, np.finfo(np.float64).tiny, None))
+    else:
+        ball = random_in_ball(seed, stream, index, d, p)
+        length = np.linalg.norm(ball, ord=p, axis=1, keepdims=True)
+        noise = eps[:, None] * (ball / np.where(length > 0.0, length, 1.0))
     with np.errstate(over="ignore"):  # inf past the dtype's range, like PGD's starts
-        return (rows + eps * (ball / np.where(length > 0.0, length, 1.0))).astype(rows.dtype)
-
-
-def _run(model, rows, labels, start, loss, *, targets, eps, p, steps, x_min, x_max, backend):
-    """One APGD run from ``start`` (N, d).
-
-    Returns (best (N, d), its loss (N,), the last misclassified iterate (N, d), broken (N,)
-    bool); the rows of the third are meaningful where ``broken``.
-    """
-    if p == np.inf:  # the ball and the clip are one clip: [X - eps, X + eps] clipped itself
-        lower = np.clip(rows - eps, x_min, x_max)
-        upper = np.clip(rows + eps, x_min, x_max)
-    else:
-        lower, upper = x_min, x_max
-
-    def project(V):
-        """V (N, d) into the eps-ball around the rows, then into [x_min, x_max], in place;
-        a row inside the ball is not touched before the clip."""
-        if p == 2.0:
-            delta = V - rows
-            length = np.sqrt(np.einsum("ij,ij->i", delta, delta))
-            outside = np.flatnonzero(length > eps)
-            V[outside] = rows[outside] + delta[outside] * (eps / length[outside])[:, None]
-        np.clip(V, lower, upper, out=V)
-
-    def evaluate(V):
-        return backend.loss_gradient(model, V, labels, loss, targets=targets)
-
-    current = start.copy()
-    project(current)
-    G, values, predicted = evaluate(current)
-    best, best_G, best_values = current.copy(), G.copy(), values.copy()
-    adversarial = current.copy()
-    broken = predicted != labels
-    previous, scratch = current.copy(), np.empty_like(current)
-    previous_values = values
-    eta = np.full((len(rows), 1), INITIAL_STEP * eps, dtype=rows.dtype)
-    increases = np.zeros(len(rows), dtype=np.int64)
-    halved_last = np.ones(len(rows), dtype=bool)
-    best_at_last = best_values.copy()
-    windows = checkpoint_windows(steps)
-    for step in range(steps):
-        _step_direction(G, p, out=scratch)
-        scratch *= eta
-        scratch += current
-        project(scratch)
-        if step > 0:  # momentum: current + a (z - current) + (1 - a) (current - previous)
-            scratch -= current
-            scratch *= MOMENTUM
-            scratch += current
-            np.subtract(current, previous, out=previous)
-            previous *= 1.0 - MOMENTUM
-            scratch += previous
-            project(scratch)
-        previous, current, scratch = current, scratch, previous
-        G, values, predicted = evaluate(current)
-        hit = np.flatnonzero(predicted != labels)
-        adversarial[hit] = current[hit]
-        broken[hit] = True
-        increases += values > previous_values
-        previous_values = values
-        improved = np.flatnonzero(values > best_values)
-        best[improved] = current[improved]
-        best_G[improved] = G[improved]
-        best_values[improved] = values[improved]
-        window = windows.get(step + 1)
-        if window is not None:
-            halve = (increases <= RHO * window) | (~halved_last & (best_at_last >= best_values))
-            halved_last = halve
-            best_at_last = best_values.copy()
-            increases[:] = 0
-            back = np.flatnonzero(halve)
-            eta[back] /= 2.0
-            current[back] = best[back]
-            G[back] = best_G[back]
-    return best, best_values, adversarial, broken
-
-
-def _step_direction(G, p, out) -> None:
-    """sign(G) (inf) or G / ||G||_2 (2; a zero row stays zero) per row, into ``out``."""
-    if p == np.inf:
-        np.sign(G, out=out)
-    else:
-        length = np.sqrt(np.einsum("ij,ij->i", G, G))[:, None]
-        np.divide(G, np.where(length > 0.0, length, 1.0), out=out)
+        return (rows + noise).astype(rows.dtype)

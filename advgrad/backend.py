@@ -5,7 +5,7 @@ A backend takes a validated ``Model`` and C-contiguous 2-D arrays of the model's
 their rows in float64, and training passes the parameters it updates as plain arrays. Every
 backend has the methods of ``CpuBackend`` (here) and ``advgrad.cuda_backend.CudaBackend``:
 gradients and steps, the gradients of the attack losses (``LOSSES``) and the logits,
-iterative attacks, DeepFool, the forward pass, certified bounds and
+iterative attacks, APGD runs (``apgd_run``), DeepFool, the forward pass, certified bounds and
 radii, training gradients and optimiser updates. ``get_backend`` picks one by device name.
 
 What both backends share (``output_rows``, ``check_workspace``, the work estimates) lives in
@@ -29,6 +29,7 @@ from advgrad.backend_common import (
     output_rows,
     step_slices,
 )
+from advgrad.kernels import apgd as apgd_kernels
 from advgrad.kernels import cpu
 from advgrad.kernels.blas import blas_threads
 from advgrad.model import Model
@@ -210,6 +211,58 @@ class CpuBackend(HostOptimiser):
                 *(*settings, X_adv, momentum),
             )
         return X_adv
+
+    def apgd_run(
+        self, model: Model, X, labels, start, loss, *, targets, eps, p, windows, x_min, x_max
+    ):
+        """One APGD run (``advgrad.apgd``; the kernels: ``advgrad.kernels.apgd``).
+
+        Parameters
+        ----------
+        model : Model
+        X : (N, d) float32 or float64, C-contiguous, the model's dtype: the clean rows
+        labels : (N,) int, the true classes
+        start : (N, d) X's dtype, the starting points (projected here)
+        loss, targets : the loss the run maximises, as in :meth:`loss_gradient` (kappa 0)
+        eps : (N,) float64, the radius of each row's ball
+        p : float, np.inf, 2.0 or 1.0 (l1-APGD)
+        windows : (steps + 1,) int64, windows[i] > 0 the length of the checkpoint window
+            that ends after step i (``advgrad.apgd.checkpoint_windows``)
+        x_min, x_max : float, the box
+
+        Returns
+        -------
+        best : (N, d) X's dtype, the point of highest loss of the run
+        best_values : (N,) X's dtype, its loss
+        adversarial : (N, d) X's dtype, the last misclassified iterate, where ``broken``
+        broken : (N,) bool, some iterate was misclassified
+
+        The iterations run in slices (``step_slices``), each evaluating and updating the
+        iterates in one fused kernel (``apgd_steps_into``), the gradients in its blocks'
+        scratch.
+        """
+        code, labels, targets, kappa = loss_arguments(
+            model.n_classes, X.shape[0], loss, labels, targets, 0.0
+        )
+        n_rows = X.shape[0]
+        current, previous, best, best_G, adversarial = (np.empty_like(X) for _ in range(5))
+        state = np.empty((n_rows, apgd_kernels.STATE_FIELDS))
+        apgd_kernels.apgd_start_into(X, start, eps, p, x_min, x_max, current)
+        network = (model.W1, model.b1, model.W2, model.b2)
+        run = (X, *network, labels, targets, code, kappa, eps, p, x_min, x_max, windows)
+        iterations = windows.shape[0]
+        first = 0
+        for count in step_slices(iterations, n_rows, gradient_work(model), SLICE_MULTIPLY_ADDS):
+            _run_blocks(
+                apgd_kernels.apgd_steps_into,
+                apgd_kernels.apgd_steps_block,
+                (*run, first, count, current, previous, best, best_G, adversarial, state),
+                rows=(0, 5, 6, 9, 16, 17, 18, 19, 20, 21),
+                work=gradient_work(model) * count,
+            )
+            first += count
+        broken = state[:, apgd_kernels.STATE_BROKEN] != 0.0
+        return best, state[:, apgd_kernels.STATE_BEST].astype(X.dtype), adversarial, broken
 
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64.

@@ -276,6 +276,68 @@ class CudaBackend(HostOptimiser):
         self._stream(model, (X, Y, X_start, eps, alpha), (X_adv,), launch)
         return X_adv
 
+    def apgd_run(
+        self, model: Model, X, labels, start, loss, *, targets, eps, p, windows, x_min, x_max
+    ):
+        """One APGD run: best (N, d), its loss (N,), the last misclassified iterate (N, d) and
+        broken (N,) bool, as ``CpuBackend.apgd_run`` (within the rounding of the gradients;
+        the same refusals).
+
+        Each chunk of rows is copied to the GPU once and runs every iteration there: the
+        loss gradient (``kernels.loss_gradient_into``) into device scratch, then the update
+        (``apgd_launchers.apgd_update_into``, bitwise the CPU's given the same gradients),
+        in slices (``step_slices``) as :meth:`iterate` runs its steps.
+        """
+        from advgrad.kernels import cuda as kernels
+        from advgrad.kernels.apgd import STATE_BEST, STATE_BROKEN, STATE_FIELDS
+        from advgrad.kernels.cuda import apgd_launchers
+
+        code, labels, targets, kappa = loss_arguments(
+            model.n_classes, X.shape[0], loss, labels, targets, 0.0
+        )
+        eps = np.ascontiguousarray(eps, dtype=np.float64)
+        best, adversarial = np.empty_like(X), np.empty_like(X)
+        state = np.empty((X.shape[0], STATE_FIELDS))
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, labels_d, targets_d, start_d, eps_d = inputs
+            best_d, adversarial_d, state_d = outputs
+            n_rows = X_d.shape[0]
+            current, previous, best_G, G = (
+                workspace.array(f"apgd_{name}", X_d.shape, X_d.dtype)
+                for name in ("current", "previous", "best_G", "G")
+            )
+            values = workspace.array("apgd_values", (n_rows,), X_d.dtype)
+            predicted = workspace.array("apgd_predicted", (n_rows,), np.int64)
+            windows_d = _to_workspace(workspace, "apgd_windows", windows, stream)
+            apgd_launchers.apgd_start_into(
+                X_d, start_d, eps_d, p, x_min, x_max, current, stream=stream, workspace=workspace
+            )
+            work = gradient_work(model)
+            budget = min(SLICE_MULTIPLY_ADDS, MAX_SLICE_STEPS * n_rows * work)
+            done = 0
+            for k, count in enumerate(step_slices(len(windows), n_rows, work, budget)):
+                if k:
+                    stream.synchronize()
+                for step in range(done, done + count):
+                    kernels.loss_gradient_into(
+                        *(current, *weights, labels_d, targets_d, code, kappa, G, values),
+                        predicted,
+                        stream=stream,
+                        workspace=workspace,
+                    )
+                    apgd_launchers.apgd_update_into(
+                        *(X_d, eps_d, p, x_min, x_max, windows_d, step, labels_d, G, values),
+                        *(predicted, current, previous, best_d, best_G, adversarial_d, state_d),
+                        stream=stream,
+                        workspace=workspace,
+                    )
+                done += count
+
+        inputs = (X, labels, targets, start, eps)
+        self._stream(model, inputs, (best, adversarial, state), launch)
+        return best, state[:, STATE_BEST].astype(X.dtype), adversarial, state[:, STATE_BROKEN] != 0
+
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""
         from advgrad.kernels import cuda as kernels

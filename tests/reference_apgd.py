@@ -15,8 +15,10 @@ rounding of the update itself.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import ndtri
 
-from advgrad.attacks import random_in_ball
+from advgrad.attacks import random_in_ball, row_uniforms
+from advgrad.kernels import apgd as apgd_kernels
 
 DLR_OFFSET = 1e-12
 """Added to the DLR losses' denominators (the reference's 1e-12)."""
@@ -75,7 +77,10 @@ def checkpoints(steps):
 
 
 def project(v, x, eps, p, x_min, x_max):
-    """v into the eps-ball of norm p around x, then clipped to [x_min, x_max]."""
+    """v into the eps-ball of norm p around x, then clipped to [x_min, x_max]; p = 1: the
+    nearest point of the L1 ball intersected with the box (``project_l1_box``)."""
+    if p == 1.0:
+        return project_l1_box(v, x, eps, x_min, x_max)
     if p == np.inf:
         v = np.minimum(np.maximum(v, x - eps), x + eps)
     else:
@@ -85,8 +90,54 @@ def project(v, x, eps, p, x_min, x_max):
     return np.clip(v, x_min, x_max)
 
 
+def project_l1_box(v, x, eps, x_min, x_max):
+    """The nearest point to v of {u : ||u - x||_1 <= eps, x_min <= u <= x_max}: with
+    y = v - x, sign(y) min(max(|y| - lam, 0), cap) (cap: the room to the box along y) for
+    the lam >= 0 at which the L1 norm is eps, found by walking the sorted breakpoints of
+    that piecewise linear norm (|y_i| and |y_i| - cap_i) down from the largest. Exact
+    zeros matter (l1-APGD counts the moved coordinates), so lam is computed in the order
+    the kernel computes it; ``projection_by_bisection`` checks it another way."""
+    y = v - x
+    cap = np.maximum(np.where(y > 0.0, x_max - x, x - x_min), 0.0)
+    total = 0.0
+    for i in range(len(y)):
+        total += min(abs(y[i]), cap[i])
+    if total <= eps:
+        return np.clip(v, x_min, x_max)
+    starts = [(abs(y_i), 1) for y_i in y if y_i != 0.0]  # a coordinate starts to move
+    stops = [(abs(y_i) - c, -1) for y_i, c in zip(y, cap, strict=True) if c < abs(y_i)]
+    events = [*sorted(starts + stops, key=lambda event: (-event[0], -event[1])), (0.0, 0)]
+    norm, slope, above, lam = 0.0, 0, events[0][0], 0.0
+    for below, change in events:
+        reached = norm + slope * (above - below)
+        if reached >= eps:
+            lam = above - (eps - norm) / slope
+            break
+        norm, above, slope = reached, below, slope + change
+    magnitude = np.minimum(np.maximum(np.abs(y) - lam, 0.0), cap)
+    return np.clip(x + np.where(y > 0.0, magnitude, -magnitude), x_min, x_max)
+
+
+def projection_by_bisection(v, x, eps, x_min, x_max):
+    """``project_l1_box`` with lam found by 200 bisections (float64; slow, independent)."""
+    y = v - x
+    cap = np.maximum(np.where(y > 0.0, x_max - x, x - x_min), 0.0)
+
+    def moved(lam):
+        return np.minimum(np.maximum(np.abs(y) - lam, 0.0), cap)
+
+    if moved(0.0).sum() <= eps:
+        return np.clip(v, x_min, x_max)
+    low, high = 0.0, float(np.abs(y).max())
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if moved(middle).sum() > eps else (low, middle)
+    return np.clip(x + np.sign(y) * moved(high), x_min, x_max)
+
+
 def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=None):
-    """One APGD run of one row: (best point, its loss, last misclassified iterate or None)."""
+    """One APGD run of one row: (best point, its loss, last misclassified iterate or None).
+    p = 1: l1-APGD (sparse steps, no momentum, the sparsity schedule of the paper)."""
 
     def evaluate(v):
         return oracle(v, label, loss, target)
@@ -94,11 +145,17 @@ def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=N
     def direction(g):
         if p == np.inf:
             return np.sign(g)
+        if p == 1.0:
+            magnitude = np.abs(g)
+            k = min(max(int((1.0 - topk) * len(g)), 0), len(g) - 1)
+            chosen = (magnitude >= np.sort(magnitude)[k]) & (g != 0.0)
+            return np.sign(g) * chosen / (chosen.sum() + 1e-10)
         length = np.linalg.norm(g)
         return g / length if length > 0 else g
 
-    eta = 2.0 * eps
-    windows = checkpoints(steps)
+    eta = eps if p == 1.0 else 2.0 * eps
+    topk, sparsity = 0.2, len(x)
+    windows = l1_checkpoints(steps) if p == 1.0 else checkpoints(steps)
     x_now = project(start, x, eps, p, x_min, x_max)
     value, g, predicted = evaluate(x_now)
     best, best_value, best_g = x_now, value, g
@@ -107,7 +164,7 @@ def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=N
     increases, halved_last, best_at_last = 0, True, best_value
     for i in range(steps):
         z = project(x_now + eta * direction(g), x, eps, p, x_min, x_max)
-        if i > 0:
+        if i > 0 and p != 1.0:
             moved = x_now + 0.75 * (z - x_now) + 0.25 * (x_now - x_before)
             z = project(moved, x, eps, p, x_min, x_max)
         x_before, x_now = x_now, z
@@ -118,7 +175,14 @@ def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=N
         value_before = value
         if value > best_value:
             best, best_value, best_g = x_now, value, g
-        if i + 1 in windows:
+        if i + 1 in windows and p == 1.0:
+            count = int((best != x).sum())
+            back = count < 0.95 * sparsity
+            topk, sparsity = count / len(x) / 1.5, count
+            eta = min(max(eps if back else eta / 1.5, eps / 10.0), eps)
+            if back:
+                x_now, g = best, best_g
+        elif i + 1 in windows:
             halve = increases <= 0.75 * windows[i + 1] or (
                 not halved_last and best_at_last >= best_value
             )
@@ -129,7 +193,18 @@ def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=N
     return best, best_value, adversarial
 
 
+def l1_checkpoints(steps):
+    """{steps done: window length} of l1-APGD: every max(int(0.04 steps), 1) steps."""
+    window = max(int(0.04 * steps), 1)
+    return {done: window for done in range(window, steps + 1, window)}
+
+
 def surface_start(x, eps, p, seed, stream, row_index):
+    """inf, 2: on the sphere of radius eps; 1: x plus standard normal noise (the reference's
+    start, which the run projects)."""
+    if p == 1.0:
+        u = row_uniforms(seed, stream, np.array([row_index]), len(x))[0]
+        return x + ndtri(np.clip(u, np.finfo(np.float64).tiny, None))
     u = random_in_ball(seed, stream, np.array([row_index]), len(x), p)[0]
     return x + eps * (u / np.linalg.norm(u, ord=p))
 
@@ -143,13 +218,16 @@ def analytic(network):
     return oracle
 
 
-def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max):
+def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row=0):
     """Rows of X (N, d) attacked by ``runs`` ((stream, loss, targets (N,) or None) each) in
-    turn (row n starts from its ``surface_start`` of index n), each row until one run
-    breaks it; unbroken rows: the highest-loss point seen, the clean row included (its loss
-    under the first run's loss)."""
+    turn (row n starts from its ``surface_start`` of index first_row + n, or first_row[n]
+    for an array), each row until one run breaks it; unbroken rows: the highest-loss point
+    seen, the clean row included (its loss under the first run's loss). eps: a float, or
+    one per row."""
     X = np.asarray(X, dtype=np.float64)
     out = X.copy()
+    radii = np.broadcast_to(np.asarray(eps, dtype=np.float64), len(X))
+    index = first_row + np.arange(len(X)) if np.ndim(first_row) == 0 else first_row
     for n, x in enumerate(X):
         first_targets = runs[0][2]
         value, _, predicted = oracle(
@@ -160,9 +238,9 @@ def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max):
         best_value = value
         for stream, loss, targets in runs:
             target = None if targets is None else targets[n]
-            start = surface_start(x, eps, p, seed, stream, n)
+            start = surface_start(x, radii[n], p, seed, stream, index[n])
             best, value, adversarial = run_row(
-                x, oracle, labels[n], start, eps, p, loss, steps, x_min, x_max, target
+                x, oracle, labels[n], start, radii[n], p, loss, steps, x_min, x_max, target
             )
             if adversarial is not None:
                 out[n] = adversarial
@@ -172,11 +250,13 @@ def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max):
     return out
 
 
-def apgd(X, network, labels, eps, p, loss, steps, restarts, seed, x_min, x_max, oracle=None):
-    """APGD-CE / APGD-DLR, float64 (N, d); rows of absolute index 0, 1, ..."""
+def apgd(
+    X, network, labels, eps, p, loss, steps, restarts, seed, x_min, x_max, oracle=None, first_row=0
+):
+    """APGD-CE / APGD-DLR, float64 (N, d); rows of absolute index first_row + 0, 1, ..."""
     runs = [(r, loss, None) for r in range(restarts)]
     oracle = oracle or analytic(network)
-    return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max)
+    return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row)
 
 
 def apgd_targeted(
@@ -201,10 +281,34 @@ def apgd_targeted(
     return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max)
 
 
+def unfused_apgd_run(
+    loss_gradient, model, X, labels, start, loss, *, targets, eps, p, windows, x_min, x_max
+):
+    """A backend's ``apgd_run`` with the gradients from ``loss_gradient`` (a backend's
+    method) and the update by ``advgrad.kernels.apgd.apgd_update_into``, one iteration
+    after the other: what ``CpuBackend.apgd_run`` fuses."""
+    labels = np.asarray(labels, dtype=np.int64)
+    current, previous, best, best_G, adversarial = (np.empty_like(X) for _ in range(5))
+    state = np.empty((len(X), apgd_kernels.STATE_FIELDS))
+    apgd_kernels.apgd_start_into(X, start, eps, p, x_min, x_max, current)
+    for step in range(len(windows)):
+        G, values, predicted = loss_gradient(model, current, labels, loss, targets=targets)
+        apgd_kernels.apgd_update_into(
+            *(X, eps, p, x_min, x_max, windows, step, labels, G, values, predicted),
+            *(current, previous, best, best_G, adversarial, state),
+        )
+    values = state[:, apgd_kernels.STATE_BEST].astype(X.dtype)
+    return best, values, adversarial, state[:, apgd_kernels.STATE_BROKEN] != 0.0
+
+
 class ReferenceBackend:
     """A backend's ``logits`` and ``loss_gradient`` over ``loss_and_gradient``, row by row
-    in float64 (returned in X's dtype): ``advgrad.apgd`` run on it sees, for a given
-    point, bitwise the losses the reference sees."""
+    in float64 (returned in X's dtype), and ``apgd_run`` over them (``unfused_apgd_run``):
+    ``advgrad.apgd`` run on it sees, for a given point, bitwise the losses the reference
+    sees."""
+
+    def apgd_run(self, model, X, labels, start, loss, **settings):
+        return unfused_apgd_run(self.loss_gradient, model, X, labels, start, loss, **settings)
 
     @staticmethod
     def logits(model, X):

@@ -17,8 +17,8 @@ from advgrad.apgd import apgd, apgd_targeted, checkpoint_windows
 from advgrad.backend import get_backend
 
 BACKEND = get_backend("cpu")
-P = {"inf": np.inf, "2": 2.0}
-RADIUS = {"inf": 0.1, "2": 0.5}
+P = {"inf": np.inf, "2": 2.0, "1": 1.0}
+RADIUS = {"inf": 0.1, "2": 0.5, "1": 1.0}
 PER_ROW = "labels must be one integer class per row, shape (64,)"
 
 
@@ -44,7 +44,7 @@ def test_checkpoints_are_the_papers():
     assert checkpoint_windows(20) == reference_apgd.checkpoints(20)
 
 
-@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("norm", ["inf", "2", "1"])
 @pytest.mark.parametrize("loss", ["ce", "dlr", "dlr-targeted"])
 def test_apgd_equals_the_reference(norm, loss):
     """On the reference's own losses (``ReferenceBackend``), so that both take the same
@@ -65,7 +65,7 @@ def test_apgd_equals_the_reference(norm, loss):
     assert 0 < misclassified(model, X_adv, labels).sum() < len(X)
 
 
-@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("norm", ["inf", "2", "1"])
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_on_the_cpu_backend_breaks_the_rows_the_reference_breaks(norm, loss):
     """The kernels' losses differ from the reference's by rounding, which can turn a
@@ -81,7 +81,7 @@ def test_apgd_on_the_cpu_backend_breaks_the_rows_the_reference_breaks(norm, loss
     assert 0 < broken.sum() < len(X)
 
 
-@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("norm", ["inf", "2", "1"])
 @pytest.mark.parametrize("attack", ["ce", "dlr", "targeted"])
 def test_results_stay_in_the_ball_and_box_and_never_lose_loss(norm, attack):
     """float32: every row within eps (float32 rounding aside) and in [x_min, x_max]; a row
@@ -141,8 +141,8 @@ def test_apgd_t_breaks_at_least_the_rows_apgd_dlr_breaks(norm):
 
 @pytest.mark.parametrize("attack", ["ce", "targeted"])
 def test_results_do_not_depend_on_the_batch(attack):
-    """64 rows at once equal 4 slices of 16 given their first_row, bitwise; without the
-    offsets the starts, so the results, differ."""
+    """64 rows at once equal 4 slices of 16 given their first_row (an offset, or the index
+    of every row), bitwise; without the offsets the starts, so the results, differ."""
     model, X, labels = random_case(seed=17, dtype=np.float32)
     settings = {"eps": 0.1, "steps": 10, "restarts": 2, "seed": 9, "x_min": 0.0, "x_max": 1.0}
     run = apgd if attack == "ce" else apgd_targeted
@@ -152,8 +152,37 @@ def test_results_do_not_depend_on_the_batch(attack):
         for i in range(0, 64, 16)
     ]
     assert np.array_equal(whole, np.concatenate(parts))
+    # first_row as the index of every row (AutoAttack's rows still correct)
+    index = np.arange(16, 32)
+    assert np.array_equal(
+        run(model, X[index], labels[index], first_row=index, **settings), parts[1]
+    )
     unshifted = run(model, X[16:32], labels[16:32], **settings)
     assert not np.array_equal(unshifted, whole[16:32])
+
+
+@pytest.mark.parametrize("norm", ["inf", "2", "1"])
+def test_per_row_eps_equals_each_row_with_its_own_eps(norm):
+    """eps (N,): the rows of each radius are bitwise those of a call with that radius for
+    every row; and the call equals the reference run on per-row radii."""
+    model, X, labels = random_case(seed=19, dtype=np.float32)
+    radii = RADIUS[norm] * np.array([0.25, 0.5, 1.0, 2.0])[np.arange(64) % 4]
+    settings = {"norm": norm, "steps": 10, "restarts": 2, "seed": 3, "x_min": 0.0, "x_max": 1.0}
+    whole = apgd(model, X, labels, eps=radii, **settings)
+    for k in range(4):
+        rows = np.arange(k, 64, 4)
+        alike = apgd(model, X, labels, eps=radii[k], **settings)
+        assert np.array_equal(alike[rows], whole[rows])
+    assert 0 < misclassified(model, whole, labels).sum() < len(X)
+    X64 = X.astype(np.float64)
+    model64 = advgrad.Model(*(w.astype(np.float64) for w in network(model)))
+    backend = reference_apgd.ReferenceBackend()
+    got = apgd(model64, X64, labels, eps=radii, backend=backend, **settings)
+    del settings["norm"]
+    expected = reference_apgd.apgd(
+        X64, network(model64), labels, eps=radii, p=P[norm], loss="ce", **settings
+    )
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
 
 
 def test_the_seed_picks_the_starts_and_inputs_stay_unchanged():
@@ -183,13 +212,27 @@ def test_labels_default_to_the_predictions():
         ({"steps": 0}, "steps must be at least 1 and at most 2147483647, got 0"),
         ({"restarts": 0}, "restarts must be at least 1 and at most 2147483647, got 0"),
         ({"seed": -1}, "seed must be in [0, 2**63), got -1"),
-        ({"norm": "1"}, "APGD supports the norms inf and 2, got '1'"),
+        ({"norm": "3"}, "APGD supports the norms inf, 2, 1, got '3'"),
         ({"loss": "cw"}, "loss must be one of ce, dlr, got 'cw'"),
         ({"x_min": 1.0, "x_max": 0.0}, "clip range (1.0, 0.0) is empty"),
         ({"labels": np.full(64, 10)}, "labels must be classes in [0, 10), got 10 at row 0"),
         ({"labels": np.zeros(63, np.int64)}, f"{PER_ROW}, got shape (63,) of int64"),
         ({"labels": np.zeros(64)}, f"{PER_ROW}, got shape (64,) of float64"),
         ({"first_row": -1}, "first_row must be at least 0 and at most 2147483647, got -1"),
+        (
+            {"first_row": np.arange(-1, 63)},
+            "first_row at row 0 must be at least 0 and at most 2147483647, got -1",
+        ),
+        (
+            {"first_row": np.arange(63)},
+            "first_row must be an integer or one integer per row, shape (64,), got shape "
+            "(63,) of int64",
+        ),
+        ({"eps": np.full(64, 0.1) * (np.arange(64) != 5)}, "eps must be > 0, got 0 at row 5"),
+        (
+            {"eps": np.full(63, 0.1)},
+            "eps must be a number or one per row, shape (64,), got shape (63,) of float64",
+        ),
     ],
 )
 def test_apgd_refuses_bad_settings(options, message):
