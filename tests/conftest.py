@@ -1,4 +1,5 @@
-"""Shared fixtures: random networks, a small model, and the bundled digits model and test set."""
+"""Shared fixtures: random networks, a small model, the bundled digits model and test set, and
+a digest cache of the session's own."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
+from advgrad.io.digests import CACHE_DIR_VARIABLE
 
 
 def random_network(rng, d, H, C, dtype=np.float64, scale=1.0):
@@ -62,3 +64,12 @@ def interrupted(job, *args, after_blocks: int, **options):
     with pytest.raises(Interrupted) as caught:
         job(*args, stop=stop, progress=progress, **options)
     return caught.value, calls
+
+
+@pytest.fixture(autouse=True, scope="session")
+def digest_cache(tmp_path_factory):
+    """Every test (and every command it starts) keeps its input digests in a cache of the
+    session's own, never in the user's (``advgrad.io.digests``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_VARIABLE, str(tmp_path_factory.mktemp("digests")))
+        yield

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from advgrad.io import (
     save_model,
     sha256_file,
 )
-from advgrad.io.datasets import FileDigest
+from advgrad.io.digests import RECENT_CHANGE_S, DigestCache, FileDigest
 from advgrad.model import Model
 
 FLOATS = [np.float32, np.float64]
@@ -973,6 +974,41 @@ def test_column_blocks_refuse_columns_of_other_lengths(tmp_path):
         list(column_blocks(path, ["a", "b"]))
     with refused(path, "/c", "no dataset /c"):
         list(column_blocks(path, ["a", "c"]))
+
+
+def test_an_unchanged_file_takes_its_digest_from_the_cache(tmp_path):
+    """A digest remembered for the file as it is now is taken without reading the file (here
+    a planted value shows it); any change to the file (a write, a touch) is hashed again."""
+    path = tmp_path / "blob"
+    path.write_bytes(b"rows")
+    cache = DigestCache(tmp_path / "cache")
+    later = time.time_ns() + int(2 * RECENT_CHANGE_S * 1e9)
+    cache.remember(path.stat(), "ab" * 32, hashing_started_ns=later)
+    assert FileDigest(path, cache).result() == "ab" * 32
+    os.utime(path)  # the change time moves on, whatever the times set
+    assert FileDigest(path, cache).result() == hashlib.sha256(b"rows").hexdigest()
+    path.write_bytes(b"ROWS")
+    assert FileDigest(path, cache).result() == hashlib.sha256(b"ROWS").hexdigest()
+
+
+def test_a_file_changed_just_before_hashing_is_not_remembered(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(b"rows")
+    cache = DigestCache(tmp_path / "cache")
+    assert FileDigest(path, cache).result() == hashlib.sha256(b"rows").hexdigest()
+    assert cache.lookup(path.stat()) is None  # changed within RECENT_CHANGE_S: not kept
+    cache.remember(path.stat(), "cd" * 32, hashing_started_ns=time.time_ns() + 10**10)
+    assert cache.lookup(path.stat()) == "cd" * 32
+
+
+@pytest.mark.parametrize("content", ["{", "[1, 2]", '{"a b": 3}', ""])
+def test_a_malformed_digest_cache_is_an_empty_one(tmp_path, content):
+    path = tmp_path / "blob"
+    path.write_bytes(b"rows")
+    cache = DigestCache(tmp_path)
+    cache.path.write_text(content)
+    assert cache.lookup(path.stat()) is None
+    assert FileDigest(path, cache).result() == hashlib.sha256(b"rows").hexdigest()
 
 
 class Later:

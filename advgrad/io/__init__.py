@@ -14,16 +14,15 @@ from advgrad.io.convert import (
 from advgrad.io.datasets import (
     DatasetAttrs,
     DatasetReader,
-    FileDigest,
     column_blocks,
     dataset_attrs,
     load_dataset,
     open_dataset,
     read_column,
     save_dataset,
-    sha256_file,
 )
 from advgrad.io.describe import FileDescription, describe_file
+from advgrad.io.digests import FileDigest, sha256_file
 from advgrad.io.models import load_model, save_model
 from advgrad.io.paths import atomic_output, refuse_clobbering, same_file
 from advgrad.io.writer import AdversarialWriter

@@ -6,13 +6,10 @@ saving, one column of an output, and the SHA-256 of a file. Reads go through
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -39,7 +36,6 @@ SOFT_LABEL_TOL = 1e-3
 Loose enough for rounding in float32 files with thousands of classes, tight enough that the
 gradient factor ``P - Y`` (which assumes each row of Y sums to 1) stays within 0.1 %.
 """
-HASH_BLOCK_BYTES = 2**20
 COLUMN_BLOCK_ROWS = 2**16
 """Rows of the blocks in which ``column_blocks`` reads per-row columns."""
 
@@ -474,84 +470,3 @@ def column_blocks(
             yield tuple(
                 read_rows(dset, start, stop, path=path, allow_nonfinite=True) for dset in datasets
             )
-
-
-def sha256_file(path: str | os.PathLike, stop: threading.Event | None = None) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks into one buffer.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    stop : threading.Event, optional
-        Checked before each block: once set, hashing ends with ``HashingStopped``.
-
-    Returns
-    -------
-    str
-        64 lowercase hex digits.
-
-    Raises
-    ------
-    InputFileError
-        The file cannot be read.
-    """
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(HASH_BLOCK_BYTES))
-    try:
-        with Path(path).open("rb", buffering=0) as handle:
-            while size := handle.readinto(buffer):
-                if stop is not None and stop.is_set():
-                    raise HashingStopped(path)
-                digest.update(buffer[:size])
-    except FileNotFoundError as exc:
-        raise InputFileError(path, None, "no such file") from exc
-    except OSError as exc:
-        raise InputFileError(path, None, f"cannot read: {exc.strerror or exc}") from exc
-    return digest.hexdigest()
-
-
-class HashingStopped(Exception):
-    """``sha256_file`` was stopped before the end of the file."""
-
-
-class FileDigest:
-    """The SHA-256 of a file (``sha256_file``), computed on a thread of its own from the
-    moment it is made, so that a job hashes its inputs while it works on them.
-
-    A writer takes it as the value of an attribute and stores :meth:`result` before its
-    first checkpoint (``advgrad.io.writer.AdversarialWriter``).
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = path
-        self._stop = threading.Event()
-        self._value: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="advgrad-sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = sha256_file(self.path, self._stop)
-        except BaseException as exc:  # handed to the caller of result()
-            self._error = exc
-
-    def result(self) -> str:
-        """The 64 hex digits, once hashing is done.
-
-        Raises
-        ------
-        InputFileError
-            The file cannot be read (or hashing was cancelled).
-        """
-        self._thread.join()
-        if isinstance(self._error, HashingStopped):
-            raise InputFileError(self.path, None, "hashing was cancelled")
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def cancel(self) -> None:
-        """Stop hashing (within one block) and wait for the thread to end."""
-        self._stop.set()
-        self._thread.join()

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from advgrad.io.datasets import open_dataset, sha256_file
+from advgrad.io.datasets import open_dataset
+from advgrad.io.digests import sha256_file
 from advgrad.io.models import load_model
 from advgrad.io.safe import open_input, read_attrs
 from advgrad.model import MAX_WEIGHTS
