@@ -8,6 +8,7 @@ The model type, file loaders and savers, and array-level attacks::
     X_adv = advgrad.fgsm(model, X, eps=0.1)
     X_adv = advgrad.pgd(model, X, eps=0.1, steps=20, restarts=5)
     X_adv = advgrad.run(model, X, attack=advgrad.Attack("mifgsm", eps=0.1))
+    result = advgrad.auto_attack(model, X, y, eps=0.1)  # X_adv, broken_by
 
 The jitted kernels themselves live in ``advgrad.kernels.cpu``. Names load on first use,
 so that ``import advgrad`` (and the command line's ``--help``) stays fast.
@@ -33,6 +34,7 @@ _PUBLIC = {
     "deepfool": "advgrad.attacks",
     "Attack": "advgrad.attacks",
     "run": "advgrad.attacks",
+    "auto_attack": "advgrad.autoattack",
     "predict": "advgrad.attacks",
     "predict_proba": "advgrad.attacks",
     "loss": "advgrad.attacks",

@@ -23,7 +23,19 @@ from advgrad.backend import get_backend
 from advgrad.model import Model
 
 NORMS = {"inf": np.inf, "2": 2.0, "1": 1.0}
-METHODS = ("fgsm", "bim", "pgd", "mifgsm", "deepfool")
+GRADIENT_METHODS = ("fgsm", "bim", "pgd", "mifgsm", "deepfool")
+EVALUATION_METHODS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "autoattack", "cw")
+"""The evaluation-grade attacks (``advgrad.autoattack``): each runs its own schedule,
+against the labels or the clean predictions, untargeted (APGD-T chooses its targets) but
+for C&W."""
+METHODS = GRADIENT_METHODS + EVALUATION_METHODS
+MINIMAL_NORM_METHODS = ("deepfool", "cw")
+"""Attacks that look for the smallest perturbation, with no eps: a row's minimal eps is
+the norm of its perturbation where the attack succeeds."""
+DEFAULT_STEPS = {"bim": 10, "pgd": 10, "mifgsm": 10, "cw": 1000}
+"""Default ``steps`` of the methods not in it: 100 (APGD, as the reference; 1 for fgsm)."""
+VERSIONS = ("standard", "rand")
+"""AutoAttack versions (``advgrad.autoattack.VERSIONS``)."""
 TARGET_MODES = ("random", "least-likely")
 RANDOM_GROUP_ROWS = 256
 TARGET_STREAM = 2**31  # random-number stream of random targets; PGD restart r uses stream r
@@ -160,23 +172,32 @@ class Attack:
 
     Attributes
     ----------
-    method : "fgsm" (one fast-gradient step, in any norm), "bim", "pgd", "mifgsm", "deepfool"
-    eps : radius of the perturbation in ``norm`` (DeepFool: not used)
-    norm : "inf", "2" or "1" (DeepFool: "inf" or "2")
-    steps : iterations of bim, pgd and mifgsm
+    method : "fgsm" (one fast-gradient step, in any norm), "bim", "pgd", "mifgsm",
+        "deepfool", or one of ``EVALUATION_METHODS``: "apgd-ce", "apgd-dlr", "apgd-t",
+        "square", "autoattack"
+    eps : radius of the perturbation in ``norm`` (DeepFool, C&W: not used)
+    norm : "inf", "2" or "1" (DeepFool, Square, AutoAttack: "inf" or "2")
+    steps : iterations of bim, pgd and mifgsm (None: 10), of APGD and AutoAttack's APGD
+        (None: 100)
     step_size : step length alpha; None: 2.5 eps / steps for pgd (Madry et al.), eps / steps
-        for bim and mifgsm
-    restarts : pgd runs from independent random starts; each row keeps its worst case
+        for bim and mifgsm (APGD sets its own)
+    restarts : pgd and APGD runs from independent random starts; each row keeps its worst case
     decay : mifgsm momentum decay mu
     overshoot, max_iter : DeepFool's overshoot and iteration limit
     target : None (untargeted), a class index, "random" or "least-likely"
     seed : seeds every random choice
+    target_classes : APGD-T (and AutoAttack's targeted attacks): the highest non-true
+        classes attacked in turn, at most C - 1
+    queries : Square's queries per row
+    version : AutoAttack's version, "standard" or "rand" (``advgrad.autoattack.VERSIONS``)
+    confidence, search_steps : C&W's margin kappa and its binary search steps over c (its
+        ``steps`` are Adam's per search step, default 1000)
     """
 
     method: str = "fgsm"
     eps: float = 0.1
     norm: str = "inf"
-    steps: int = 10
+    steps: int | None = None
     step_size: float | None = None
     restarts: int = 1
     decay: float = 1.0
@@ -184,6 +205,11 @@ class Attack:
     max_iter: int = 50
     target: int | str | None = None
     seed: int = 0
+    target_classes: int = 9
+    queries: int = 5000
+    version: str = "standard"
+    confidence: float = 0.0
+    search_steps: int = 9
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -191,8 +217,19 @@ class Attack:
         object.__setattr__(self, "norm", str(self.norm).removesuffix(".0"))
         norm_order(self.norm)
         check_radius("eps", self.eps)
-        for name in ("steps", "restarts", "max_iter"):
-            check_count(name, getattr(self, name))
+        for name in (
+            "n_steps",
+            "restarts",
+            "max_iter",
+            "target_classes",
+            "queries",
+            "search_steps",
+        ):
+            check_count(name.removeprefix("n_"), getattr(self, name))
+        if self.version not in VERSIONS:
+            raise ValueError(f"version must be one of {', '.join(VERSIONS)}, got {self.version!r}")
+        if self.method in EVALUATION_METHODS:
+            self._check_evaluation_method()
         check_seed(self.seed)
         if self.step_size is not None and not check_radius("step size", self.step_size) > 0.0:
             raise ValueError(f"step size must be > 0, got {self.step_size}")
@@ -205,11 +242,32 @@ class Attack:
         if self.method == "deepfool" and (self.norm == "1" or self.target is not None):
             raise ValueError("deepfool is untargeted and supports the norms inf and 2")
 
+    def _check_evaluation_method(self) -> None:
+        if self.method == "cw":
+            if self.norm != "2":
+                raise ValueError(f"cw is an L2 attack (norm 2), got norm {self.norm!r}")
+            if not 0.0 <= self.confidence < math.inf:
+                raise ValueError(f"confidence must be >= 0 and finite, got {self.confidence}")
+            return
+        if self.target is not None:
+            raise ValueError(
+                f"{self.method} is untargeted (apgd-t chooses its own targets); drop the target"
+            )
+        if self.step_size is not None:
+            raise ValueError(f"{self.method} sets its own step size; drop the step size")
+        if self.norm == "1":
+            raise ValueError(f"{self.method} supports the norms inf and 2, got '1'")
+
     def check_range(self, dtype) -> None:
         """Refuse (ValueError) an eps or step size beyond the largest value of ``dtype``,
         the compute dtype: every perturbed input would be inf."""
         check_radius("eps", self.eps, dtype)
         check_radius("step size", self.alpha, dtype)
+
+    @property
+    def n_steps(self) -> int:
+        """``steps``, or the method's default where it is None (``DEFAULT_STEPS``)."""
+        return DEFAULT_STEPS.get(self.method, 100) if self.steps is None else self.steps
 
     @property
     def targeted(self) -> bool:
@@ -223,14 +281,29 @@ class Attack:
             return self.eps
         if self.step_size is not None:
             return self.step_size
-        return (2.5 if self.method == "pgd" else 1.0) * self.eps / self.steps
+        return (2.5 if self.method == "pgd" else 1.0) * self.eps / self.n_steps
 
     def describe(self) -> dict:
         """The parameters that matter for this method, as attribute-friendly values."""
         out = {"attack": self.method, "norm": self.norm, "seed": self.seed}
+        if self.method == "cw":
+            out |= {"steps": self.n_steps, "confidence": self.confidence}
+            out |= {"search_steps": self.search_steps, "targeted": self.targeted}
+            return out | ({"target": str(self.target)} if self.targeted else {})
+        if self.method in EVALUATION_METHODS:
+            out["eps"] = self.eps
+            if self.method != "square":
+                out |= {"steps": self.n_steps, "restarts": self.restarts}
+            if self.method in ("apgd-t", "autoattack"):
+                out["target_classes"] = self.target_classes
+            if self.method in ("square", "autoattack"):
+                out["queries"] = self.queries
+            if self.method == "autoattack":
+                out["version"] = self.version
+            return out | {"targeted": False}
         if self.method != "deepfool":
             out |= {"eps": self.eps, "step_size": self.alpha}
-            out["steps"] = 1 if self.method == "fgsm" else self.steps
+            out["steps"] = 1 if self.method == "fgsm" else self.n_steps
         if self.method == "pgd":
             out["restarts"] = self.restarts
         if self.method == "mifgsm":
@@ -348,9 +421,13 @@ def perturb(
     first_row: int | np.ndarray = 0,
     backend=None,
     out: np.ndarray | None = None,
+    image_shape=None,
 ) -> np.ndarray:
     """Run ``attack`` on prepared rows (N, d) of the model's dtype; returns X_adv (N, d),
     written into ``out`` when given (C-contiguous, like the rows).
+
+    The evaluation-grade attacks (``EVALUATION_METHODS``) run in ``advgrad.autoattack``;
+    ``image_shape`` is the rows' image shape for Square's windows (None: flat).
 
     ``eps`` overrides attack.eps, per row (N,) or scalar; iterative step sizes scale with
     it. PGD with restarts keeps, per row, a successful result first, then the highest loss
@@ -358,6 +435,21 @@ def perturb(
     the absolute index of every row: random starts are a function of it.
     """
     backend = backend or get_backend()
+    index = np.arange(first_row, first_row + len(rows)) if np.ndim(first_row) == 0 else first_row
+    if attack.method in EVALUATION_METHODS:
+        from advgrad.autoattack import run_attack  # it builds on this module
+
+        X_adv = run_attack(
+            *(model, rows, labels, attack, clip),
+            eps=eps,
+            first_row=index,
+            backend=backend,
+            image_shape=image_shape,
+        )
+        if out is None:
+            return X_adv
+        out[...] = X_adv
+        return out
     x_min, x_max = clip
     p = norm_order(attack.norm)
     if attack.method == "deepfool":
@@ -369,8 +461,7 @@ def perturb(
     if attack.method == "fgsm" and eps is None:
         step = sign * attack.eps
         return backend.fgm_step(model, rows, labels.Y, step, p, x_min, x_max, out=out)[0]
-    steps = 1 if attack.method == "fgsm" else attack.steps
-    index = np.arange(first_row, first_row + len(rows)) if np.ndim(first_row) == 0 else first_row
+    steps = 1 if attack.method == "fgsm" else attack.n_steps
     ratio = attack.alpha / attack.eps if attack.eps > 0 else 0.0
     alpha = np.ascontiguousarray(sign * radius * (1.0 if attack.method == "fgsm" else ratio))
     radius = np.ascontiguousarray(radius)
@@ -400,6 +491,13 @@ def perturb(
     return best
 
 
+def perturbation_sizes(rows: np.ndarray, X_adv: np.ndarray, hit: np.ndarray, norm) -> np.ndarray:
+    """(N,) float64: ||X_adv - rows|| in ``norm`` where ``hit``, else inf: the minimal eps
+    of an attack of minimal norm (``MINIMAL_NORM_METHODS``)."""
+    sizes = np.linalg.norm((X_adv - rows).astype(np.float64), ord=norm_order(norm), axis=1)
+    return np.where(hit, sizes, np.inf)
+
+
 def minimal_eps(
     model: Model,
     rows: np.ndarray,
@@ -416,7 +514,8 @@ def minimal_eps(
 
     Returns (N,) float64: a verified successful eps within ``tolerance`` of a verified
     failing one (0 where the clean prediction already fails, inf where eps_max fails too).
-    DeepFool is not bisected: its result is the norm of its perturbation where it succeeds.
+    DeepFool and C&W are not bisected: the result is the norm of the perturbation where
+    it succeeds.
     eps_max and the tolerance are checked by ``check_search`` (ValueError), so the search
     ends, after at most ``MAX_BISECTIONS`` halvings.
     """
@@ -435,12 +534,9 @@ def minimal_eps(
         return success_of(sub.reference, predicted, attack.targeted), X_adv
 
     everyone = np.arange(len(rows))
-    if attack.method == "deepfool":
+    if attack.method in MINIMAL_NORM_METHODS:
         hit, X_adv = succeeds(everyone, None)
-        sizes = np.linalg.norm(
-            (X_adv - rows).astype(np.float64), ord=norm_order(attack.norm), axis=1
-        )
-        return np.where(hit, sizes, np.inf)
+        return perturbation_sizes(rows, X_adv, hit, attack.norm)
     low = np.zeros(len(rows))
     high = np.full(len(rows), float(eps_max))
     already = success_of(labels.reference, labels.predicted, attack.targeted)
@@ -475,7 +571,8 @@ def declared_range(*sources) -> tuple[float, float] | None:
     return None
 
 
-def _prepared(model, X, attack: Attack, clip, device):
+def prepared_rows(model, X, attack: Attack, clip, device):
+    """(rows (N, d) in the model's dtype, (x_min, x_max), backend) for an array attack."""
     attack.check_range(model.dtype)
     rows = as_rows(model, X)
     if isinstance(clip, str):
@@ -497,7 +594,7 @@ def run(
     targets come from ``attack.target``. ``clip``: (x_min, x_max), None (no clipping) or
     "model" (the default: the model's declared range, else none; ``declared_range``).
     """
-    rows, clip, backend = _prepared(model, X, attack, clip, device)
+    rows, clip, backend = prepared_rows(model, X, attack, clip, device)
     labels = attack_labels(model, rows, y, attack, backend=backend)
     return perturb(model, rows, labels, attack, clip, backend=backend).reshape(np.shape(X))
 
@@ -552,7 +649,7 @@ def fgsm(
     if targeted and y is None:
         raise ValueError("a targeted attack needs the target classes as y")
     attack = Attack("fgsm", eps=eps, norm=norm)
-    rows, clip, backend = _prepared(model, X, attack, clip, device)
+    rows, clip, backend = prepared_rows(model, X, attack, clip, device)
     Y = label_matrix(model, y, len(rows))
     step = -attack.eps if targeted else attack.eps
     p = norm_order(attack.norm)
@@ -599,7 +696,7 @@ def minimal_eps_of(
     device="cpu",
 ) -> np.ndarray:
     """Per row of X (N, ...), the smallest eps at which ``attack`` succeeds (see minimal_eps)."""
-    rows, clip, backend = _prepared(model, X, attack, clip, device)
+    rows, clip, backend = prepared_rows(model, X, attack, clip, device)
     labels = attack_labels(model, rows, y, attack, backend=backend)
     return minimal_eps(
         model, rows, labels, attack, clip, eps_max=eps_max, tolerance=tolerance, backend=backend

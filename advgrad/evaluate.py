@@ -11,6 +11,8 @@ import numpy as np
 
 from advgrad.attacks import (
     DEFAULT_ATTACK,
+    EVALUATION_METHODS,
+    MINIMAL_NORM_METHODS,
     Attack,
     as_rows,
     attack_labels,
@@ -19,6 +21,7 @@ from advgrad.attacks import (
     minimal_eps,
     perturb,
 )
+from advgrad.autoattack import VERSIONS, ensemble
 from advgrad.backend import get_backend
 from advgrad.model import Model
 from advgrad.quantiles import spread_of
@@ -99,6 +102,19 @@ class EvaluationSettings:
     searched: tuple[str, ...]
     eps_max: float
     tolerance: float
+    image_shape: tuple[int, ...] | None = None
+
+    @property
+    def curves(self) -> tuple[str, ...]:
+        """The methods of the accuracy curves: ``methods`` with AutoAttack in its stages,
+        each attack of its version (the accuracy after it and those before) then
+        "autoattack"."""
+        curves = []
+        for method in self.methods:
+            if method == "autoattack":
+                curves += VERSIONS[self.attack.version]
+            curves.append(method)
+        return tuple(curves)
 
 
 def evaluation_settings(
@@ -111,6 +127,7 @@ def evaluation_settings(
     use_labels: bool = True,
     min_eps_tolerance: float | None = 1e-3,
     eps_max: float | None = None,
+    image_shape: tuple[int, ...] | None = None,
 ) -> EvaluationSettings:
     """The settings of ``evaluate``, checked (see there).
 
@@ -128,14 +145,27 @@ def evaluation_settings(
             replace(attack, method=method, eps=eps).check_range(model.dtype)
     eps_max = eps_max if eps_max is not None else max(eps_values)
     tolerance = min_eps_tolerance if min_eps_tolerance is not None else 1e-3
-    searched = tuple(m for m in methods if m == "deepfool" or min_eps_tolerance is not None)
+    searched = tuple(
+        m
+        for m in methods
+        if m in MINIMAL_NORM_METHODS
+        or (min_eps_tolerance is not None and m not in EVALUATION_METHODS)
+    )
+    if "autoattack" in methods:
+        stages = VERSIONS[attack.version]
+        if both := [m for m in methods if m in stages]:
+            raise ValueError(
+                f"{', '.join(both)} already run inside autoattack ({attack.version}): "
+                "its accuracy after each of them is reported; drop them from the methods"
+            )
     if searched:
         eps_max, tolerance = check_search(
             eps_max, tolerance, model.dtype, names=("eps_max", "min_eps_tolerance (--min-eps)")
         )
     clip = (float(clip[0]), float(clip[1]))
     return EvaluationSettings(
-        tuple(methods), eps_values, attack, clip, use_labels, searched, eps_max, tolerance
+        *(tuple(methods), eps_values, attack, clip, use_labels, searched, eps_max, tolerance),
+        image_shape,
     )
 
 
@@ -159,7 +189,8 @@ def evaluate_rows(
     is the absolute index of the first row (seeds random starts and targets)."""
     classes = y if y.ndim == 1 else np.argmax(y, axis=1)
     no_labels = np.zeros((0, model.n_classes), dtype=model.dtype)
-    clean_right = backend.forward(model, rows, no_labels)[2] == classes
+    clean_probabilities, _, clean_predicted = backend.forward(model, rows, no_labels)
+    clean_right = clean_predicted == classes
     tallies, minimal = {}, {}
     for method in settings.methods:
         config = replace(settings.attack, method=method)
@@ -179,9 +210,25 @@ def evaluate_rows(
                 backend=backend,
             )
         for eps in settings.eps_values:
-            if method == "deepfool":
+            if method in MINIMAL_NORM_METHODS:
                 right = clean_right & (minimal[method] > eps)
                 tallies[method, eps] = (int(right.sum()), int((~right).sum()), 0.0)
+                continue
+            if method == "autoattack":
+                found = ensemble(
+                    *(model, rows, labels.reference, replace(config, eps=eps), settings.clip),
+                    first_row=np.arange(first_row, first_row + len(rows)),
+                    backend=backend,
+                    image_shape=settings.image_shape,
+                )
+                probabilities, _, predicted = backend.forward(model, found.X_adv, no_labels)
+                for k, stage in enumerate((*found.components, method), start=1):
+                    moved = (found.broken_by >= 1) & (found.broken_by <= k)  # the points then
+                    right = np.where(moved, predicted, clean_predicted) == classes
+                    stage_probabilities = np.where(
+                        moved[:, None], probabilities, clean_probabilities
+                    )
+                    tallies[stage, eps] = _tally(right, stage_probabilities)
                 continue
             X_adv = perturb(
                 model,
@@ -191,12 +238,17 @@ def evaluate_rows(
                 settings.clip,
                 first_row=first_row,
                 backend=backend,
+                image_shape=settings.image_shape,
             )
             probabilities, _, predicted = backend.forward(model, X_adv, no_labels)
-            right = predicted == classes
-            confidence = float(probabilities[~right].max(axis=1, initial=0.0).sum())
-            tallies[method, eps] = (int(right.sum()), int((~right).sum()), confidence)
+            tallies[method, eps] = _tally(predicted == classes, probabilities)
     return EvaluatedRows(len(rows), int(clean_right.sum()), tallies, minimal)
+
+
+def _tally(right: np.ndarray, probabilities: np.ndarray) -> tuple[int, int, float]:
+    """(rows right, rows wrong, sum over the wrong rows of their largest probability)."""
+    confidence = float(probabilities[~right].max(axis=1, initial=0.0).sum())
+    return int(right.sum()), int((~right).sum()), confidence
 
 
 class EvaluationTotals:
@@ -205,7 +257,7 @@ class EvaluationTotals:
 
     def __init__(self, settings: EvaluationSettings, state: dict | None = None) -> None:
         self.settings = settings
-        keys = [(method, eps) for method in settings.methods for eps in settings.eps_values]
+        keys = [(method, eps) for method in settings.curves for eps in settings.eps_values]
         state = state or {"n_rows": 0, "clean_correct": 0, "tallies": [[0, 0, 0.0]] * len(keys)}
         self.n_rows = state["n_rows"]
         self.clean_correct = state["clean_correct"]
@@ -238,7 +290,7 @@ class EvaluationTotals:
         settings, n_rows = self.settings, self.n_rows
         points = []
         for (method, eps), (correct, wrong, confidence) in self.tallies.items():
-            has_confidence = wrong and method != "deepfool"
+            has_confidence = wrong and method not in MINIMAL_NORM_METHODS
             mean_confidence = confidence / wrong if has_confidence else None
             points.append(CurvePoint(method, eps, _fraction(correct, n_rows), mean_confidence))
         summaries = []

@@ -14,6 +14,7 @@ from advgrad.cli.options import (
     ClipMinOption,
     Compression,
     CompressionOption,
+    ConfidenceOption,
     DataOption,
     DecayOption,
     Device,
@@ -26,12 +27,17 @@ from advgrad.cli.options import (
     NormOption,
     OvershootOption,
     OverwriteOption,
+    QueriesOption,
     RestartsOption,
     ResumeOption,
     SchedulerOption,
+    SearchStepsOption,
     SeedOption,
     StepSizeOption,
     StepsOption,
+    TargetClassesOption,
+    Version,
+    VersionOption,
     clip_range,
     eps_option,
     model_and_data,
@@ -81,7 +87,12 @@ def attack(
         typer.Option(
             help="fgsm: one fast-gradient step (FGM in the chosen norm); bim: iterated from "
             "X; pgd: iterated from random starts in the ball; mifgsm: with momentum; "
-            "deepfool: nearest linearised class boundary (untargeted, no eps).",
+            "deepfool: nearest linearised class boundary (untargeted, no eps). "
+            "Evaluation-grade (L-inf, L2): apgd-ce, apgd-dlr (Auto-PGD on the cross-entropy "
+            "or DLR loss), apgd-t (targeted DLR against --target-classes classes), fab-t "
+            "(minimal-norm boundary attack), square (score-based, --queries), autoattack "
+            "(the ensemble of --version; writes /broken_by). cw: Carlini & Wagner L2 "
+            "(minimal norm, no eps; --confidence, --search-steps, --steps default 1000).",
         ),
     ] = Method.fgsm,
     eps: Annotated[
@@ -89,7 +100,7 @@ def attack(
         eps_option((0.1,), "one output per eps, written in one pass over the data"),
     ] = None,
     norm: NormOption = Norm.inf,
-    steps: StepsOption = 10,
+    steps: StepsOption = None,
     step_size: StepSizeOption = None,
     restarts: RestartsOption = 1,
     decay: DecayOption = 1.0,
@@ -104,6 +115,11 @@ def attack(
         ),
     ] = None,
     seed: SeedOption = 0,
+    target_classes: TargetClassesOption = 9,
+    queries: QueriesOption = 5000,
+    version: VersionOption = Version.standard,
+    confidence: ConfidenceOption = 0.0,
+    search_steps: SearchStepsOption = 9,
     labels: Annotated[
         bool,
         typer.Option(
@@ -151,7 +167,7 @@ def attack(
     """
     clip = clip_range(clip_min, clip_max)
     with reported_errors(), stop_on_signals() as stop:
-        from advgrad.attacks import Attack
+        from advgrad.attacks import MINIMAL_NORM_METHODS, Attack
         from advgrad.jobs.attack import attack_files, default_output_name
 
         configs = [
@@ -167,11 +183,16 @@ def attack(
                 max_iter=max_iter,
                 target=target_class(target),
                 seed=seed,
+                target_classes=target_classes,
+                queries=queries,
+                version=version.value,
+                confidence=confidence,
+                search_steps=search_steps,
             )
             for radius in dict.fromkeys(eps)
         ]
-        if method is Method.deepfool:
-            configs = configs[:1]  # DeepFool has no eps: one output
+        if method.value in MINIMAL_NORM_METHODS:
+            configs = configs[:1]  # DeepFool and C&W have no eps: one output
         model_path, data_path = model_and_data(model, data)
         if out is not None and len(configs) > 1 and "{eps}" not in out:
             raise ValueError("with several --eps, --out must contain {eps}, e.g. adv-{eps}.h5")
@@ -227,7 +248,9 @@ def report_rows(report) -> list[tuple[str, str]]:
     """The summary of one output of an attack job, as ``(name, value)`` rows."""
     config = report.attack
     rows = [("rows", f"{report.n_rows}")]
-    if config.method != "deepfool":
+    from advgrad.attacks import MINIMAL_NORM_METHODS
+
+    if config.method not in MINIMAL_NORM_METHODS:
         rows.append(("eps", f"{config.eps:g}"))
     rows += [
         ("labels attacked", report.labels),

@@ -12,6 +12,7 @@ from advgrad.cli.options import (
     BatchSizeOption,
     ClipMaxOption,
     ClipMinOption,
+    ConfidenceOption,
     DataOption,
     DecayOption,
     Device,
@@ -23,11 +24,16 @@ from advgrad.cli.options import (
     Norm,
     NormOption,
     OvershootOption,
+    QueriesOption,
     RestartsOption,
     SchedulerOption,
+    SearchStepsOption,
     SeedOption,
     StepSizeOption,
     StepsOption,
+    TargetClassesOption,
+    Version,
+    VersionOption,
     choice,
     clip_range,
     eps_option,
@@ -61,19 +67,26 @@ def evaluate(
             choice(Method),
             (Method.fgsm, Method.pgd),
             metavar="METHOD[,METHOD...]",
-            help="Attacks to evaluate: fgsm, bim, pgd, mifgsm, deepfool. Several: repeat the "
+            help="Attacks to evaluate: fgsm, bim, pgd, mifgsm, deepfool; apgd-ce, apgd-dlr, "
+            "apgd-t, fab-t, square, autoattack (a row after each of its attacks, then the "
+            "ensemble's), cw (of minimal L2 norm, like deepfool). Several: repeat the "
             "option (`--method fgsm --method pgd`) or separate them with commas "
             "(`--method fgsm,pgd`); the table has a row per method. Default: fgsm,pgd.",
         ),
     ] = None,
     norm: NormOption = Norm.inf,
-    steps: StepsOption = 10,
+    steps: StepsOption = None,
     step_size: StepSizeOption = None,
     restarts: RestartsOption = 1,
     decay: DecayOption = 1.0,
     overshoot: OvershootOption = 0.02,
     max_iter: MaxIterOption = 50,
     seed: SeedOption = 0,
+    target_classes: TargetClassesOption = 9,
+    queries: QueriesOption = 5000,
+    version: VersionOption = Version.standard,
+    confidence: ConfidenceOption = 0.0,
+    search_steps: SearchStepsOption = 9,
     labels: Annotated[
         bool,
         typer.Option(
@@ -149,6 +162,11 @@ def evaluate(
             overshoot=overshoot,
             max_iter=max_iter,
             seed=seed,
+            target_classes=target_classes,
+            queries=queries,
+            version=version.value,
+            confidence=confidence,
+            search_steps=search_steps,
         )
         for name in methods[1:]:
             Attack(name, norm=norm.value)
@@ -198,7 +216,7 @@ def evaluate(
     table.add_column("method", style="bold")
     for value in sorted(set(eps)):
         table.add_column(f"eps {value:g}", justify="right")
-    for name in methods:
+    for name in dict.fromkeys(point.method for point in result.points):
         cells = []
         for point in (p for p in result.points if p.method == name):
             confidence = (
@@ -207,6 +225,8 @@ def evaluate(
             cells.append(f"{percent(point.accuracy)}{confidence}")
         table.add_row(literal(name), *map(literal, cells))
     table.caption = "accuracy (mean confidence of the wrong predictions)"
+    if "autoattack" in methods:
+        table.caption += "; above autoattack, the accuracy after each of its attacks in turn"
     console().print(table)
     if result.minimal_eps:
         summary = Table(title="Minimal eps per row", title_justify="left")

@@ -30,6 +30,18 @@ class Method(StrEnum):
     pgd = "pgd"
     mifgsm = "mifgsm"
     deepfool = "deepfool"
+    apgd_ce = "apgd-ce"
+    apgd_dlr = "apgd-dlr"
+    apgd_t = "apgd-t"
+    fab_t = "fab-t"
+    square = "square"
+    autoattack = "autoattack"
+    cw = "cw"
+
+
+class Version(StrEnum):
+    standard = "standard"
+    rand = "rand"
 
 
 class Compression(StrEnum):
@@ -143,7 +155,15 @@ NormOption = Annotated[
         "1 (`eps * G/||G||_1`); projections use the same norm. DeepFool: inf or 2.",
     ),
 ]
-StepsOption = Annotated[int, typer.Option(min=1, help="Iterations of bim, pgd and mifgsm.")]
+StepsOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Iterations of bim, pgd and mifgsm (default 10), of apgd-*, fab-t and "
+        "autoattack's (default 100).",
+        show_default=False,
+    ),
+]
 StepSizeOption = Annotated[
     float | None,
     typer.Option(
@@ -154,7 +174,31 @@ StepSizeOption = Annotated[
     ),
 ]
 RestartsOption = Annotated[
-    int, typer.Option(min=1, help="pgd: random starts; each row keeps its worst case.")
+    int,
+    typer.Option(min=1, help="pgd, apgd-*, fab-t: random starts; each row keeps its worst case."),
+]
+TargetClassesOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="apgd-t, fab-t (and autoattack's): the highest non-true classes attacked in "
+        "turn (at most C - 1).",
+    ),
+]
+QueriesOption = Annotated[
+    int, typer.Option(min=1, help="square (and autoattack's): queries of the model per row.")
+]
+ConfidenceOption = Annotated[
+    float, typer.Option(min=0.0, help="cw: the margin kappa its examples must reach.")
+]
+SearchStepsOption = Annotated[
+    int, typer.Option(min=1, help="cw: binary search steps over its constant c.")
+]
+VersionOption = Annotated[
+    Version,
+    typer.Option(
+        help="autoattack: standard (apgd-ce, apgd-t, fab-t, square) or rand (apgd-ce, apgd-dlr)."
+    ),
 ]
 DecayOption = Annotated[float, typer.Option(min=0.0, help="mifgsm: momentum decay mu.")]
 OvershootOption = Annotated[float, typer.Option(min=0.0, help="deepfool: overshoot.")]

@@ -26,6 +26,7 @@ import numpy as np
 
 from advgrad.attacks import (
     DEFAULT_ATTACK,
+    MINIMAL_NORM_METHODS,
     Attack,
     attack_labels,
     check_radius,
@@ -33,8 +34,10 @@ from advgrad.attacks import (
     minimal_eps,
     norm_order,
     perturb,
+    perturbation_sizes,
     success_of,
 )
+from advgrad.autoattack import broken_by_names, ensemble
 from advgrad.backend import SERIAL_BLOCKS, get_backend
 from advgrad.errors import InputFileError
 from advgrad.io import AdversarialWriter
@@ -95,8 +98,9 @@ class AttackReport:
 
 
 def default_output_name(data_path: str | os.PathLike, attack: Attack) -> Path:
-    """``<data stem>-<method>-l<norm>-eps<eps>.h5`` (DeepFool: no eps) in the current folder."""
-    size = "" if attack.method == "deepfool" else f"-eps{attack.eps:g}"
+    """``<data stem>-<method>-l<norm>-eps<eps>.h5`` (DeepFool, C&W: no eps) in the current
+    folder."""
+    size = "" if attack.method in MINIMAL_NORM_METHODS else f"-eps{attack.eps:g}"
     return Path(f"{Path(data_path).stem}-{attack.method}-l{attack.norm}{size}.h5")
 
 
@@ -110,6 +114,7 @@ class Plan:
     min_eps_tolerance: float | None
     eps_max: tuple[float, ...]
     device: str
+    image_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,17 +183,35 @@ def attack_block(
                 *plan.clip,
                 out=None if out is None else out[i],
             )
+        elif attack.method == "autoattack":
+            found = ensemble(
+                *(model, rows, labels.reference, attack, plan.clip),
+                first_row=np.arange(first_row, first_row + len(rows)),
+                backend=backend,
+                image_shape=plan.image_shape,
+            )
+            X_adv = found.X_adv
+            if out is not None:
+                X_adv = out[i]
+                X_adv[...] = found.X_adv
         else:
             X_adv = perturb(
                 *(model, rows, labels, attack, plan.clip),
                 first_row=first_row,
                 backend=backend,
                 out=None if out is None else out[i],
+                image_shape=plan.image_shape,
             )
         columns = {}
+        if attack.method == "autoattack":
+            columns["broken_by"] = found.broken_by
         if attack.targeted:
             columns["target"] = labels.reference
-        if plan.min_eps_tolerance is not None:
+        pred_adv = backend.forward(model, X_adv, labels.Y[:0])[2]
+        if plan.min_eps_tolerance is not None and attack.method in MINIMAL_NORM_METHODS:
+            hit = success_of(labels.reference, pred_adv, attack.targeted)
+            columns["eps_min"] = perturbation_sizes(rows, X_adv, hit, attack.norm)
+        elif plan.min_eps_tolerance is not None:
             columns["eps_min"] = minimal_eps(
                 *(model, rows, labels, attack, plan.clip),
                 eps_max=plan.eps_max[i],
@@ -196,7 +219,6 @@ def attack_block(
                 first_row=first_row,
                 backend=backend,
             )
-        pred_adv = backend.forward(model, X_adv, labels.Y[:0])[2]
         results[i] = BlockResult(X_adv, labels.predicted, pred_adv, labels.reference, columns)
     return results
 
@@ -322,6 +344,7 @@ def attack_files(
                 for a in attacks
             ),
             device=device,
+            image_shape=reader.info.input_shape or model.input_shape,
         )
         if min_eps_tolerance is not None:
             for limit in plan.eps_max:
@@ -348,6 +371,8 @@ def attack_files(
                 columns["target"] = np.int64
             if min_eps_tolerance is not None:
                 columns["eps_min"] = np.float64
+            if attack.method == "autoattack":
+                columns["broken_by"] = np.int8
             writer = AdversarialWriter(
                 path,
                 n_rows=reader.n_rows,
@@ -358,6 +383,7 @@ def attack_files(
                     **attack.describe(),
                     **shared,
                     "eps_max": limit if min_eps_tolerance is not None else None,
+                    "broken_by_names": broken_by_names(attack),
                 },
                 rows_per_chunk=min(chunk_rows, max(reader.n_rows, 1)),
                 compression=compression,
@@ -441,11 +467,11 @@ def attack_files(
 def _compile_kernels(reader, model, plan: Plan, writers, notice, block: int) -> None:
     """Attack the first row, and the first block's rows up to one more than the CPU backend
     runs block by block (``advgrad.backend.SERIAL_BLOCKS``), with one step (one restart, one
-    DeepFool iteration) of each attack, and throw the results away: the kernels the job uses,
-    serial and parallel, are then compiled, or loaded from Numba's cache, before the
-    rows-per-second clock starts, whatever the job's step count. When that takes longer than
-    ``COMPILE_NOTICE_AFTER_S`` (a first run on this machine), ``notice`` says so while it
-    happens."""
+    DeepFool iteration, one query, one target class) of each attack, and throw the results
+    away: the kernels the job uses, serial and parallel, are then compiled, or loaded from
+    Numba's cache, before the rows-per-second clock starts, whatever the job's step count.
+    When that takes longer than ``COMPILE_NOTICE_AFTER_S`` (a first run on this machine),
+    ``notice`` says so while it happens."""
     timer = None
     if notice is not None:
         message = "compiling the kernels for this machine (first run only)"
@@ -456,7 +482,10 @@ def _compile_kernels(reader, model, plan: Plan, writers, notice, block: int) -> 
         largest = min(reader.n_rows, block, SERIAL_BLOCKS * ROWS_PER_BLOCK + 1)
         X, y = reader.read(0, largest)
         attacks = tuple(
-            dataclasses.replace(attack, steps=1, restarts=1, max_iter=1) for attack in plan.attacks
+            dataclasses.replace(
+                attack, steps=1, restarts=1, max_iter=1, queries=1, target_classes=1
+            )
+            for attack in plan.attacks
         )
         one_step = dataclasses.replace(plan, attacks=attacks)
         for n_rows in sorted({1, largest}):

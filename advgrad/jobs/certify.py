@@ -187,7 +187,7 @@ def certify_file(
             "labels": "labels" if labelled else "predictions",
             "attack": attack.method,
             "attack_eps": max(settings.eps_values),  # the eps of /X
-            "steps": attack.steps,
+            "steps": attack.n_steps,
             "restarts": attack.restarts,
             "step_size_ratio": attack.alpha / attack.eps if attack.eps > 0 else None,
             "seed": attack.seed,

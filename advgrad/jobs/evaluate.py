@@ -92,7 +92,12 @@ def evaluate_file(
         if not reader.has_labels:
             raise InputFileError(data_path, "/y", "is missing; evaluation needs labels")
         block = rows_per_block(batch_size, model)
-        settings = evaluation_settings(model, clip=clip_range(clip, reader, model), **options)
+        settings = evaluation_settings(
+            model,
+            clip=clip_range(clip, reader, model),
+            image_shape=reader.info.input_shape or model.input_shape,
+            **options,
+        )
         columns = {method: np.float64 for method in settings.searched}
         if checkpoint is None:  # the per-row results still go to a file, a temporary one
             scratch = stack.enter_context(TemporaryDirectory(prefix="advgrad-evaluate-"))

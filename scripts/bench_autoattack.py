@@ -1,0 +1,164 @@
+"""AutoAttack in advgrad against torchattacks' on the same networks: strength and speed.
+
+For each case (the bundled digits network on its 450 test rows; random (784, 256, 10)
+networks on rows uniform in [0, 1], 28 x 28 images) and each norm and radius, it runs
+advgrad's AutoAttack (``advgrad.autoattack.auto_attack``, version standard) and
+torchattacks' ``AutoAttack(version="standard")`` on the equivalent torch module
+(``advgrad.interop.to_torch``, float32, labels = the dataset's labels, inputs as images
+(N, 1, h, w) in [0, 1]), and prints the robust accuracy after each attack of the ensemble
+and at its end, side by side, and the difference (advgrad minus torchattacks, in points:
+the issue asks it never to exceed 0.5). The torchattacks side runs its four attacks in
+turn on the rows still correct, as its ``MultiAttack`` does, to read the accuracy between them.
+
+Speed: the whole command ``advgrad evaluate --method autoattack`` (a subprocess, cold
+start included, but the kernels already compiled) on the bundled digits, and
+``auto_attack`` on --rows rows of the large network, against torchattacks' AutoAttack on
+the same rows, with torch on the same number of threads (every core). Each is timed once
+(these runs take minutes).
+
+torch and torchattacks are not dependencies of advgrad; without them only advgrad's side
+runs::
+
+    /path/to/python-with-torch scripts/bench_autoattack.py [--rows 500] [--large-rows 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import advgrad
+from advgrad.autoattack import VERSIONS, auto_attack
+from advgrad.bundled import MODEL, TEST_DATA, bundled_path
+
+STAGES = VERSIONS["standard"]
+TORCH_NORMS = {"inf": "Linf", "2": "L2"}
+
+
+def digits_case():
+    model = advgrad.load_model(bundled_path(MODEL))
+    X, y = advgrad.load_dataset(bundled_path(TEST_DATA))
+    return "digits (64, 64, 10)", model, X.reshape(len(X), -1), y, (8, 8)
+
+
+def random_case(n_rows: int, seed: int):
+    """A random (784, 256, 10) network whose predictions carry a margin like a trained
+    one's, and rows uniform in [0, 1] labelled by it."""
+    rng = np.random.default_rng(seed)
+    W1 = (rng.standard_normal((784, 256)) * 0.05).astype(np.float32)
+    W2 = (rng.standard_normal((256, 10)) * 1.0).astype(np.float32)
+    model = advgrad.Model(W1, np.zeros(256, np.float32), W2, np.zeros(10, np.float32))
+    X = rng.uniform(0.0, 1.0, (n_rows, 784)).astype(np.float32)
+    return f"random (784, 256, 10) #{seed}", model, X, advgrad.predict(model, X), (28, 28)
+
+
+def torch_autoattack(model, X, y, image_shape, norm: str, eps: float):
+    """torchattacks' robust accuracy after each attack of its standard AutoAttack, and
+    the seconds it took, or None without torch."""
+    try:
+        import torch
+        import torchattacks
+    except ImportError:
+        return None
+    from advgrad.interop import to_torch
+
+    torch.set_num_threads(os.cpu_count())
+    net = torch.nn.Sequential(torch.nn.Flatten(), to_torch(model.astype(np.float32))).eval()
+    images = torch.from_numpy(X.reshape(len(X), 1, *image_shape).astype(np.float32))
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    attack = torchattacks.AutoAttack(
+        net, norm=TORCH_NORMS[norm], eps=eps, version="standard", n_classes=model.n_classes, seed=0
+    )
+    robust = (net(images).argmax(1) == labels).numpy()
+    accuracies = []
+    started = time.perf_counter()
+    for component in attack._autoattack.attacks:
+        todo = np.flatnonzero(robust)
+        if todo.size:
+            adversarial = component(images[todo], labels[todo])
+            with torch.no_grad():
+                broken = (net(adversarial).argmax(1) != labels[todo]).numpy()
+            robust[todo[broken]] = False
+        accuracies.append(robust.mean())
+    return accuracies, time.perf_counter() - started
+
+
+def advgrad_autoattack(model, X, y, image_shape, norm: str, eps: float):
+    started = time.perf_counter()
+    result = auto_attack(model, X.reshape(len(X), *image_shape), y, eps=eps, norm=norm, clip=(0, 1))
+    seconds = time.perf_counter() - started
+    accuracies = [result.robust_after(k).mean() for k in range(1, len(STAGES) + 1)]
+    return accuracies, seconds
+
+
+def strength(cases, radii) -> None:
+    print("Robust accuracy (%) after each attack of AutoAttack standard: advgrad | torchattacks")
+    header = " | ".join(f"{stage:>15}" for stage in STAGES)
+    print(f"{'case':32} {'norm':>4} {'eps':>6} | {header} | worst diff")
+    for name, model, X, y, shape in cases:
+        for norm, values in radii.items():
+            for eps in values:
+                ours, _ = advgrad_autoattack(model, X, y, shape, norm, eps)
+                theirs = torch_autoattack(model, X, y, shape, norm, eps)
+                cells, diffs = [], []
+                for k in range(len(STAGES)):
+                    if theirs is None:
+                        cells.append(f"{100 * ours[k]:6.1f} |      -")
+                    else:
+                        cells.append(f"{100 * ours[k]:6.1f} | {100 * theirs[0][k]:6.1f}")
+                        diffs.append(100 * (ours[k] - theirs[0][k]))
+                worst = f"{max(diffs):+.1f}" if diffs else "-"
+                print(f"{name:32} {norm:>4} {eps:>6g} | {' | '.join(cells)} | {worst}")
+
+
+def speed(large_rows: int) -> None:
+    print("\nSpeed (seconds, one run each; torch on", os.cpu_count(), "threads)")
+    name, model, X, y, shape = digits_case()
+    command = [
+        *(sys.executable, "-m", "advgrad", "evaluate", "--method", "autoattack"),
+        *("--eps", "0.1", "--min-eps", "0"),
+    ]
+    subprocess.run(command, check=True, capture_output=True)  # compile, fill the caches
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    ours = time.perf_counter() - started
+    theirs = torch_autoattack(model, X, y, shape, "inf", 0.1)
+    ratio = "-" if theirs is None else f"{theirs[1] / ours:.1f}x"
+    spent = "-" if theirs is None else f"{theirs[1]:.1f}"
+    print(
+        f"  `advgrad evaluate --method autoattack` on {name}, 450 rows, eps 0.1: "
+        f"advgrad {ours:.1f} s, torchattacks {spent} s: {ratio}"
+    )
+    name, model, X, y, shape = random_case(large_rows, seed=0)
+    eps = 0.02
+    _, ours = advgrad_autoattack(model, X, y, shape, "inf", eps)
+    theirs = torch_autoattack(model, X, y, shape, "inf", eps)
+    ratio = "-" if theirs is None else f"{theirs[1] / ours:.1f}x"
+    spent = "-" if theirs is None else f"{theirs[1]:.1f}"
+    print(
+        f"  auto_attack on {name}, {large_rows} rows, L-inf eps {eps}: "
+        f"advgrad {ours:.1f} s, torchattacks {spent} s: {ratio}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=500, help="rows of the random networks")
+    parser.add_argument("--large-rows", type=int, default=1000, help="rows of the speed case")
+    parser.add_argument("--skip-strength", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_strength:
+        cases = [digits_case(), random_case(args.rows, seed=1), random_case(args.rows, seed=2)]
+        strength(cases, {"inf": (0.02, 0.05, 0.1), "2": (0.25, 0.5, 1.0)})
+    if not args.skip_speed:
+        speed(args.large_rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""advgrad.autoattack: AutoAttack's protocol (each attack on the rows still correct, the
+first success kept), its stages in evaluate, its file output, and the CLI's refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import h5py
+import numpy as np
+import pytest
+from conftest import random_network
+from typer.testing import CliRunner
+
+import advgrad
+from advgrad.attacks import Attack, attack_labels, perturb
+from advgrad.autoattack import CLEAN, ROBUST, VERSIONS, auto_attack, ensemble
+from advgrad.backend import get_backend
+from advgrad.cli import app
+from advgrad.evaluate import evaluate
+
+BACKEND = get_backend("cpu")
+QUICK = {"steps": 10, "queries": 50, "target_classes": 3}
+
+
+def random_case(seed=4, n_rows=48, d=16, H=12, C=6, dtype=np.float64):
+    """A float64 network (each row's results do not depend on the rows beside it) that
+    radii of 0.1 break in part, rows in [0, 1] and their labels (90 % the predictions)."""
+    rng = np.random.default_rng(seed)
+    model = advgrad.Model(*random_network(rng, d, H, C, dtype=dtype, scale=3.0))
+    X = rng.uniform(0.0, 1.0, (n_rows, d)).astype(dtype)
+    y = advgrad.predict(model, X)
+    flip = rng.random(n_rows) < 0.1
+    y[flip] = (y[flip] + 1) % C
+    return model, X, y
+
+
+def run_alone(model, X, y, method, eps, norm):
+    """One attack of the ensemble on every row, as ``advgrad.attacks.run`` runs it."""
+    attack = Attack(method, eps=eps, norm=norm, **QUICK)
+    labels = attack_labels(model, X, y, attack, backend=BACKEND)
+    return perturb(model, X, labels, attack, (0.0, 1.0), backend=BACKEND)
+
+
+@pytest.mark.parametrize("version", ["standard", "rand"])
+@pytest.mark.parametrize(("norm", "eps"), [("inf", 0.1), ("2", 0.4)])
+def test_the_ensemble_follows_the_protocol(version, norm, eps):
+    """A row is broken by the first attack that breaks it when run alone (the attacks do
+    not depend on the batch), takes that attack's point, and keeps its clean values when
+    the model already gets it wrong or no attack breaks it."""
+    model, X, y = random_case()
+    result = auto_attack(model, X, y, eps=eps, norm=norm, version=version, clip=(0, 1), **QUICK)
+    assert result.components == VERSIONS[version]
+    clean_wrong = advgrad.predict(model, X) != y
+    expected = np.where(clean_wrong, CLEAN, ROBUST).astype(np.int8)
+    points = X.copy()
+    for k, method in enumerate(VERSIONS[version], start=1):
+        alone = run_alone(model, X, y, method, eps, norm)
+        newly = (expected == ROBUST) & (advgrad.predict(model, alone) != y)
+        expected[newly] = k
+        points[newly] = alone[newly]
+    np.testing.assert_array_equal(result.broken_by, expected)
+    np.testing.assert_array_equal(result.X_adv, points)
+    broken = result.broken_by >= 1
+    assert (advgrad.predict(model, result.X_adv[broken]) != y[broken]).all()
+    size = np.linalg.norm(result.X_adv - X, ord=np.inf if norm == "inf" else 2, axis=1)
+    assert (size <= eps * (1 + 1e-9)).all()
+    assert result.X_adv.min() >= 0.0 and result.X_adv.max() <= 1.0
+
+
+def test_robust_accuracy_never_rises_over_the_stages():
+    model, X, y = random_case(seed=7)
+    result = auto_attack(model, X, y, eps=0.1, clip=(0, 1), **QUICK)
+    after = [result.robust_after(k).mean() for k in range(len(result.components) + 1)]
+    assert after == sorted(after, reverse=True)
+    assert after[-1] == np.mean(result.broken_by == ROBUST)
+
+
+@pytest.mark.parametrize("n_rows", [1, 17])
+def test_the_ensemble_does_not_depend_on_the_batch(n_rows):
+    model, X, y = random_case(n_rows=40)
+    attack = Attack("autoattack", eps=0.1, **QUICK)
+    whole = ensemble(model, X, y, attack, (0.0, 1.0), first_row=np.arange(40), backend=BACKEND)
+    for start in range(0, 40, n_rows):
+        part = slice(start, start + n_rows)
+        piece = ensemble(
+            *(model, X[part], y[part], attack, (0.0, 1.0)),
+            first_row=np.arange(40)[part],
+            backend=BACKEND,
+        )
+        np.testing.assert_array_equal(piece.broken_by, whole.broken_by[part])
+        np.testing.assert_array_equal(piece.X_adv, whole.X_adv[part])
+
+
+def test_evaluate_reports_each_stage_and_the_ensemble():
+    model, X, y = random_case(seed=9, dtype=np.float32)
+    settings = {"eps_values": (0.0, 0.1), "clip": (0.0, 1.0), "attack": Attack(**QUICK)}
+    result = evaluate(model, X, y, methods=("fgsm", "autoattack"), **settings)
+    stages = [*VERSIONS["standard"], "autoattack"]
+    assert list(dict.fromkeys(p.method for p in result.points)) == ["fgsm", *stages]
+    for eps in (0.0, 0.1):  # at eps 0 every stage is the clean accuracy
+        found = auto_attack(model, X, y, eps=eps, clip=(0, 1), **QUICK)
+        accuracies = [result.accuracy(stage, eps) for stage in stages]
+        right = [
+            (advgrad.predict(model, X) == y) & found.robust_after(k)
+            for k in range(1, len(stages) + 1)
+        ]
+        assert accuracies == [float(r.mean()) for r in right]
+    assert [s.method for s in result.minimal_eps] == ["fgsm"]  # no bisection of autoattack
+
+
+def test_evaluate_refuses_an_attack_listed_twice():
+    model, X, y = random_case()
+    with pytest.raises(ValueError, match=r"^apgd-ce already run inside autoattack"):
+        evaluate(model, X, y, methods=("apgd-ce", "autoattack"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"target": 1}, "autoattack is untargeted (apgd-t chooses its own targets)"),
+        ({"norm": "1"}, "autoattack supports the norms inf and 2, got '1'"),
+        ({"step_size": 0.01}, "autoattack sets its own step size"),
+        ({"version": "plus"}, "version must be one of standard, rand, got 'plus'"),
+        ({"queries": 0}, "queries must be at least 1"),
+    ],
+)
+def test_refusals(options, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        Attack("autoattack", **{"eps": 0.1, **options})
+
+
+def test_the_attack_command_writes_broken_by(tmp_path):
+    out = tmp_path / "aa.h5"
+    options = ["--steps", "5", "--queries", "20", "--target-classes", "2"]
+    result = CliRunner().invoke(
+        app, ["attack", "--method", "autoattack", "--labels", "--out", str(out), *options]
+    )
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        names = list(f.attrs["broken_by_names"])
+        broken_by, y = f["broken_by"][:], f["y"][:]
+        pred_clean, pred_adv = f["pred_clean"][:], f["pred_adv"][:]
+        assert (f.attrs["attack"], f.attrs["version"]) == ("autoattack", "standard")
+    assert names == ["clean", *VERSIONS["standard"]]
+    np.testing.assert_array_equal(broken_by == CLEAN, pred_clean != y)
+    np.testing.assert_array_equal(broken_by == ROBUST, (pred_clean == y) & (pred_adv == y))
+    assert (pred_adv[broken_by >= 1] != y[broken_by >= 1]).all()
+
+
+def test_the_evaluate_command_prints_and_writes_the_stages(tmp_path):
+    report = tmp_path / "r.json"
+    options = ["--steps", "5", "--queries", "20", "--target-classes", "2", "--eps", "0.1"]
+    result = CliRunner().invoke(
+        app, ["evaluate", "--method", "autoattack", "--json", str(report), *options]
+    )
+    assert result.exit_code == 0, result.output
+    methods = [p["method"] for p in json.loads(report.read_text())["points"]]
+    assert methods == [*VERSIONS["standard"], "autoattack"]
+    words = " ".join(result.output.split())  # rich wraps the caption to the terminal
+    for stage in methods:
+        assert f"│ {stage} " in words
+    assert "the accuracy after each of its attacks in turn" in words
