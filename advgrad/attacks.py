@@ -29,6 +29,11 @@ EVALUATION_METHODS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "autoa
 against the labels or the clean predictions, untargeted (APGD-T chooses its targets) but
 for C&W."""
 METHODS = GRADIENT_METHODS + EVALUATION_METHODS
+L1_STEP_METHODS = ("fgsm", "bim", "pgd", "mifgsm")
+"""The methods whose L1 steps are sparse (``Attack.l1_coordinates``)."""
+SLIDE_FRACTION = 0.01
+"""The iterative methods' default share of coordinates an L1 step moves: SLIDE's top 1 %
+(the coordinates above the 99th percentile of |G|, Tramer & Boneh 2019)."""
 MINIMAL_NORM_METHODS = ("deepfool", "cw")
 """Attacks that look for the smallest perturbation, with no eps: a row's minimal eps is
 the norm of its perturbation where the attack succeeds."""
@@ -192,6 +197,11 @@ class Attack:
     version : AutoAttack's version, "standard" or "rand" (``advgrad.autoattack.VERSIONS``)
     confidence, search_steps : C&W's margin kappa and its binary search steps over c (its
         ``steps`` are Adam's per search step, default 1000)
+    l1_coordinates : norm "1" with fgsm, bim, pgd or mifgsm only: each step moves eps / q
+        (alpha / q) along sign(G) on the q coordinates of largest |G| (SLIDE's sparse step;
+        q above d counts as d). None: the default of ``l1_step_coordinates``: for fgsm the
+        steepest step that fits the clip range, q = ceil(eps / (x_max - x_min)) (1 without a
+        range), and SLIDE's top 1 % for the iterative methods
     """
 
     method: str = "fgsm"
@@ -210,6 +220,7 @@ class Attack:
     version: str = "standard"
     confidence: float = 0.0
     search_steps: int = 9
+    l1_coordinates: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -241,6 +252,13 @@ class Attack:
             )
         if self.method == "deepfool" and (self.norm == "1" or self.target is not None):
             raise ValueError("deepfool is untargeted and supports the norms inf and 2")
+        if self.l1_coordinates is not None:
+            if self.norm != "1" or self.method not in L1_STEP_METHODS:
+                raise ValueError(
+                    "l1 coordinates apply to the L1 steps of "
+                    f"{', '.join(L1_STEP_METHODS)} (norm 1) only; drop it"
+                )
+            check_count("l1 coordinates", self.l1_coordinates)
 
     def _check_evaluation_method(self) -> None:
         if self.method == "cw":
@@ -268,6 +286,22 @@ class Attack:
     def n_steps(self) -> int:
         """``steps``, or the method's default where it is None (``DEFAULT_STEPS``)."""
         return DEFAULT_STEPS.get(self.method, 100) if self.steps is None else self.steps
+
+    def l1_step_coordinates(self, n_features: int, clip=(-math.inf, math.inf)) -> int:
+        """q, the coordinates an L1 step moves on rows of ``n_features`` features clipped to
+        ``clip``: ``l1_coordinates``, else, for fgsm, the fewest coordinates that can take
+        all of eps within the clip range, ceil(eps / (x_max - x_min)) (1 without a finite
+        range: the steepest step, all of eps on the largest |G_i|; a coordinate cannot move
+        further than the range), and ceil(SLIDE_FRACTION * d) for the iterative methods
+        (SLIDE's top 1 %: steps on one coordinate at a time stall on the box and make slow
+        progress); at most d, at least 1."""
+        if self.l1_coordinates is not None:
+            return max(1, min(self.l1_coordinates, n_features))
+        if self.method == "fgsm":
+            width = clip[1] - clip[0]
+            fill = math.ceil(self.eps / width) if 0.0 < width < math.inf else 1
+            return max(1, min(fill, n_features))
+        return max(1, math.ceil(SLIDE_FRACTION * n_features))
 
     @property
     def targeted(self) -> bool:
@@ -308,6 +342,8 @@ class Attack:
             out["restarts"] = self.restarts
         if self.method == "mifgsm":
             out["decay"] = self.decay
+        if self.l1_coordinates is not None:
+            out["l1_coordinates"] = self.l1_coordinates
         if self.method == "deepfool":
             out |= {"overshoot": self.overshoot, "max_iter": self.max_iter}
         out["targeted"] = self.targeted
@@ -458,9 +494,12 @@ def perturb(
         )[0]
     sign = -1.0 if attack.targeted else 1.0
     radius = np.broadcast_to(np.asarray(attack.eps if eps is None else eps, np.float64), len(rows))
+    coordinates = attack.l1_step_coordinates(rows.shape[1], clip)
     if attack.method == "fgsm" and eps is None:
         step = sign * attack.eps
-        return backend.fgm_step(model, rows, labels.Y, step, p, x_min, x_max, out=out)[0]
+        return backend.fgm_step(
+            *(model, rows, labels.Y, step, p, x_min, x_max), out=out, l1_coordinates=coordinates
+        )[0]
     steps = 1 if attack.method == "fgsm" else attack.n_steps
     ratio = attack.alpha / attack.eps if attack.eps > 0 else 0.0
     alpha = np.ascontiguousarray(sign * radius * (1.0 if attack.method == "fgsm" else ratio))
@@ -476,6 +515,7 @@ def perturb(
         X_adv = backend.iterate(
             *(model, rows, labels.Y, start, radius, alpha, steps, p, decay, x_min, x_max),
             out=out if best is None else None,
+            l1_coordinates=coordinates,
         )
         if attack.method != "pgd" or attack.restarts == 1:
             return X_adv
@@ -627,6 +667,7 @@ def fgsm(
     clip: tuple[float, float] | str | None = MODEL_RANGE,
     targeted: bool = False,
     device: str = "cpu",
+    l1_coordinates: int | None = None,
 ) -> np.ndarray:
     """One fast-gradient step: X' = clip(X + eps * direction(dJ/dX)).
 
@@ -637,10 +678,12 @@ def fgsm(
     y : (N,) int labels, (N, C) soft labels, or None to attack the model's predictions;
         with ``targeted=True`` the target classes (required)
     eps : float >= 0, the step length in the chosen norm
-    norm : "inf" (sign of the gradient), "2" (G / ||G||_2) or "1" (G / ||G||_1)
+    norm : "inf" (sign of the gradient), "2" (G / ||G||_2) or "1" (sign(G) / q on the q
+        coordinates of largest |G|)
     clip : (x_min, x_max); None for no clipping; default "model": the model's x_min/x_max
         when it declares them, else no clipping (the command line's rule, ``declared_range``)
     targeted : descend the loss toward ``y`` instead of ascending it
+    l1_coordinates : norm "1" only: q (``Attack.l1_coordinates``); None: 1, the steepest step
 
     Returns
     -------
@@ -648,12 +691,15 @@ def fgsm(
     """
     if targeted and y is None:
         raise ValueError("a targeted attack needs the target classes as y")
-    attack = Attack("fgsm", eps=eps, norm=norm)
+    attack = Attack("fgsm", eps=eps, norm=norm, l1_coordinates=l1_coordinates)
     rows, clip, backend = prepared_rows(model, X, attack, clip, device)
     Y = label_matrix(model, y, len(rows))
     step = -attack.eps if targeted else attack.eps
     p = norm_order(attack.norm)
-    X_adv, _ = backend.fgm_step(model, rows, Y, step, p, clip[0], clip[1])
+    X_adv, _ = backend.fgm_step(
+        *(model, rows, Y, step, p, *clip),
+        l1_coordinates=attack.l1_step_coordinates(rows.shape[1], clip),
+    )
     return X_adv.reshape(np.shape(X))
 
 

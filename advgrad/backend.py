@@ -172,33 +172,55 @@ class CpuBackend(HostOptimiser):
         )
         return Z
 
-    def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None):
+    def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None, l1_coordinates=1):
         """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64.
 
         Every method returning X_adv writes it into ``out`` when given (see ``output_rows``).
+        An L1 step moves the ``l1_coordinates`` coordinates of largest |G| (the kernels' q,
+        ``cpu.step_row``; 1: the steepest L1 step); other norms ignore it.
         """
         X_adv = output_rows(X, out)
         predicted = np.empty(X.shape[0], dtype=np.int64)
         _run_blocks(
             cpu.fgm_step_into,
             cpu.fgm_block,
-            (X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv, predicted),
+            (
+                *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, p, x_min, x_max, X_adv),
+                *(predicted, l1_coordinates),
+            ),
             rows=(0, 5, 10, 11),
             work=gradient_work(model),
         )
         return X_adv, predicted
 
-    def fgm_from_gradient(self, X, G, eps, p, x_min, x_max, *, out=None):
+    def fgm_from_gradient(self, X, G, eps, p, x_min, x_max, *, out=None, l1_coordinates=1):
         """X_adv (N, d) after one FGM step of norm p along a gradient G (N, d) from
         :meth:`input_gradient`; bitwise what :meth:`fgm_step` gives."""
         X_adv = output_rows(X, out)
-        cpu.fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv)
+        cpu.fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, l1_coordinates)
         return X_adv
 
-    def iterate(self, model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, *, out=None):
+    def iterate(
+        self,
+        model,
+        X,
+        Y,
+        X_start,
+        eps,
+        alpha,
+        steps,
+        p,
+        decay,
+        x_min,
+        x_max,
+        *,
+        out=None,
+        l1_coordinates=1,
+    ):
         """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64.
 
-        The steps run in slices (``step_slices``), the momentum carried between them.
+        The steps run in slices (``step_slices``), the momentum carried between them. An L1
+        step moves the ``l1_coordinates`` coordinates of largest |G| (as :meth:`fgm_step`).
         """
         X_adv = output_rows(X, out)
         n_rows = X.shape[0]
@@ -208,7 +230,7 @@ class CpuBackend(HostOptimiser):
         for count in step_slices(steps, n_rows, gradient_work(model), SLICE_MULTIPLY_ADDS):
             cpu.iterate_steps_into(
                 *(X, model.W1, model.b1, model.W2, model.b2, Y, eps, alpha, count),
-                *(*settings, X_adv, momentum),
+                *(*settings, X_adv, momentum, l1_coordinates),
             )
         return X_adv
 

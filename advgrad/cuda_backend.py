@@ -198,7 +198,7 @@ class CudaBackend(HostOptimiser):
         self._stream(model, (X,), (Z,), launch)
         return Z
 
-    def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None):
+    def fgm_step(self, model: Model, X, Y, eps, p, x_min, x_max, *, out=None, l1_coordinates=1):
         """X_adv (N, d) after one FGM step of norm p, and the clean predictions (N,) int64.
 
         Every method returning X_adv writes it into ``out`` when given (see ``output_rows``).
@@ -219,6 +219,7 @@ class CudaBackend(HostOptimiser):
                 x_min,
                 x_max,
                 *outputs,
+                l1_coordinates,
                 stream=stream,
                 workspace=workspace,
             )
@@ -226,7 +227,7 @@ class CudaBackend(HostOptimiser):
         self._stream(model, (X, Y), (X_adv, predicted), launch)
         return X_adv, predicted
 
-    def fgm_from_gradient(self, X, G, eps, p, x_min, x_max, *, out=None):
+    def fgm_from_gradient(self, X, G, eps, p, x_min, x_max, *, out=None, l1_coordinates=1):
         """X_adv (N, d) after one FGM step of norm p along a gradient G (N, d) from
         :meth:`input_gradient`; bitwise what :meth:`fgm_step` gives."""
         from advgrad.kernels import cuda as kernels
@@ -234,13 +235,34 @@ class CudaBackend(HostOptimiser):
         X_adv = output_rows(X, out)
 
         def launch(weights, inputs, outputs, stream, workspace):
-            kernels.fgm_from_gradient_into(*inputs, eps, p, x_min, x_max, *outputs, stream=stream)
+            kernels.fgm_from_gradient_into(
+                *(*inputs, eps, p, x_min, x_max, *outputs, l1_coordinates),
+                stream=stream,
+                workspace=workspace,
+            )
 
         self._stream(None, (X, G), (X_adv,), launch)
         return X_adv
 
-    def iterate(self, model, X, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, *, out=None):
-        """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64.
+    def iterate(
+        self,
+        model,
+        X,
+        Y,
+        X_start,
+        eps,
+        alpha,
+        steps,
+        p,
+        decay,
+        x_min,
+        x_max,
+        *,
+        out=None,
+        l1_coordinates=1,
+    ):
+        """Iterative FGM (BIM/PGD/MI-FGSM) from X_start: X_adv (N, d); eps, alpha (N,) float64;
+        ``l1_coordinates`` as in ``CpuBackend.iterate``.
 
         Each chunk of rows is copied to the GPU once and runs every step there, in slices
         (``step_slices``, at most ``MAX_SLICE_STEPS`` steps): the host waits for one slice
@@ -269,6 +291,7 @@ class CudaBackend(HostOptimiser):
                     stream.synchronize()
                 kernels.iterate_steps_into(
                     *(X_d, *weights, Y_d, eps_d, alpha_d, count, *settings, X_adv_d, momentum),
+                    l1_coordinates,
                     stream=stream,
                     workspace=workspace,
                 )

@@ -3,8 +3,9 @@ algorithms' definitions (not from the kernels): every function takes any float i
 computes in float64, row by row where that is clearer.
 
 Conventions shared with ``advgrad`` (DESIGN.md section 1, ``advgrad.attacks``):
-- a step of norm p moves along sign(G) (inf), G / ||G||_2 (2) or G / ||G||_1 (1); a zero
-  gradient row does not move;
+- a step of norm p moves along sign(G) (inf), G / ||G||_2 (2), or (1) sign(G_i) / q on the
+  q coordinates of largest |G_i| (the first index first on ties), 0 elsewhere (SLIDE's
+  sparse step; q = 1 the steepest L1 step); a zero gradient row does not move;
 - iterative attacks (BIM, PGD, MI-FGSM) start at X_start projected into the ball, then
   repeat: gradient, step of length alpha (negative: descend), projection into the ball,
   clip into [x_min, x_max]; MI-FGSM steps along momentum = decay momentum + G / ||G||_1;
@@ -78,20 +79,27 @@ def parameter_gradient(X, W1, b1, W2, b2, Y):
     return [X.T @ D1, D1.sum(axis=0), A.T @ D2, D2.sum(axis=0)]
 
 
-def direction(G, p):
-    """The step of unit norm p along each row of G, float64: sign(G) for p = inf, G / ||G||_p
-    for p = 2 and 1; a zero row stays zero."""
+def direction(G, p, q=1):
+    """The step of unit norm p along each row of G, float64: sign(G) for p = inf, G / ||G||_2
+    for p = 2; for p = 1, sign(G_i) / q on the q (at most d) coordinates of largest |G_i|,
+    the first index first on ties (a stable argsort), 0 elsewhere. A zero row stays zero."""
     (G,) = _float64(G)
     if p == np.inf:
         return np.sign(G)
+    if p == 1.0:
+        q = min(q, G.shape[1])
+        top = np.argsort(-np.abs(G), axis=1, kind="stable")[:, :q]
+        out = np.zeros_like(G)
+        np.put_along_axis(out, top, np.sign(np.take_along_axis(G, top, axis=1)) / q, axis=1)
+        return out
     norms = np.linalg.norm(G, ord=p, axis=1, keepdims=True)
     return np.divide(G, norms, out=np.zeros_like(G), where=norms > 0)
 
 
-def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max):
+def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, q=1):
     """clip(X + eps * direction_p(G), x_min, x_max) in float64, zero-gradient rows unchanged."""
     G = input_gradient(X, W1, b1, W2, b2, Y)
-    return np.clip(np.asarray(X, dtype=np.float64) + eps * direction(G, p), x_min, x_max)
+    return np.clip(np.asarray(X, dtype=np.float64) + eps * direction(G, p, q), x_min, x_max)
 
 
 def project_l1_ball(v, radius):
@@ -137,25 +145,26 @@ def project(X_iter, X, eps, p, x_min, x_max):
     return np.clip(X + delta, x_min, x_max)
 
 
-def iterate_step(X, X_iter, momentum, W1, b1, W2, b2, Y, eps, alpha, p, decay, x_min, x_max):
+def iterate_step(X, X_iter, momentum, W1, b1, W2, b2, Y, eps, alpha, p, decay, x_min, x_max, q=1):
     """One step of BIM/PGD (decay = 0) or MI-FGSM (decay > 0) from the iterate X_iter.
 
     G = dJ/dX at X_iter; with decay > 0, momentum = decay momentum + G / ||G||_1 (a zero G
     adds nothing) and the step follows the momentum instead of G; then
-    X_iter + alpha direction_p(...) is projected into the eps-ball around X and clipped.
+    X_iter + alpha direction_p(..., q) is projected into the eps-ball around X and clipped.
     ``eps``, ``alpha``: scalars or (N,). Returns (the next iterate, the momentum), float64.
     """
     X_iter, momentum = _float64(X_iter, momentum)
     alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), len(X_iter))
     G = input_gradient(X_iter, W1, b1, W2, b2, Y)
     if decay > 0.0:
-        momentum = decay * momentum + direction(G, 1.0)
+        norms = np.abs(G).sum(axis=1, keepdims=True)
+        momentum = decay * momentum + np.divide(G, norms, out=np.zeros_like(G), where=norms > 0)
         G = momentum
-    moved = X_iter + alpha[:, None] * direction(G, p)
+    moved = X_iter + alpha[:, None] * direction(G, p, q)
     return project(moved, X, eps, p, x_min, x_max), momentum
 
 
-def iterate(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max):
+def iterate(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, q=1):
     """BIM (X_start = X), PGD (X_start any given start) or MI-FGSM (decay > 0): X_start
     projected into the eps-ball around X and clipped, then ``steps`` of ``iterate_step`` from
     a zero momentum. Returns the last iterate, float64 (N, d)."""
@@ -163,7 +172,7 @@ def iterate(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x
     momentum = np.zeros_like(X_iter)
     for _ in range(steps):
         X_iter, momentum = iterate_step(
-            X, X_iter, momentum, W1, b1, W2, b2, Y, eps, alpha, p, decay, x_min, x_max
+            X, X_iter, momentum, W1, b1, W2, b2, Y, eps, alpha, p, decay, x_min, x_max, q
         )
     return X_iter
 

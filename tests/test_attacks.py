@@ -439,3 +439,43 @@ def test_attack_refuses_non_finite_radii(options, message):
 def test_attack_settings_are_bounded(options, message):
     with pytest.raises(ValueError, match=message):
         Attack("pgd", **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"norm": "inf", "l1_coordinates": 2}, "norm 1"),
+        ({"method": "deepfool", "norm": "2", "l1_coordinates": 2}, "norm 1"),
+        ({"norm": "1", "l1_coordinates": 0}, "at least 1"),
+    ],
+)
+def test_l1_coordinates_are_refused_off_the_l1_steps(options, words):
+    with pytest.raises(ValueError, match=words):
+        Attack(**options)
+
+
+def test_l1_step_coordinates_default_to_steepest_for_fgsm_and_slide_for_iterative():
+    assert Attack("fgsm", norm="1").l1_step_coordinates(784) == 1
+    # FGSM: the fewest coordinates that can take eps within the clip range
+    assert Attack("fgsm", eps=0.5, norm="1").l1_step_coordinates(784, (0.0, 1.0)) == 1
+    assert Attack("fgsm", eps=4.0, norm="1").l1_step_coordinates(784, (0.0, 1.0)) == 4
+    assert Attack("fgsm", eps=4.5, norm="1").l1_step_coordinates(784, (-1.0, 1.0)) == 3
+    assert Attack("fgsm", eps=900.0, norm="1").l1_step_coordinates(64, (0.0, 1.0)) == 64
+    assert Attack("pgd", norm="1").l1_step_coordinates(784) == 8  # SLIDE's top 1 %
+    assert Attack("bim", norm="1").l1_step_coordinates(64) == 1
+    assert Attack("mifgsm", norm="1", l1_coordinates=100).l1_step_coordinates(64) == 64
+
+
+def test_bim_l1_takes_its_l1_coordinates():
+    """BIM's L1 steps follow ``reference.iterate`` with the given q, on the array API."""
+    rng = np.random.default_rng(2)
+    m = advgrad.Model(*random_network(rng, 30, 6, 4))
+    X = rng.uniform(size=(40, 30))
+    y = rng.integers(0, 4, 40)
+    attack = Attack("bim", eps=1.5, norm="1", steps=4, l1_coordinates=3)
+    X_adv = attacks.run(m, X, y, attack, clip=(0.0, 1.0))
+    eps = np.full(40, 1.5)
+    expected = reference.iterate(
+        X, m.W1, m.b1, m.W2, m.b2, one_hot(y, 4), X, eps, eps / 4, 4, 1.0, 0.0, 0.0, 1.0, 3
+    )
+    np.testing.assert_allclose(X_adv, expected, rtol=1e-10, atol=1e-12)

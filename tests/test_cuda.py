@@ -1436,3 +1436,26 @@ def test_backend_loss_gradient_and_logits_match_cpu_backend(loss, targeted):
     assert gpu.logits(model, X[:0]).shape == (0, 5)
     with pytest.raises(ValueError, match=r"^labels must be classes in \[0, 5\), got 5 at row 0$"):
         gpu.loss_gradient(model, X, np.full_like(labels, 5), loss, targets=chosen)
+
+
+@needs_cuda
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q", [1, 3, 40])
+def test_sparse_l1_steps_match_cpu(dtype, q):
+    """The sparse L1 step with q coordinates (``top_coordinates``): fgm_step and the
+    iterative MI-FGSM steps equal the CPU kernels' over many blocks (within rounding: the
+    simulator adds in X's dtype)."""
+    from advgrad.kernels import cuda as kernels
+
+    net, Y, X_start, eps, alpha = iterate_problem((12, 23, 17, 3), dtype, 1.0, False)
+    X_adv = kernels.fgm_step(*to_device(*net, Y), 0.5, 1.0, 0.0, 1.0, q).copy_to_host()
+    assert_close(X_adv, cpu.fgm_step(*net, Y, 0.5, 1.0, 0.0, 1.0, q), dtype)
+    X_adv_d = to_device(np.full_like(X_start, np.nan))[0]
+    kernels.iterate_into(
+        *to_device(*net, Y, X_start, eps, alpha), 2, 1.0, 0.9, 0.0, 1.0, X_adv_d, q
+    )
+    X_cpu = np.empty_like(X_start)
+    cpu.iterate_into(*net, Y, X_start, eps, alpha, 2, 1.0, 0.9, 0.0, 1.0, X_cpu, q)
+    fragile = fragile_rows(net, Y, X_start, eps, alpha, 2, 1.0, 0.9)
+    assert_rows_close(X_adv_d.copy_to_host(), X_cpu, fragile, dtype)

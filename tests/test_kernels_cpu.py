@@ -120,6 +120,52 @@ def test_fgm_step_length_is_eps_without_clipping(p):
     np.testing.assert_allclose(np.linalg.norm(X_adv - X, ord=p, axis=1), 0.3, rtol=1e-12)
 
 
+@pytest.mark.parametrize("q", [1, 2, 5, 20, 21, 1000])
+def test_sparse_l1_step_matches_reference_and_gains_the_mean_of_the_top_q(q):
+    """The L1 step moves eps / q along sign(G) on the q coordinates of largest |G| (first
+    index on ties; q above d counts as d), so to first order it gains G . delta = eps
+    times the mean of the q largest |G_i|: eps max |G| for q = 1."""
+    rng = np.random.default_rng(q)
+    W1, b1, W2, b2 = random_network(rng, 20, 9, 4)
+    X = rng.normal(size=(300, 20))
+    Y = one_hot(rng.integers(0, 4, 300), 4)
+    X_adv = cpu.fgm_step(X, W1, b1, W2, b2, Y, 0.3, 1.0, -np.inf, np.inf, q)
+    np.testing.assert_allclose(
+        X_adv, reference.fgm_step(X, W1, b1, W2, b2, Y, 0.3, 1.0, -np.inf, np.inf, q), rtol=1e-15
+    )
+    G = reference.input_gradient(X, W1, b1, W2, b2, Y)
+    top = -np.sort(-np.abs(G), axis=1)[:, : min(q, 20)]
+    gain = ((X_adv - X) * G).sum(axis=1)
+    np.testing.assert_allclose(gain, 0.3 * top.mean(axis=1), rtol=1e-12)
+    assert np.count_nonzero(X_adv - X, axis=1).max() == min(q, 20)
+
+
+def test_steepest_l1_step_gains_more_than_the_dense_one():
+    """q = 1 gains eps max |G|, at least the dense eps ||G||_2^2 / ||G||_1 (about twice it
+    on a random network)."""
+    rng = np.random.default_rng(8)
+    W1, b1, W2, b2 = random_network(rng, 200, 32, 10)
+    X = rng.uniform(size=(200, 200))
+    Y = one_hot(rng.integers(0, 10, 200), 10)
+    G = reference.input_gradient(X, W1, b1, W2, b2, Y)
+    X_adv = cpu.fgm_step(X, W1, b1, W2, b2, Y, 1.0, 1.0, -np.inf, np.inf)
+    steepest = ((X_adv - X) * G).sum(axis=1)
+    dense = (G * G).sum(axis=1) / np.abs(G).sum(axis=1)
+    np.testing.assert_allclose(steepest, np.abs(G).max(axis=1), rtol=1e-12)
+    assert np.all(steepest >= dense) and np.median(steepest / dense) > 1.5
+
+
+def test_sparse_l1_step_takes_the_first_index_on_ties():
+    G = np.array([[0.0, 1.0, -1.0, 1.0, 0.5, -1.0], [0.0] * 6, [-2.0] * 6])
+    X = np.zeros_like(G)
+    for q, first_row in ((1, [0, 1, 0, 0, 0, 0]), (3, [0, 1, -1, 1, 0, 0])):
+        X_adv = np.empty_like(G)
+        cpu.fgm_from_gradient_into(X, G, float(q), 1.0, -9.0, 9.0, X_adv, q)
+        np.testing.assert_array_equal(X_adv[0], first_row)
+        np.testing.assert_array_equal(X_adv[1], 0.0)
+        np.testing.assert_array_equal(X_adv[2], [-1.0] * q + [0.0] * (6 - q))
+
+
 @pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
 def test_zero_gradient_rows_stay_put(p):
     rng = np.random.default_rng(4)

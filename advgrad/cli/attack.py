@@ -19,6 +19,7 @@ from advgrad.cli.options import (
     DecayOption,
     Device,
     DeviceOption,
+    L1CoordinatesOption,
     MaxIterOption,
     MaxWeightsOption,
     Method,
@@ -120,6 +121,7 @@ def attack(
     version: VersionOption = Version.standard,
     confidence: ConfidenceOption = 0.0,
     search_steps: SearchStepsOption = 9,
+    l1_coordinates: L1CoordinatesOption = None,
     labels: Annotated[
         bool,
         typer.Option(
@@ -188,6 +190,7 @@ def attack(
                 version=version.value,
                 confidence=confidence,
                 search_steps=search_steps,
+                l1_coordinates=l1_coordinates,
             )
             for radius in dict.fromkeys(eps)
         ]

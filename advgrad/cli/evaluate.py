@@ -17,6 +17,7 @@ from advgrad.cli.options import (
     DecayOption,
     Device,
     DeviceOption,
+    L1CoordinatesOption,
     MaxIterOption,
     MaxWeightsOption,
     Method,
@@ -87,6 +88,7 @@ def evaluate(
     version: VersionOption = Version.standard,
     confidence: ConfidenceOption = 0.0,
     search_steps: SearchStepsOption = 9,
+    l1_coordinates: L1CoordinatesOption = None,
     labels: Annotated[
         bool,
         typer.Option(
@@ -167,6 +169,7 @@ def evaluate(
             version=version.value,
             confidence=confidence,
             search_steps=search_steps,
+            l1_coordinates=l1_coordinates,
         )
         for name in methods[1:]:
             Attack(name, norm=norm.value)

@@ -194,6 +194,17 @@ ConfidenceOption = Annotated[
 SearchStepsOption = Annotated[
     int, typer.Option(min=1, help="cw: binary search steps over its constant c.")
 ]
+L1CoordinatesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--l1-coordinates",
+        min=1,
+        help="--norm 1 with fgsm, bim, pgd, mifgsm: each step moves eps/q along sign(G) on "
+        "the q coordinates of largest |G| (SLIDE). Default: 1 for fgsm (the steepest L1 "
+        "step), the top 1 % (ceil(d/100)) for the iterative methods.",
+        show_default=False,
+    ),
+]
 VersionOption = Annotated[
     Version,
     typer.Option(

@@ -182,6 +182,7 @@ def attack_block(
                 *(rows, gradient_of[key], sign * attack.eps, norm_order(attack.norm)),
                 *plan.clip,
                 out=None if out is None else out[i],
+                l1_coordinates=attack.l1_step_coordinates(rows.shape[1], plan.clip),
             )
         elif attack.method == "autoattack":
             found = ensemble(

@@ -266,40 +266,106 @@ def clip(v, lo, hi):
 
 
 @njit(cache=True, error_model="numpy")
-def step_row(x, g, eps, p, x_min, x_max, out):
+def largest_magnitudes(g, q, scratch):
+    """The q coordinates of g (d,) of largest |g_i|, the first index first on ties.
+
+    Returns (threshold, last): coordinate i is one of them exactly when |g_i| > threshold,
+    or |g_i| == threshold and i <= last. The threshold is the q-th largest |g_i| (q is
+    clamped to [1, d]), found by Hoare's selection (quickselect, Wirth's loop with a
+    median-of-three pivot) on a copy of |g| in ``scratch`` (d,): expected O(d), no sort.
+    """
+    d = g.shape[0]
+    if d == 0:
+        return 0.0, -1
+    for i in range(d):
+        scratch[i] = abs(g[i])
+    k = min(max(q, 1), d) - 1  # rank of the threshold in descending order
+    lo, hi = 0, d - 1
+    while lo < hi:
+        a, b, c = scratch[lo], scratch[(lo + hi) // 2], scratch[hi]
+        pivot = max(min(a, b), min(max(a, b), c))  # the median of the three
+        i, j = lo, hi
+        while i <= j:
+            while scratch[i] > pivot:
+                i += 1
+            while scratch[j] < pivot:
+                j -= 1
+            if i <= j:
+                scratch[i], scratch[j] = scratch[j], scratch[i]
+                i += 1
+                j -= 1
+        if j < k:
+            lo = i
+        if k < i:
+            hi = j
+    threshold = scratch[k]
+    ties = k + 1  # coordinates equal to the threshold still to take, once those above go
+    for i in range(d):
+        if abs(g[i]) > threshold:
+            ties -= 1
+    last = -1
+    for i in range(d):
+        if ties == 0:
+            break
+        if abs(g[i]) == threshold:
+            last = i
+            ties -= 1
+    return threshold, last
+
+
+@njit(cache=True, error_model="numpy")
+def step_row(x, g, eps, p, q, x_min, x_max, out, scratch):
     """One FGM step on one row: out = clip(x + eps * direction(g), x_min, x_max).
 
-    The direction is sign(g) for p = inf, g / ||g||_2 for p = 2, g / ||g||_1 for p = 1.
-    A zero gradient leaves the row unchanged (but clipped). A negative eps descends the loss.
+    The direction is sign(g) for p = inf and g / ||g||_2 for p = 2. For p = 1 it is the
+    steepest sparse L1 direction (SLIDE, Tramer & Boneh 2019): sign(g_i) / q on the q
+    coordinates of largest |g_i| (``largest_magnitudes``, q clamped to [1, d]), 0 elsewhere,
+    so the step gains eps times the mean of the q largest |g_i| to first order; q = 1 is
+    the steepest L1 step (all of eps on the largest |g_i|). ``scratch`` is a (d,) array of
+    x's dtype (used for p = 1). A zero gradient leaves the row unchanged (but clipped). A
+    negative eps descends the loss. out may be x or g.
     """
     if p == np.inf:
         for i in range(x.shape[0]):
             step = eps if g[i] > 0.0 else (-eps if g[i] < 0.0 else 0.0)
             out[i] = clip(x[i] + step, x_min, x_max)
         return
+    if p == 1.0:
+        threshold, last = largest_magnitudes(g, q, scratch)
+        size = eps / min(max(q, 1), x.shape[0])
+        for i in range(x.shape[0]):
+            chosen = abs(g[i]) > threshold or (abs(g[i]) == threshold and i <= last)
+            step = 0.0
+            if chosen:
+                step = size if g[i] > 0.0 else (-size if g[i] < 0.0 else 0.0)
+            out[i] = clip(x[i] + step, x_min, x_max)
+        return
     scale = 0.0
     for i in range(g.shape[0]):
         scale = max(scale, abs(g[i]))
     total = 0.0
-    if p == 2.0:
-        for i in range(g.shape[0]):
-            total += (g[i] / scale) ** 2 if scale > 0.0 else 0.0
-        total = math.sqrt(total)
-    else:
-        for i in range(g.shape[0]):
-            total += abs(g[i]) / scale if scale > 0.0 else 0.0
+    for i in range(g.shape[0]):
+        total += (g[i] / scale) ** 2 if scale > 0.0 else 0.0
+    total = math.sqrt(total)
     factor = eps / (scale * total) if scale > 0.0 else 0.0
     for i in range(x.shape[0]):
         out[i] = clip(x[i] + factor * g[i], x_min, x_max)
 
 
 @njit(cache=True, error_model="numpy")
-def fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
+def fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, q=1):
     """One FGM step on a block of rows, serial (see ``fgm_step_into``)."""
     G = np.empty_like(X)
     gradient_block(X, W1, b1, W2, b2, Y, G, predicted, gradient_workspace(X.shape[0], W1, W2))
+    steps_from_gradient_block(X, G, eps, p, q, x_min, x_max, X_adv)
+
+
+@njit(cache=True, error_model="numpy")
+def steps_from_gradient_block(X, G, eps, p, q, x_min, x_max, X_adv):
+    """``step_row`` on every row of a block, serial, with one scratch row for them all."""
+    scratch = np.empty(X.shape[1] if p == 1.0 else 0, dtype=X.dtype)
     for n in range(X.shape[0]):
-        step_row(X[n], G[n], eps, p, x_min, x_max, X_adv[n])
+        step_row(X[n], G[n], eps, p, q, x_min, x_max, X_adv[n], scratch)
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -352,7 +418,7 @@ def input_gradient(X, W1, b1, W2, b2, Y):
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
+def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, q=1):
     """One fast-gradient step of norm p on every row, gradient fused per block.
 
     Parameters
@@ -361,15 +427,17 @@ def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
     W1, b1, W2, b2 : the network, same dtype as X
     Y : (N, C) same dtype, labels; or 0 rows to use the predictions
     eps : float, step length; negative to descend the loss (targeted attacks)
-    p : float, np.inf (sign of G), 2.0 (G / ||G||_2) or 1.0 (G / ||G||_1)
+    p : float, np.inf (sign of G), 2.0 (G / ||G||_2) or 1.0 (sign(G) / q on the q
+        coordinates of largest |G|, ``step_row``)
     x_min, x_max : float, the clip range
     X_adv : (N, d) same dtype, output: clip(X + eps * direction(G), x_min, x_max)
     predicted : (N,) int64, output: the model's predicted class of each clean row
+    q : int, the coordinates an L1 step moves (default 1: the steepest L1 step)
     """
     N = X.shape[0]
     blocks = n_blocks(N)
     if blocks == 1:
-        fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted)
+        fgm_block(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, q)
         return
     pinned = pin_blas(blocks)
     for block in prange(blocks):
@@ -388,12 +456,13 @@ def fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted):
             x_max,
             X_adv[start:stop],
             predicted[start:stop],
+            q,
         )
     unpin_blas(pinned)
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv):
+def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, q=1):
     """One fast-gradient step of norm p on every row, from a gradient computed before.
 
     ``fgm_step_into`` gives bitwise the same X_adv; this one lets several eps (or norms)
@@ -407,9 +476,14 @@ def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv):
     p : float, np.inf, 2.0 or 1.0
     x_min, x_max : float, the clip range
     X_adv : (N, d) same dtype, output: clip(X + eps * direction(G), x_min, x_max)
+    q : int, the coordinates an L1 step moves (default 1: the steepest L1 step)
     """
-    for n in prange(X.shape[0]):
-        step_row(X[n], G[n], eps, p, x_min, x_max, X_adv[n])
+    N = X.shape[0]
+    for block in prange(n_blocks(N)):
+        start, stop = block_rows(N, block)
+        steps_from_gradient_block(
+            X[start:stop], G[start:stop], eps, p, q, x_min, x_max, X_adv[start:stop]
+        )
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -434,12 +508,12 @@ def perturbation_norms_into(X_adv, X, linf, l2):
 
 
 @njit(cache=True, error_model="numpy")
-def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max):
+def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, q=1):
     """X_adv = clip(X + eps * direction_p(dJ/dX), x_min, x_max); see ``fgm_step_into``."""
     X_adv = np.empty_like(X)
     advise_huge_pages(X_adv)
     predicted = np.empty(X.shape[0], dtype=np.int64)
-    fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted)
+    fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, q)
     return X_adv
 
 
@@ -869,7 +943,7 @@ def iterate_start_block(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum
 
 @njit(cache=True, error_model="numpy")
 def iterate_steps_block(
-    X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum
+    X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum, q=1
 ):
     """``steps`` more iterative FGM steps on a block of rows, serial (see
     ``iterate_steps_into``); buffers are reused across the steps."""
@@ -885,17 +959,19 @@ def iterate_steps_block(
             if decay > 0.0:
                 add_momentum_row(momentum[n], G[n], decay)
                 direction = momentum[n]
-            step_row(X_adv[n], direction, alpha[n], p, -np.inf, np.inf, X_adv[n])
+            step_row(X_adv[n], direction, alpha[n], p, q, -np.inf, np.inf, X_adv[n], scratch)
             project_row(X_adv[n], X[n], eps[n], p, x_min, x_max, scratch)
 
 
 @njit(cache=True, error_model="numpy")
-def iterate_block(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
+def iterate_block(
+    X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv, q=1
+):
     """Iterative FGM on a block of rows, serial (see ``iterate_into``)."""
     momentum = np.empty((X.shape[0] if decay > 0.0 else 0, X.shape[1]), dtype=X.dtype)
     iterate_start_block(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum)
     iterate_steps_block(
-        X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum
+        X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum, q
     )
 
 
@@ -934,7 +1010,7 @@ def iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum)
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def iterate_steps_into(
-    X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum
+    X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum, q=1
 ):
     """``steps`` more steps of the iterative attack from the iterate X_adv and momentum.
 
@@ -949,6 +1025,7 @@ def iterate_steps_into(
     X_adv : (N, d) same dtype as X, the iterate; updated
     momentum : (N, d) same dtype, the MI-FGSM momentum when decay > 0; updated. Unused
         (0 rows allowed) otherwise
+    q : int, the coordinates an L1 step moves, as in ``iterate_into``
     """
     N = X.shape[0]
     blocks = n_blocks(N)
@@ -971,12 +1048,15 @@ def iterate_steps_into(
             x_max,
             X_adv[start:stop],
             momentum[start:stop],  # 0 rows when unused
+            q,
         )
     unpin_blas(pinned)
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv):
+def iterate_into(
+    X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_min, x_max, X_adv, q=1
+):
     """Iterative fast-gradient attack (BIM, PGD, MI-FGSM) on every row, in one jitted loop.
 
     From X_start projected into the ball, ``steps`` times: G = dJ/dX at the iterate (with
@@ -998,6 +1078,8 @@ def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_m
     decay : float, momentum decay; 0 for plain BIM/PGD
     x_min, x_max : float, the clip range
     X_adv : (N, d) same dtype, output; may be X_start itself
+    q : int, the coordinates an L1 step moves (``step_row``; default 1, the steepest;
+        SLIDE takes the top 1 %, ``advgrad.attacks.Attack.l1_step_coordinates``)
     """
     N = X.shape[0]
     blocks = n_blocks(N)
@@ -1020,6 +1102,7 @@ def iterate_into(X, W1, b1, W2, b2, Y, X_start, eps, alpha, steps, p, decay, x_m
             x_min,
             x_max,
             X_adv[start:stop],
+            q,
         )
     unpin_blas(pinned)
 
@@ -1304,7 +1387,7 @@ def training_gradient_block(
         return
     X_adv = np.empty_like(X)
     for n in range(X.shape[0]):  # fgm_block's FGSM step, on the gradient just computed
-        step_row(X[n], G[n], eps, np.inf, x_min, x_max, X_adv[n])
+        step_row(X[n], G[n], eps, np.inf, 1, x_min, x_max, X_adv[n], X[n, :0])
     parameter_gradient_block(
         X_adv, W1, b1, W2, b2, Y, adv_weight, G, predicted, work, dW1, db1, dW2, db2
     )

@@ -7,6 +7,7 @@ The ``block_*`` helpers and the reductions must be called by every thread of a b
 
 import math
 
+from advgrad.kernels import cpu
 from advgrad.kernels.cpu import DLR_OFFSET, LOSS_CW, LOSS_DLR_TARGETED, LOSS_LOGIT_DIFFERENCE
 from advgrad.kernels.cuda.internals import cuda
 
@@ -20,12 +21,14 @@ __all__ = [
     "hidden_delta",
     "l1_threshold",
     "largest_four",
+    "largest_magnitudes",
     "margin_loss_row",
     "row_reduce",
     "segment_reduce",
     "sigmoid",
     "sign_step",
     "softmax_row",
+    "top_coordinates",
 ]
 
 UNROLL = 4  # independent partial sums per thread in the row kernel's dot products
@@ -84,6 +87,30 @@ def row_reduce(red, t, width, value, use_max):
     result = red[t - t % width]
     cuda.syncthreads()
     return result
+
+
+largest_magnitudes = cuda.jit(device=True)(cpu.largest_magnitudes.py_func)
+"""``cpu.largest_magnitudes`` compiled for the device (one thread, one row): the (threshold,
+last) that pick the q coordinates of largest |g|, by quickselect on a scratch row."""
+
+
+@cuda.jit(device=True)
+def top_coordinates(G, n, live, q, scratch, red, t, width):
+    """(threshold, last) of ``largest_magnitudes`` on row n of G, for every thread of the
+    row's segment of ``width`` threads: its first thread selects on ``scratch[n]`` (a row of
+    G's dtype) and the reductions pass the result on. Every thread of the block must call it;
+    it first waits for the block's writes to G (the momentum of MI-FGSM).
+    """
+    cuda.syncthreads()
+    threshold = 0.0
+    last = 0.0
+    if live and t % width == 0:
+        found, index = largest_magnitudes(G[n], q, scratch[n])
+        threshold = float(found)
+        last = float(index)
+    threshold = row_reduce(red, t, width, threshold, True)
+    last = row_reduce(red, t, width, last, False)
+    return threshold, int(last)
 
 
 @cuda.jit(device=True)

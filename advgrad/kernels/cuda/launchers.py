@@ -426,7 +426,7 @@ def logits_into(X, W1, b1, W2, b2, Z, *, stream=0, workspace=None):
 
 
 def fgm_step_into(
-    X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, *, stream=0, workspace=None
+    X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, q=1, *, stream=0, workspace=None
 ):
     """One fast-gradient step of norm p on every row.
 
@@ -441,11 +441,13 @@ def fgm_step_into(
     W1, b1, W2, b2 : the network, device arrays of X's dtype
     Y : (N, C) device array of X's dtype, labels; or 0 rows to use the predictions
     eps : float, step length; negative to descend the loss (targeted attacks)
-    p : float, np.inf (sign of G), 2.0 (G / ||G||_2) or 1.0 (G / ||G||_1)
+    p : float, np.inf (sign of G), 2.0 (G / ||G||_2) or 1.0 (sign(G) / q on the q
+        coordinates of largest |G|, ``cpu.step_row``)
     x_min, x_max : float, the clip range
     X_adv : (N, d) device array of X's dtype, output: clip(X + eps * direction(G), x_min, x_max);
         a row whose gradient is zero is only clipped. It may be X itself.
     predicted : (N,) int64 device array, output: the model's predicted class of each clean row
+    q : int, the coordinates an L1 step moves (default 1: the steepest L1 step)
     stream : numba stream the kernels are queued on (default: the default stream)
     workspace : Workspace for scratch buffers; None allocates fresh ones
     """
@@ -463,10 +465,10 @@ def fgm_step_into(
         return
     G = workspace.array("G", X.shape, X.dtype) if overlap else X_adv
     _gradient(*net, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
-    fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, stream=stream)
+    fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, q, stream=stream, workspace=workspace)
 
 
-def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, *, stream=0):
+def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, q=1, *, stream=0, workspace=None):
     """One fast-gradient step of norm p on every row, from a gradient computed before.
 
     Given the G of ``input_gradient_into`` on the same rows, ``fgm_step_into`` gives bitwise
@@ -482,7 +484,9 @@ def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, *, stream=0):
     x_min, x_max : float, the clip range
     X_adv : (N, d) device array of X's dtype, output: clip(X + eps * direction(G), x_min,
         x_max); it may be G or X itself
+    q : int, the coordinates an L1 step moves (default 1: the steepest L1 step)
     stream : numba stream the kernels are queued on (default: the default stream)
+    workspace : Workspace for the L1 step's scratch rows; None allocates fresh ones
     """
     X, G, X_adv = map(as_device, (X, G, X_adv))
     if X.shape[0] == 0:
@@ -494,7 +498,16 @@ def fgm_from_gradient_into(X, G, eps, p, x_min, x_max, X_adv, *, stream=0):
         return
     blocks, row_threads = _row_grid(X.shape[0])
     kernel = norm_step_kernel(threads, row_threads)
-    launch(kernel, blocks, threads, stream, X, G, eps, float(p), x_min, x_max, X_adv)
+    scratch = _l1_scratch(X, p, Workspace() if workspace is None else workspace)
+    options = (eps, float(p), int(q), scratch, x_min, x_max)
+    launch(kernel, blocks, threads, stream, X, G, *options, X_adv)
+
+
+def _l1_scratch(X, p, workspace):
+    """The scratch rows of the L1 steps' selection: (N, d) of X's dtype for p = 1, else
+    (0, d)."""
+    shape = (X.shape[0] if p == 1.0 else 0, X.shape[1])
+    return workspace.array("l1_scratch", shape, X.dtype)
 
 
 def forward_into(X, W1, b1, W2, b2, Y, A, P, losses, predicted, *, stream=0, workspace=None):
@@ -631,7 +644,7 @@ def iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum,
     kernel = iterate_step_kernel(THREADS_PER_BLOCK, row_threads)
     # without a step the kernel reads neither the gradient nor the step length: X_start
     # and eps stand in for them
-    options = (eps, eps, float(p), float(decay), float(x_min), float(x_max))
+    options = (eps, eps, float(p), 1, X[:0], float(decay), float(x_min), float(x_max))
     launch(
         kernel,
         blocks,
@@ -663,6 +676,7 @@ def iterate_steps_into(
     x_max,
     X_adv,
     momentum,
+    q=1,
     *,
     stream=0,
     workspace=None,
@@ -678,6 +692,7 @@ def iterate_steps_into(
     X_adv : (N, d) device array of X's dtype, the iterate; updated
     momentum : (N, d) device array of X's dtype, the MI-FGSM momentum when decay > 0;
         updated. Unused (0 rows allowed) otherwise
+    q : int, the coordinates an L1 step moves, as in ``iterate_into``
     stream : numba stream the kernels are queued on (default: the default stream)
     workspace : Workspace for scratch buffers; None allocates fresh ones
     """
@@ -691,7 +706,8 @@ def iterate_steps_into(
     G = workspace.array("iterate_G", X.shape, X.dtype)
     blocks, row_threads = _row_grid(n_rows)
     kernel = iterate_step_kernel(THREADS_PER_BLOCK, row_threads)
-    options = (eps, alpha, float(p), float(decay), float(x_min), float(x_max))
+    scratch = _l1_scratch(X, p, workspace)
+    options = (eps, alpha, float(p), int(q), scratch, float(decay), float(x_min), float(x_max))
     for _ in range(steps):
         _gradient(X_adv, W1, b1, W2, b2, Y, 0.0, 0.0, 0.0, False, predicted, G, workspace, stream)
         launch(
@@ -715,6 +731,7 @@ def iterate_into(
     x_min,
     x_max,
     X_adv,
+    q=1,
     *,
     stream=0,
     workspace=None,
@@ -745,6 +762,7 @@ def iterate_into(
     decay : float, momentum decay; 0 for plain BIM/PGD
     x_min, x_max : float, the clip range
     X_adv : (N, d) device array of X's dtype, output; may be X_start itself
+    q : int, the coordinates an L1 step moves (``cpu.iterate_into``; default 1)
     stream : numba stream the kernels are queued on (default: the default stream)
     workspace : Workspace for scratch buffers; None allocates fresh ones
     """
@@ -754,7 +772,7 @@ def iterate_into(
     momentum = workspace.array("iterate_momentum", shape, X.dtype)
     iterate_start_into(X, X_start, eps, p, decay, x_min, x_max, X_adv, momentum, stream=stream)
     iterate_steps_into(
-        *(X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum),
+        *(X, W1, b1, W2, b2, Y, eps, alpha, steps, p, decay, x_min, x_max, X_adv, momentum, q),
         stream=stream,
         workspace=workspace,
     )
@@ -882,12 +900,13 @@ def input_gradient(X, W1, b1, W2, b2, Y, *, stream=0):
     return G
 
 
-def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, *, stream=0):
-    """X_adv = clip(X + eps * direction_p(dJ/dX), x_min, x_max) as a new device array."""
+def fgm_step(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, q=1, *, stream=0):
+    """X_adv = clip(X + eps * direction_p(dJ/dX), x_min, x_max) as a new device array (q:
+    the coordinates an L1 step moves, as in ``fgm_step_into``)."""
     X = as_device(X)
     X_adv = _like(X.shape, X, stream)
     predicted = _like(X.shape[0], X, stream, np.int64)
-    fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, stream=stream)
+    fgm_step_into(X, W1, b1, W2, b2, Y, eps, p, x_min, x_max, X_adv, predicted, q, stream=stream)
     return X_adv
 
 

@@ -18,6 +18,7 @@ from advgrad.kernels.cuda.device import (
     segment_reduce,
     sigmoid,
     sign_step,
+    top_coordinates,
 )
 from advgrad.kernels.cuda.internals import cuda
 
@@ -36,15 +37,18 @@ __all__ = [
 def norm_step_kernel(threads: int, row_threads: int):
     """The L2 / L1 step kernel: ``row_threads`` threads per row, several rows per block.
 
-    ``norm_step[blocks, threads, stream](X, G, eps, p, x_min, x_max, X_adv)`` (grid-stride
-    over rows): each row of X_adv becomes ``clip(X + eps * G / ||G||_p, x_min, x_max)`` (p = 2,
-    else 1), a zero row of G gives ``clip(X)``. The norm is taken in float64 after scaling by
-    max |G|. X_adv may be G or X itself.
+    ``norm_step[blocks, threads, stream](X, G, eps, p, q, scratch, x_min, x_max, X_adv)``
+    (grid-stride over rows): for p = 2 each row of X_adv becomes ``clip(X + eps * G /
+    ||G||_2, x_min, x_max)``, the norm taken in float64 after scaling by max |G|; for p = 1,
+    ``clip(X + eps / q * sign(G))`` on the q coordinates of largest |G| and ``clip(X)``
+    elsewhere (``cpu.step_row``; ``top_coordinates`` selects them on ``scratch`` (N, d), G's
+    dtype, read only for p = 1). A zero row of G gives ``clip(X)``. X_adv may be G or X
+    itself.
     """
     GROUPS = threads // row_threads
 
     @cuda.jit
-    def norm_step(X, G, eps, p, x_min, x_max, X_adv):
+    def norm_step(X, G, eps, p, q, scratch, x_min, x_max, X_adv):
         N, d = X.shape
         t = cuda.threadIdx.x
         lane = t % row_threads
@@ -52,6 +56,17 @@ def norm_step_kernel(threads: int, row_threads: int):
         red = cuda.shared.array(threads, np.float64)
         for first in range(cuda.blockIdx.x * GROUPS, N, cuda.gridDim.x * GROUPS):
             n = first + t // row_threads
+            if p == 1.0:
+                threshold, last = top_coordinates(G, n, n < N, q, scratch, red, t, row_threads)
+                size = eps / min(max(q, 1), d)
+                if n < N:
+                    for i in range(lane, d, row_threads):
+                        g = G[n, i]
+                        step = 0.0
+                        if abs(g) > threshold or (abs(g) == threshold and i <= last):
+                            step = size if g > 0.0 else (-size if g < 0.0 else 0.0)
+                        X_adv[n, i] = clip(X[n, i] + step, x_min, x_max)
+                continue
             scale = 0.0
             if n < N:
                 for i in range(lane, d, row_threads):
@@ -65,11 +80,11 @@ def norm_step_kernel(threads: int, row_threads: int):
             if n < N and scale > 0.0:
                 for i in range(lane, d, row_threads):
                     g = G[n, i] / scale
-                    total += g * g if p == 2.0 else abs(g)
+                    total += g * g
             red[t] = total
             cuda.syncthreads()
             segment_reduce(red, t, row_threads, False)
-            total = math.sqrt(red[leader]) if p == 2.0 else red[leader]
+            total = math.sqrt(red[leader])
             cuda.syncthreads()
             factor = eps / (scale * total) if scale > 0.0 else 0.0
             if n < N:
@@ -83,12 +98,13 @@ def norm_step_kernel(threads: int, row_threads: int):
 def iterate_step_kernel(threads: int, row_threads: int):
     """One step of the iterative attacks, fused: ``row_threads`` threads per row.
 
-    ``iterate_step[blocks, threads, stream](X, source, G, momentum, eps, alpha, p, decay,
-    x_min, x_max, step, X_adv)`` (grid-stride over rows), the per-row work of
+    ``iterate_step[blocks, threads, stream](X, source, G, momentum, eps, alpha, p, q,
+    scratch, decay, x_min, x_max, step, X_adv)`` (grid-stride over rows), the per-row work of
     ``cpu.iterate_block``. With ``step``: with ``decay > 0`` first ``momentum = decay *
     momentum + G / ||G||_1`` (``cpu.add_momentum_row``), then a step of length alpha[n] along
-    the momentum (else along G) as in ``cpu.step_row`` (L-inf: sign; L2 / L1: divided by its
-    norm, taken in float64 after scaling by the largest |entry|), rounded to X's dtype.
+    the momentum (else along G) as in ``cpu.step_row`` (L-inf: sign; L2: divided by its
+    norm, taken in float64 after scaling by the largest |entry|; L1: sign / q on its q
+    entries of largest magnitude, selected on ``scratch`` (N, d)), rounded to X's dtype.
     Without ``step`` the row is ``source`` as it is (and the momentum is set to 0). Either way
     the row is then projected as in ``cpu.project_row``: into the eps[n]-ball of norm p
     around X[n] (L1: the exact Euclidean projection, ``l1_threshold``), then into [x_min,
@@ -97,7 +113,9 @@ def iterate_step_kernel(threads: int, row_threads: int):
     GROUPS = threads // row_threads
 
     @cuda.jit
-    def iterate_step(X, source, G, momentum, eps, alpha, p, decay, x_min, x_max, step, X_adv):
+    def iterate_step(
+        X, source, G, momentum, eps, alpha, p, q, scratch, decay, x_min, x_max, step, X_adv
+    ):
         N, d = X.shape
         t = cuda.threadIdx.x
         lane = t % row_threads
@@ -134,7 +152,14 @@ def iterate_step_kernel(threads: int, row_threads: int):
                         X_adv[n, i] = clip(clip(v, x0 - radius, x0 + radius), x_min, x_max)
                 continue
             factor = 0.0
-            if step:
+            threshold = 0.0
+            last = -1
+            if step and p == 1.0:
+                threshold, last = top_coordinates(
+                    direction, n, live, q, scratch, red, t, row_threads
+                )
+                factor = length / min(max(q, 1), d)
+            elif step:
                 scale = 0.0
                 if live:
                     for i in range(lane, d, row_threads):
@@ -144,14 +169,20 @@ def iterate_step_kernel(threads: int, row_threads: int):
                 if live and scale > 0.0:
                     for i in range(lane, d, row_threads):
                         g = direction[n, i] / scale
-                        total += g * g if p == 2.0 else abs(g)
+                        total += g * g
                 total = row_reduce(red, t, row_threads, total, False)
-                total = math.sqrt(total) if p == 2.0 else total
+                total = math.sqrt(total)
                 factor = length / (scale * total) if scale > 0.0 else 0.0
             total = 0.0
             if live:
                 for i in range(lane, d, row_threads):
-                    v = source[n, i] + factor * direction[n, i] if step else source[n, i]
+                    v = source[n, i]
+                    g = direction[n, i]
+                    if step and p == 1.0:
+                        if abs(g) > threshold or (abs(g) == threshold and i <= last):
+                            v += factor if g > 0.0 else (-factor if g < 0.0 else 0.0)
+                    elif step:
+                        v += factor * g
                     X_adv[n, i] = v
                     diff = X_adv[n, i] - X[n, i]
                     total += float(diff * diff if p == 2.0 else abs(diff))
