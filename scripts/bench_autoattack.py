@@ -149,12 +149,14 @@ def speed(large_rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=500, help="rows of the random networks")
+    parser.add_argument("--networks", type=int, default=2, help="random networks compared")
     parser.add_argument("--large-rows", type=int, default=1000, help="rows of the speed case")
     parser.add_argument("--skip-strength", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     if not args.skip_strength:
-        cases = [digits_case(), random_case(args.rows, seed=1), random_case(args.rows, seed=2)]
+        cases = [digits_case()]
+        cases += [random_case(args.rows, seed) for seed in range(1, args.networks + 1)]
         strength(cases, {"inf": (0.02, 0.05, 0.1), "2": (0.25, 0.5, 1.0)})
     if not args.skip_speed:
         speed(args.large_rows)
