@@ -1,11 +1,11 @@
 """Speed of the iterative attacks against the single fused FGSM step, measured side by side.
 
 On the bundled digits model (d, H, C) = (64, 64, 10), float32, the test set tiled to
-``--rows`` rows, it times one FGSM step, PGD-20 (one restart), BIM-20, MI-FGSM-20 and
-DeepFool (L2 and L-inf), all through ``advgrad.attacks.perturb`` (what the CLI runs), and
-prints rows per second and the ratio of PGD-20 to 20 FGSM steps (an iterative attack that
-allocated or re-entered Python per step would show here). ``--device cuda`` runs them on
-the GPU (``advgrad.cuda_backend``), host arrays in and out as the CLI does.
+``--rows`` rows, it times one FGSM step, PGD-20 (one restart), BIM-20, MI-FGSM-20, APGD-CE-20
+and DeepFool (L2 and L-inf), all through ``advgrad.attacks.perturb`` (what the CLI runs), and
+prints rows per second and the ratios of PGD-20 and APGD-CE-20 to 20 FGSM steps (an
+iterative attack that allocated or re-entered Python per step would show here). ``--device
+cuda`` runs them on the GPU (``advgrad.cuda_backend``), host arrays in and out as the CLI does.
 ``--one-slice`` also times each attack with all its steps in one kernel call (as before the
 iterative kernels ran in slices of steps) and prints the time ratio, sliced / one slice::
 
@@ -89,6 +89,7 @@ def main() -> None:
         "pgd-20": Attack("pgd", steps=20),
         "bim-20": Attack("bim", steps=20),
         "mifgsm-20": Attack("mifgsm", steps=20),
+        "apgd-ce-20": Attack("apgd-ce", steps=20),
         "deepfool-l2": Attack("deepfool", norm="2"),
         "deepfool-linf": Attack("deepfool", norm="inf"),
     }
@@ -115,6 +116,8 @@ def main() -> None:
         print(f"{name:<16}{args.rows / value:>14,.0f}{1e6 * value / args.rows:>10.3f}{ratio}")
     ratio = seconds["pgd-20"] / (20 * seconds["fgsm (1 step)"])
     print(f"PGD-20 time / (20 x FGSM step time) = {ratio:.2f}  (target <= 1.3)")
+    ratio = seconds["apgd-ce-20"] / (20 * seconds["fgsm (1 step)"])
+    print(f"APGD-CE-20 time / (20 x FGSM step time) = {ratio:.2f}  (target <= 1.3)")
 
 
 if __name__ == "__main__":
