@@ -37,6 +37,9 @@ SLIDE_FRACTION = 0.01
 MINIMAL_NORM_METHODS = ("deepfool", "cw")
 """Attacks that look for the smallest perturbation, with no eps: a row's minimal eps is
 the norm of its perturbation where the attack succeeds."""
+PER_ROW_EPS_METHODS = (*GRADIENT_METHODS, "apgd-ce", "apgd-dlr", "apgd-t", "cw")
+"""Attacks whose minimal eps a row can have (``minimal_eps``): they take an eps per row, or
+(DeepFool, C&W) need none. Square, FAB-T and AutoAttack take one eps for every row."""
 DEFAULT_STEPS = {"bim": 10, "pgd": 10, "mifgsm": 10, "cw": 1000}
 """Default ``steps`` of the methods not in it: 100 (APGD, as the reference; 1 for fgsm)."""
 VERSIONS = ("standard", "rand")
@@ -531,6 +534,16 @@ def perturb(
     return best
 
 
+def check_searchable(attack: Attack) -> None:
+    """Refuse (ValueError) a minimal-eps search of an attack without one (not in
+    ``PER_ROW_EPS_METHODS``)."""
+    if attack.method not in PER_ROW_EPS_METHODS:
+        raise ValueError(
+            f"{attack.method} takes one eps for every row, so no minimal eps per row is "
+            f"searched for it (--min-eps: {', '.join(PER_ROW_EPS_METHODS)})"
+        )
+
+
 def perturbation_sizes(rows: np.ndarray, X_adv: np.ndarray, hit: np.ndarray, norm) -> np.ndarray:
     """(N,) float64: ||X_adv - rows|| in ``norm`` where ``hit``, else inf: the minimal eps
     of an attack of minimal norm (``MINIMAL_NORM_METHODS``)."""
@@ -561,6 +574,7 @@ def minimal_eps(
     """
     backend = backend or get_backend()
     check_search(eps_max, tolerance, rows.dtype)
+    check_searchable(attack)
 
     def succeeds(subset, eps):
         sub = Labels(labels.Y[subset], labels.reference[subset], labels.predicted[subset])

@@ -26,7 +26,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from advgrad.apgd import apgd, apgd_targeted
-from advgrad.attacks import MODEL_RANGE, Attack, Labels, attack_labels, label_matrix, prepared_rows
+from advgrad.attacks import (
+    MODEL_RANGE,
+    PER_ROW_EPS_METHODS,
+    Attack,
+    Labels,
+    attack_labels,
+    label_matrix,
+    prepared_rows,
+)
 from advgrad.cw import carlini_wagner_l2
 from advgrad.fab import fab_targeted
 from advgrad.model import Model
@@ -115,12 +123,12 @@ def run_attack(
             image_shape=image_shape,
         ).X_adv
     radius = attack.eps if eps is None else eps
-    if np.ndim(radius):
+    if np.ndim(radius) and attack.method not in PER_ROW_EPS_METHODS:
         raise ValueError(f"{attack.method} takes one eps for every row")
-    if radius == 0.0:  # the ball is the row itself
+    if np.ndim(radius) == 0 and radius == 0.0:  # the ball is the row itself
         return rows.copy()
     common = {
-        "eps": float(radius),
+        "eps": radius if np.ndim(radius) else float(radius),
         "norm": attack.norm,
         "seed": attack.seed,
         "x_min": clip[0],

@@ -11,8 +11,8 @@ import numpy as np
 
 from advgrad.attacks import (
     DEFAULT_ATTACK,
-    EVALUATION_METHODS,
     MINIMAL_NORM_METHODS,
+    PER_ROW_EPS_METHODS,
     Attack,
     as_rows,
     attack_labels,
@@ -148,8 +148,7 @@ def evaluation_settings(
     searched = tuple(
         m
         for m in methods
-        if m in MINIMAL_NORM_METHODS
-        or (min_eps_tolerance is not None and m not in EVALUATION_METHODS)
+        if m in MINIMAL_NORM_METHODS or (min_eps_tolerance is not None and m in PER_ROW_EPS_METHODS)
     )
     if "autoattack" in methods:
         stages = VERSIONS[attack.version]

@@ -13,7 +13,7 @@ from conftest import random_network
 from typer.testing import CliRunner
 
 import advgrad
-from advgrad.attacks import Attack, attack_labels, perturb
+from advgrad.attacks import Attack, Labels, attack_labels, minimal_eps, perturb
 from advgrad.autoattack import CLEAN, ROBUST, VERSIONS, auto_attack, ensemble
 from advgrad.backend import get_backend
 from advgrad.cli import app
@@ -161,3 +161,37 @@ def test_the_evaluate_command_prints_and_writes_the_stages(tmp_path):
     for stage in methods:
         assert f"│ {stage} " in words
     assert "the accuracy after each of its attacks in turn" in words
+
+
+@pytest.mark.parametrize("method", ["square", "fab-t", "autoattack"])
+def test_no_minimal_eps_for_attacks_of_one_eps(tmp_path, method):
+    result = CliRunner().invoke(
+        app, ["attack", "--method", method, "--min-eps", "0.01", "--out", str(tmp_path / "a.h5")]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().endswith(
+        f"{method} takes one eps for every row, so no minimal eps per row is searched for it "
+        "(--min-eps: fgsm, bim, pgd, mifgsm, deepfool, apgd-ce, apgd-dlr, apgd-t, cw)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apgd_has_a_minimal_eps_per_row():
+    """APGD takes an eps per row, so its minimal eps is bisected: at each row's minimal eps
+    the row is broken (run again, with every other row at its own eps)."""
+    model, X, y = random_case(seed=11, n_rows=24)
+    attack = Attack("apgd-ce", steps=10)
+    labels = attack_labels(model, X, y, attack, backend=BACKEND)
+    found = minimal_eps(
+        *(model, X, labels, attack, (0.0, 1.0)), eps_max=0.3, tolerance=0.01, backend=BACKEND
+    )
+    searched = np.flatnonzero(np.isfinite(found) & (found > 0))
+    assert 4 <= len(searched) < len(X)  # some rows broken, not all
+    part = Labels(labels.Y[searched], labels.reference[searched], labels.predicted[searched])
+    X_adv = perturb(
+        *(model, X[searched], part, attack, (0.0, 1.0)),
+        eps=found[searched],
+        first_row=searched,
+        backend=BACKEND,
+    )
+    assert (advgrad.predict(model, X_adv) != y[searched]).all()

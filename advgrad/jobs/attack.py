@@ -31,6 +31,7 @@ from advgrad.attacks import (
     attack_labels,
     check_radius,
     check_search,
+    check_searchable,
     minimal_eps,
     norm_order,
     perturb,
@@ -348,6 +349,8 @@ def attack_files(
             image_shape=reader.info.input_shape or model.input_shape,
         )
         if min_eps_tolerance is not None:
+            for attack in attacks:
+                check_searchable(attack)
             for limit in plan.eps_max:
                 check_search(
                     limit,
