@@ -73,6 +73,8 @@ from advgrad.attacks import (
     check_seed,
     norm_order,
     random_in_ball,
+    ranked_targets,
+    row_indices,
     row_uniforms,
 )
 from advgrad.backend import get_backend
@@ -199,9 +201,7 @@ def apgd_targeted(
     n_restarts = check_count("restarts", restarts)
     rows, labels, p, backend = _prepared(model, X, labels, "ce", norm, x_min, x_max, backend)
     settings = _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend)
-    others = backend.logits(model, rows).astype(np.float64)
-    others[np.arange(len(rows)), labels] = -np.inf
-    ranked = np.argsort(-others, axis=1, kind="stable")[:, :n_targets]
+    ranked = ranked_targets(backend.logits(model, rows), labels, n_targets)
     plan = [
         (rank * n_restarts + restart, "dlr-targeted", ranked[:, rank])
         for rank in range(n_targets)
@@ -239,7 +239,7 @@ def _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend) -
         "p": p,
         "windows": windows,
         "seed": check_seed(seed),
-        "index": _row_indices(first_row, n_rows),
+        "index": row_indices(first_row, n_rows),
         "x_min": float(x_min),
         "x_max": float(x_max),
         "backend": backend,
@@ -264,23 +264,6 @@ def _radii(eps, n_rows: int, dtype) -> np.ndarray:
     for row in np.flatnonzero(radii > float(np.finfo(dtype).max))[:1]:
         check_radius(f"eps at row {row}", radii[row], dtype)
     return radii
-
-
-def _row_indices(first_row, n_rows: int) -> np.ndarray:
-    """The absolute index of every row, (N,) int64: first_row + 0, 1, ... for an int, or
-    the (N,) array given (each in [0, 2**31 - 1], as ``check_count`` bounds an int)."""
-    if np.ndim(first_row) == 0:
-        first = check_count("first_row", first_row, minimum=0)
-        return first + np.arange(n_rows, dtype=np.int64)
-    index = np.asarray(first_row)
-    if index.shape != (n_rows,) or index.dtype.kind not in "iu":
-        raise ValueError(
-            f"first_row must be an integer or one integer per row, shape ({n_rows},), got "
-            f"shape {index.shape} of {index.dtype}"
-        )
-    for row in np.flatnonzero((index < 0) | (index > np.iinfo(np.int32).max))[:1]:
-        check_count(f"first_row at row {row}", int(index[row]), minimum=0)
-    return index.astype(np.int64)
 
 
 def _worst_case(model, rows, labels, plan, *, index, seed, **settings) -> np.ndarray:

@@ -375,6 +375,33 @@ def row_uniforms(seed: int, stream: int, index: np.ndarray, width: int) -> np.nd
     return out
 
 
+def row_indices(first_row, n_rows: int) -> np.ndarray:
+    """The absolute index of every row, (N,) int64: first_row + 0, 1, ... for an int, or
+    the (N,) array given (each in [0, 2**31 - 1], as ``check_count`` bounds an int); random
+    draws are keyed by it, so a row's do not depend on its batch."""
+    if np.ndim(first_row) == 0:
+        first = check_count("first_row", first_row, minimum=0)
+        return first + np.arange(n_rows, dtype=np.int64)
+    index = np.asarray(first_row)
+    if index.shape != (n_rows,) or index.dtype.kind not in "iu":
+        raise ValueError(
+            f"first_row must be an integer or one integer per row, shape ({n_rows},), got "
+            f"shape {index.shape} of {index.dtype}"
+        )
+    for row in np.flatnonzero((index < 0) | (index > np.iinfo(np.int32).max))[:1]:
+        check_count(f"first_row at row {row}", int(index[row]), minimum=0)
+    return index.astype(np.int64)
+
+
+def ranked_targets(Z: np.ndarray, labels: np.ndarray, n_targets: int) -> np.ndarray:
+    """The ``n_targets`` classes of highest logit other than the label, in descending order
+    (the first index first on ties): (N, n_targets) int64 of Z (N, C) and labels (N,);
+    the targets of APGD-T and FAB-T."""
+    others = Z.astype(np.float64)
+    others[np.arange(len(Z)), labels] = -np.inf
+    return np.argsort(-others, axis=1, kind="stable")[:, :n_targets]
+
+
 def random_in_ball(seed: int, stream: int, index: np.ndarray, d: int, p: float) -> np.ndarray:
     """Points uniform in the unit ball of norm p in R^d, float64 (len(index), d), one for
     each absolute row index.

@@ -62,6 +62,8 @@ from advgrad.attacks import (
     check_seed,
     norm_order,
     random_in_ball,
+    ranked_targets,
+    row_indices,
 )
 from advgrad.backend import get_backend
 from advgrad.backend_common import loss_arguments
@@ -138,7 +140,7 @@ def fab_targeted(
         raise ValueError(f"clip range ({x_min}, {x_max}) is empty")
     backend = backend or get_backend()
     rows = as_rows(model, X)
-    index = row_index(first_row, len(rows))
+    index = row_indices(first_row, len(rows))
     Z = backend.logits(model, rows)
     if labels is None:
         labels = np.argmax(Z, axis=1)
@@ -162,25 +164,6 @@ def fab_targeted(
         X_adv[todo[hit]] = closest[hit]
         broken[todo[hit]] = True
     return X_adv.reshape(np.shape(X))
-
-
-def row_index(first_row, n_rows: int) -> np.ndarray:
-    """The absolute index (n_rows,) int64 of each row: ``first_row`` an int >= 0 (the first
-    row's, the others following) or (n_rows,) int indices >= 0; ValueError otherwise."""
-    if np.ndim(first_row) == 0:
-        return np.arange(n_rows, dtype=np.int64) + check_count("first_row", first_row, minimum=0)
-    index = np.asarray(first_row)
-    if index.shape != (n_rows,) or index.dtype.kind not in "iu" or (index < 0).any():
-        raise ValueError(f"first_row must be an int or {n_rows} row indices >= 0")
-    return index.astype(np.int64)
-
-
-def ranked_targets(Z: np.ndarray, labels: np.ndarray, n_targets: int) -> np.ndarray:
-    """The ``n_targets`` classes of highest logit other than the label, in descending order
-    (the first index first on ties): (N, n_targets) int64 of Z (N, C) and labels (N,)."""
-    others = Z.astype(np.float64)
-    others[np.arange(len(Z)), labels] = -np.inf
-    return np.argsort(-others, axis=1, kind="stable")[:, :n_targets]
 
 
 def random_start(rows, eps, p, seed, stream, index, box) -> np.ndarray:

@@ -67,6 +67,7 @@ from advgrad.attacks import (
     check_seed,
     label_matrix,
     norm_order,
+    row_indices,
     row_uniforms,
 )
 from advgrad.backend import get_backend
@@ -440,16 +441,11 @@ def square_steps(
     x_min, x_max = float(x_min), float(x_max)
     if not x_min <= x_max:
         raise ValueError(f"the box [{x_min:g}, {x_max:g}] is empty")
-    if np.ndim(first_row) == 0:
-        index = np.arange(n_rows) + check_count("first_row", first_row, minimum=0)
-    else:
-        index = np.asarray(first_row)
-        if index.shape != (n_rows,) or index.dtype.kind not in "iu" or (index < 0).any():
-            raise ValueError(f"first_row must be an int or {n_rows} row indices >= 0")
+    index = row_indices(first_row, n_rows)
     layout = image_layout(model.n_inputs, image_shape)
     return _search(
         *(model, rows, truth, eps, norm, queries, p_init, seed),
-        *(x_min, x_max, backend or get_backend(), index.astype(np.int64), layout),
+        *(x_min, x_max, backend or get_backend(), index, layout),
     )
 
 

@@ -14,7 +14,8 @@ from conftest import random_network
 from scipy.optimize import brentq, linprog
 
 import advgrad
-from advgrad.fab import fab_targeted, projection, ranked_targets
+from advgrad.attacks import ranked_targets
+from advgrad.fab import fab_targeted, projection
 
 P = {"inf": np.inf, "2": 2.0, "1": 1.0}
 RADIUS = {"inf": 0.05, "2": 0.3, "1": 0.6}
@@ -261,8 +262,15 @@ def test_inputs_stay_unchanged_and_labels_default_to_the_predictions():
         ({"labels": np.full(64, 10)}, "labels must be classes in [0, 10), got 10 at row 0"),
         ({"labels": np.zeros(63, np.int64)}, f"{PER_ROW}, got shape (63,) of int64"),
         ({"first_row": -1}, "first_row must be at least 0 and at most 2147483647, got -1"),
-        ({"first_row": np.arange(63)}, "first_row must be an int or 64 row indices >= 0"),
-        ({"first_row": np.full(64, -1)}, "first_row must be an int or 64 row indices >= 0"),
+        (
+            {"first_row": np.arange(63)},
+            "first_row must be an integer or one integer per row, shape (64,), "
+            "got shape (63,) of int64",
+        ),
+        (
+            {"first_row": np.full(64, -1)},
+            "first_row at row 0 must be at least 0 and at most 2147483647, got -1",
+        ),
     ],
 )
 def test_fab_refuses_bad_settings(options, message):

@@ -256,7 +256,11 @@ def test_no_labels_attack_the_predictions():
         ({"seed": -1}, "seed must be in [0, 2**63), got -1"),
         ({"x_min": 1.0, "x_max": 0.0}, "the box [1, 0] is empty"),
         ({"first_row": -1}, "first_row must be at least 0"),
-        ({"first_row": np.arange(3)}, "first_row must be an int or 4 row indices >= 0"),
+        (
+            {"first_row": np.arange(3)},
+            "first_row must be an integer or one integer per row, shape (4,), "
+            "got shape (3,) of int64",
+        ),
         ({"image_shape": (7, 7)}, "image_shape must be (h, w), (c, h, w) or (h, w, c)"),
         ({"image_shape": (3.0, 16)}, "image_shape must be a tuple of integers, got (3.0, 16)"),
     ],
