@@ -501,7 +501,7 @@ def perturb(
     the absolute index of every row: random starts are a function of it.
     """
     backend = backend or get_backend()
-    index = np.arange(first_row, first_row + len(rows)) if np.ndim(first_row) == 0 else first_row
+    index = row_indices(first_row, len(rows))
     if attack.method in EVALUATION_METHODS:
         from advgrad.autoattack import run_attack  # it builds on this module
 

@@ -34,6 +34,7 @@ from advgrad.attacks import (
     attack_labels,
     label_matrix,
     prepared_rows,
+    row_indices,
 )
 from advgrad.cw import carlini_wagner_l2
 from advgrad.fab import fab_targeted
@@ -96,9 +97,9 @@ def run_attack(
     rows (N, d) against ``labels.reference`` (N,) int64 (C&W, targeted: towards it);
     returns X_adv (N, d).
 
-    ``eps`` overrides ``attack.eps``; ``first_row`` is the (N,) absolute index of every row
-    (random draws depend on it, not on the batch); ``image_shape`` the rows' image shape
-    for Square.
+    ``eps`` overrides ``attack.eps``; ``first_row`` is the absolute index of the first row,
+    or (N,) that of every row (random draws depend on it, not on the batch; see
+    ``advgrad.attacks.row_indices``); ``image_shape`` the rows' image shape for Square.
     """
     reference = labels.reference
     if attack.method == "cw":
@@ -171,6 +172,7 @@ def ensemble(
     """AutoAttack of ``attack.version`` on prepared rows (N, d) against the classes
     ``reference`` (N,) int64; the arguments are those of :func:`run_attack`."""
     components = VERSIONS[attack.version]
+    first_row = row_indices(first_row, len(rows))
     no_labels = np.zeros((0, model.n_classes), dtype=rows.dtype)
     predicted = backend.forward(model, rows, no_labels)[2]
     labels_of = label_matrix(model, reference, len(rows))
@@ -218,7 +220,7 @@ def auto_attack(
     labels = attack_labels(model, rows, y, attack, backend=backend)
     result = ensemble(
         *(model, rows, labels.reference, attack, clip),
-        first_row=np.arange(len(rows)),
+        first_row=0,
         backend=backend,
     )
     return replace(result, X_adv=result.X_adv.reshape(np.shape(X)))

@@ -216,7 +216,7 @@ def evaluate_rows(
             if method == "autoattack":
                 found = ensemble(
                     *(model, rows, labels.reference, replace(config, eps=eps), settings.clip),
-                    first_row=np.arange(first_row, first_row + len(rows)),
+                    first_row=first_row,
                     backend=backend,
                     image_shape=settings.image_shape,
                 )

@@ -172,7 +172,7 @@ class AdversarialWriter:
         self._deferred = {name: value for name, value in attrs.items() if _deferred(value)}
         try:
             if self._deferred and resume is not False and partial_path(self.target).exists():
-                attrs = self._settled(attrs)  # the digests identify the job to resume
+                attrs = {**attrs, **self._resolved()}  # the digests identify the job
             self._attrs = attrs
             self._checkpoint = Checkpoint(self._fingerprint() if not self._deferred else "")
             self.resumed_state: dict[str, Any] = {}
@@ -207,18 +207,17 @@ class AdversarialWriter:
         }
         return fingerprint(job)
 
-    def _settled(self, attrs: Mapping[str, Any]) -> dict[str, Any]:
-        """``attrs`` with every deferred value replaced by its result (waiting for it)."""
+    def _resolved(self) -> dict[str, Any]:
+        """The results of the deferred attributes (waiting for them), none left deferred."""
         values = {name: value.result() for name, value in self._deferred.items()}
         self._deferred = {}
-        return {**attrs, **values}
+        return values
 
     def _settle(self) -> None:
         """Store the deferred attributes and name the job in the checkpoint, once."""
         if not self._deferred:
             return
-        values = {name: value.result() for name, value in self._deferred.items()}
-        self._deferred = {}
+        values = self._resolved()
         self._attrs = {**self._attrs, **values}
         try:
             write_attrs(self._partial.file, values)

@@ -188,7 +188,7 @@ def attack_block(
         elif attack.method == "autoattack":
             found = ensemble(
                 *(model, rows, labels.reference, attack, plan.clip),
-                first_row=np.arange(first_row, first_row + len(rows)),
+                first_row=first_row,
                 backend=backend,
                 image_shape=plan.image_shape,
             )
