@@ -81,3 +81,39 @@ def snapshot(directory: Path) -> dict[str, str]:
         entry.name: hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else "dir"
         for entry in sorted(directory.iterdir())
     }
+
+
+class SimulatorRun:
+    """``pytest <test file> -q -x`` with ``NUMBA_ENABLE_CUDASIM=1`` in a child process, started
+    at once; its output goes to a temporary file, read by :meth:`result`."""
+
+    TIMEOUT_S = 1200
+
+    def __init__(self, test_file: Path) -> None:
+        # held open while the child writes; closed by result()
+        self._output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "pytest", str(test_file), "-q", "-x", "-p", "no:cacheprovider"],
+            cwd=Path(test_file).resolve().parents[1],
+            env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def result(self) -> tuple[int, str]:
+        """Wait for the child (killed past ``TIMEOUT_S``); its exit code and output."""
+        try:
+            code = self._process.wait(timeout=self.TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            code = self._process.wait()
+        with self._output:
+            self._output.seek(0)
+            return code, self._output.read()
+
+    def stop(self) -> None:
+        """Kill the child if it still runs."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()

@@ -1,5 +1,5 @@
-"""Shared fixtures: random networks, a small model, the bundled digits model and test set, and
-a digest cache of the session's own."""
+"""Shared fixtures: random networks, a small model, the bundled digits model and test set, a
+digest cache of the session's own, and the CUDA simulator run started early."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import pytest
 
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 from advgrad.io.digests import CACHE_DIR_VARIABLE
+
+SIMULATOR_TEST = "test_kernels_on_simulator"
+"""The test that runs tests/test_cuda.py again on numba's CUDA simulator, in a child process
+(minutes, mostly one core): it runs last, and its child starts as soon as collection shows it
+will run, beside the rest of the suite."""
+SIMULATOR_RUN = pytest.StashKey()
 
 
 def random_network(rng, d, H, C, dtype=np.float64, scale=1.0):
@@ -73,3 +79,35 @@ def digest_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_DIR_VARIABLE, str(tmp_path_factory.mktemp("digests")))
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Move the simulator test to the end, so that its child has the whole suite's time."""
+    items.sort(key=lambda item: item.name == SIMULATOR_TEST)
+
+
+def pytest_collection_finish(session):
+    """Start the simulator test's child now when the test is selected and not skipped."""
+    from children import SimulatorRun
+
+    for item in session.items:
+        if item.name == SIMULATOR_TEST and not any(
+            marker.args[0] for marker in item.iter_markers("skipif")
+        ):
+            session.config.stash[SIMULATOR_RUN] = SimulatorRun(item.path)
+
+
+def pytest_sessionfinish(session):
+    """Stop a simulator child the session did not wait for (a failure before it, -x)."""
+    run = session.config.stash.get(SIMULATOR_RUN, None)
+    if run is not None:
+        run.stop()
+
+
+@pytest.fixture
+def simulator_run(request):
+    """The ``children.SimulatorRun`` started at collection (or now, for a test run alone)."""
+    from children import SimulatorRun
+
+    run = request.config.stash.get(SIMULATOR_RUN, None)
+    return run if run is not None else SimulatorRun(request.path)

@@ -185,17 +185,11 @@ def test_package_names_are_read_from_and_set_in_their_modules(monkeypatch):
 @pytest.mark.skipif(
     importlib.util.find_spec("numba_cuda") is None, reason="numba-cuda is not installed"
 )
-def test_kernels_on_simulator():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"],
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+def test_kernels_on_simulator(simulator_run):
+    """This file's tests, on the simulator; the child started at collection (conftest)."""
+    code, output = simulator_run.result()
+    assert code == 0, output[-9000:]
+    assert re.search(r"\b\d+ passed\b", output), output[-9000:]
 
 
 # ---------------------------------------------------------------------------------------------
