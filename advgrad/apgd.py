@@ -35,7 +35,15 @@ The semantics are those of the reference implementation (fra31/auto-attack,
 - every row runs every step; a row is broken by a run when any iterate is misclassified,
   and takes the last misclassified iterate (as the reference does);
 - restarts (and, for APGD-T, the target classes, each with all its restarts) run in turn,
-  each only on the rows that no run has broken yet, nor the clean prediction.
+  each only on the rows that no run has broken yet, nor the clean prediction;
+- ``large_radii`` (L1 only; the reference's ``use_largereps``, which its L1 AutoAttack
+  turns on): each run goes in three stages, at 3 eps, 2 eps, then eps, of ceil(0.3 steps),
+  ceil(0.3 steps) and the rest of the steps, each a run of its own (its checkpoints, eta
+  from its radius) that starts from the best point of the stage before projected into
+  its ball, the first from the run's random start; every stage's first steps move the
+  coordinates the start has moved / d / 1.5 (not 0.2 of them), as the reference's runs
+  from a given start do. Only the last stage, at eps, counts: a row is broken by its
+  misclassified iterates, and its best point competes for the highest loss.
 
 Rows no run breaks get the point of highest loss seen over all runs, the clean row
 included (the reference returns the clean row there): the classification is the same,
@@ -82,7 +90,16 @@ from advgrad.backend_common import loss_arguments
 from advgrad.kernels.apgd import INITIAL_STEP, MOMENTUM, RHO
 from advgrad.model import Model
 
-__all__ = ["INITIAL_STEP", "MOMENTUM", "RHO", "apgd", "apgd_targeted", "checkpoint_windows"]
+__all__ = [
+    "INITIAL_STEP",
+    "LARGE_RADII",
+    "MOMENTUM",
+    "RHO",
+    "apgd",
+    "apgd_targeted",
+    "checkpoint_windows",
+    "radius_stages",
+]
 
 LOSSES = ("ce", "dlr")
 NORMS = ("inf", "2", "1")
@@ -93,6 +110,10 @@ L1_WINDOW = 0.04
 """L1: a checkpoint every max(int(L1_WINDOW * steps), 1) steps."""
 TARGET_CLASSES = 9
 """APGD-T's default number of target classes (at most C - 1 are used)."""
+LARGE_RADII = (3.0, 2.0, 1.0)
+"""``large_radii``: the radii of the stages of a run, as multiples of eps."""
+LARGE_RADII_STEPS = 0.3
+"""``large_radii``: each stage but the last takes ceil(LARGE_RADII_STEPS * steps) steps."""
 
 
 def checkpoint_windows(steps: int, norm="inf") -> dict[int, int]:
@@ -115,6 +136,24 @@ def checkpoint_windows(steps: int, norm="inf") -> dict[int, int]:
     return windows
 
 
+def radius_stages(steps: int, large_radii: bool = False) -> list[tuple[float, int]]:
+    """The stages of a run of ``steps`` steps: (radius as a multiple of eps, steps) each.
+    Without ``large_radii`` one stage, (1.0, steps); with it (``LARGE_RADII``), as the
+    reference rounds them: 3 eps and 2 eps for ceil(0.3 steps) each (the float product),
+    then eps for the rest; 100 steps: 30, 30 and 40. Raises ValueError (one line) when no
+    step is left for the last stage (steps 1, 2 and 4)."""
+    if not large_radii:
+        return [(1.0, steps)]
+    first = math.ceil(LARGE_RADII_STEPS * steps)
+    rest = steps - first * (len(LARGE_RADII) - 1)
+    if rest < 1:
+        raise ValueError(
+            f"large_radii runs {first} steps at each of 3 eps and 2 eps, which leaves none "
+            f"at eps of steps={steps}: take steps = 3 or at least 5"
+        )
+    return [(radius, first) for radius in LARGE_RADII[:-1]] + [(LARGE_RADII[-1], rest)]
+
+
 def apgd(
     model: Model,
     X,
@@ -130,6 +169,7 @@ def apgd(
     x_max: float = math.inf,
     backend=None,
     first_row=0,
+    large_radii: bool = False,
 ) -> np.ndarray:
     """APGD with the cross-entropy (``apgd-ce``) or the DLR loss (``apgd-dlr``).
 
@@ -148,6 +188,8 @@ def apgd(
     backend : a backend (``advgrad.backend.get_backend``); None: the CPU's
     first_row : int >= 0, the absolute index of X's first row, or (N,) int >= 0, the
         absolute index of every row (random starts depend on it)
+    large_radii : bool, norm "1" only: each run in stages at 3 eps, 2 eps, then eps
+        (``radius_stages``; the reference's ``use_largereps``, as its L1 AutoAttack runs)
 
     Returns
     -------
@@ -161,7 +203,8 @@ def apgd(
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     plan = [(stream, loss, None) for stream in range(check_count("restarts", restarts))]
     rows, labels, p, backend = _prepared(model, X, labels, loss, norm, x_min, x_max, backend)
-    settings = _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend)
+    settings = _run_settings(rows, eps, p, steps, large_radii, seed, first_row, x_min, x_max)
+    settings["backend"] = backend
     return _worst_case(model, rows, labels, plan, **settings).reshape(np.shape(X))
 
 
@@ -180,6 +223,7 @@ def apgd_targeted(
     x_max: float = math.inf,
     backend=None,
     first_row=0,
+    large_radii: bool = False,
 ) -> np.ndarray:
     """APGD-T: APGD on the targeted DLR loss, against each of the ``target_classes``
     highest non-true logits of the clean row in turn (ranks 1, 2, ...), ``restarts`` runs
@@ -200,7 +244,8 @@ def apgd_targeted(
     n_targets = min(check_count("target_classes", target_classes), C - 1)
     n_restarts = check_count("restarts", restarts)
     rows, labels, p, backend = _prepared(model, X, labels, "ce", norm, x_min, x_max, backend)
-    settings = _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend)
+    settings = _run_settings(rows, eps, p, steps, large_radii, seed, first_row, x_min, x_max)
+    settings["backend"] = backend
     ranked = ranked_targets(backend.logits(model, rows), labels, n_targets)
     plan = [
         (rank * n_restarts + restart, "dlr-targeted", ranked[:, rank])
@@ -225,24 +270,31 @@ def _prepared(model, X, labels, loss, norm, x_min, x_max, backend):
     return rows, labels, norm_order(norm), backend
 
 
-def _run_settings(rows, eps, p, steps, seed, first_row, x_min, x_max, backend) -> dict:
-    """The checked settings of the runs: eps and the row indices per row, the checkpoint
-    windows as the backend takes them ((steps + 1,) int64, the window ending after each
+def _run_settings(rows, eps, p, steps, large_radii, seed, first_row, x_min, x_max) -> dict:
+    """The checked settings of the runs but the backend: eps and the row indices per row;
+    the stages of a run (``radius_stages``), each as (radius factor, checkpoint windows
+    as the backend takes them: (stage steps + 1,) int64, the window ending after each
     step, 0 for none)."""
     n_rows = len(rows)
     steps = check_count("steps", steps)
-    windows = np.zeros(steps + 1, dtype=np.int64)
-    for done, window in checkpoint_windows(steps, "1" if p == 1.0 else "inf").items():
-        windows[done] = window
+    if large_radii and p != 1.0:
+        norm = "inf" if p == np.inf else "2"
+        raise ValueError(f"large_radii is for the norm 1 (l1-APGD), got norm {norm!r}")
+    stages = []
+    for factor, stage_steps in radius_stages(steps, large_radii):
+        windows = np.zeros(stage_steps + 1, dtype=np.int64)
+        for done, window in checkpoint_windows(stage_steps, "1" if p == 1.0 else "inf").items():
+            windows[done] = window
+        stages.append((factor, windows))
     return {
         "eps": _radii(eps, n_rows, rows.dtype),
         "p": p,
-        "windows": windows,
+        "stages": stages,
+        "topk_from_start": bool(large_radii),
         "seed": check_seed(seed),
         "index": row_indices(first_row, n_rows),
         "x_min": float(x_min),
         "x_max": float(x_max),
-        "backend": backend,
     }
 
 
@@ -280,16 +332,18 @@ def _worst_case(model, rows, labels, plan, *, index, seed, **settings) -> np.nda
         todo = np.flatnonzero(~broken)
         if not todo.size:
             break
-        start = _start(rows[todo], eps[todo], p, seed, stream, index[todo])
-        best, values, adversarial, hit = backend.apgd_run(
-            *(model, rows[todo], labels[todo], start, loss),
-            targets=None if targets is None else targets[todo],
-            eps=eps[todo],
-            p=p,
-            windows=settings["windows"],
-            x_min=settings["x_min"],
-            x_max=settings["x_max"],
-        )
+        best = _start(rows[todo], eps[todo], p, seed, stream, index[todo])
+        for factor, windows in settings["stages"]:  # each from the best of the one before
+            best, values, adversarial, hit = backend.apgd_run(
+                *(model, rows[todo], labels[todo], best, loss),
+                targets=None if targets is None else targets[todo],
+                eps=factor * eps[todo],
+                p=p,
+                windows=windows,
+                x_min=settings["x_min"],
+                x_max=settings["x_max"],
+                topk_from_start=settings["topk_from_start"],
+            )
         X_adv[todo[hit]] = adversarial[hit]
         broken[todo[hit]] = True
         better = ~hit & (values > best_values[todo])

@@ -93,27 +93,30 @@ def project(v, x, eps, p, x_min, x_max):
 def project_l1_box(v, x, eps, x_min, x_max):
     """The nearest point to v of {u : ||u - x||_1 <= eps, x_min <= u <= x_max}: with
     y = v - x, sign(y) min(max(|y| - lam, 0), cap) (cap: the room to the box along y) for
-    the lam >= 0 at which the L1 norm is eps, found by walking the sorted breakpoints of
-    that piecewise linear norm (|y_i| and |y_i| - cap_i) down from the largest. Exact
-    zeros matter (l1-APGD counts the moved coordinates), so lam is computed in the order
-    the kernel computes it; ``projection_by_bisection`` checks it another way."""
+    the lam >= 0 at which the L1 norm is eps. That norm, summed in index order, is
+    piecewise linear in lam with breakpoints |y_i| and |y_i| - cap_i: every breakpoint is
+    tried in increasing order for the first, ``above``, where the norm is below eps; with
+    ``below`` the breakpoint before it (0 if none), lam = above - (eps - norm(above)) /
+    (coordinates moving between them), kept within [below, above]. Exact zeros matter
+    (l1-APGD counts the moved coordinates), so lam is computed as the kernel defines it;
+    ``projection_by_bisection`` checks it another way."""
     y = v - x
     cap = np.maximum(np.where(y > 0.0, x_max - x, x - x_min), 0.0)
-    total = 0.0
-    for i in range(len(y)):
-        total += min(abs(y[i]), cap[i])
-    if total <= eps:
+
+    def norm(lam):
+        total = 0.0
+        for y_i, cap_i in zip(y, cap, strict=True):
+            total += min(max(abs(y_i) - lam, 0.0), cap_i)
+        return total
+
+    if norm(0.0) <= eps:
         return np.clip(v, x_min, x_max)
-    starts = [(abs(y_i), 1) for y_i in y if y_i != 0.0]  # a coordinate starts to move
-    stops = [(abs(y_i) - c, -1) for y_i, c in zip(y, cap, strict=True) if c < abs(y_i)]
-    events = [*sorted(starts + stops, key=lambda event: (-event[0], -event[1])), (0.0, 0)]
-    norm, slope, above, lam = 0.0, 0, events[0][0], 0.0
-    for below, change in events:
-        reached = norm + slope * (above - below)
-        if reached >= eps:
-            lam = above - (eps - norm) / slope
-            break
-        norm, above, slope = reached, below, slope + change
+    saturation = np.abs(y) - cap
+    breakpoints = sorted({*np.abs(y[y != 0.0]), *saturation[cap < np.abs(y)]})
+    above = next(b for b in breakpoints if norm(b) < eps)
+    below = max((b for b in breakpoints if b < above), default=0.0)
+    moving = int(((np.abs(y) >= above) & ((cap >= np.abs(y)) | (saturation <= below))).sum())
+    lam = min(max(above - (eps - norm(above)) / max(moving, 1), below), above)
     magnitude = np.minimum(np.maximum(np.abs(y) - lam, 0.0), cap)
     return np.clip(x + np.where(y > 0.0, magnitude, -magnitude), x_min, x_max)
 
@@ -135,9 +138,13 @@ def projection_by_bisection(v, x, eps, x_min, x_max):
     return np.clip(x + np.sign(y) * moved(high), x_min, x_max)
 
 
-def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=None):
+def run_row(
+    x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=None, topk_from_start=False
+):
     """One APGD run of one row: (best point, its loss, last misclassified iterate or None).
-    p = 1: l1-APGD (sparse steps, no momentum, the sparsity schedule of the paper)."""
+    p = 1: l1-APGD (sparse steps, no momentum, the sparsity schedule of the paper); with
+    ``topk_from_start`` (the reference's runs from a given start) topk and the sparsity
+    count start from the start's moved coordinates (/ d / 1.5), not 0.2 and d."""
 
     def evaluate(v):
         return oracle(v, label, loss, target)
@@ -157,6 +164,9 @@ def run_row(x, oracle, label, start, eps, p, loss, steps, x_min, x_max, target=N
     topk, sparsity = 0.2, len(x)
     windows = l1_checkpoints(steps) if p == 1.0 else checkpoints(steps)
     x_now = project(start, x, eps, p, x_min, x_max)
+    if topk_from_start:
+        sparsity = int((x_now != x).sum())
+        topk = sparsity / len(x) / 1.5
     value, g, predicted = evaluate(x_now)
     best, best_value, best_g = x_now, value, g
     adversarial = x_now if predicted != label else None
@@ -218,12 +228,23 @@ def analytic(network):
     return oracle
 
 
-def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row=0):
+def large_radii_stages(steps):
+    """[(radius / eps, steps)] of the reference's ``use_largereps``: 3 eps and 2 eps for
+    ceil(0.3 steps) each, then eps for the rest (``APGDAttack.perturb``)."""
+    first = int(np.ceil(0.3 * steps))
+    return [(3.0, first), (2.0, first), (1.0, steps - 2 * first)]
+
+
+def attack(
+    X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row=0, large_radii=False
+):
     """Rows of X (N, d) attacked by ``runs`` ((stream, loss, targets (N,) or None) each) in
     turn (row n starts from its ``surface_start`` of index first_row + n, or first_row[n]
     for an array), each row until one run breaks it; unbroken rows: the highest-loss point
     seen, the clean row included (its loss under the first run's loss). eps: a float, or
-    one per row."""
+    one per row. ``large_radii`` (L1): each run is the reference's ``decr_eps_pgd``, runs
+    at the radii and steps of ``large_radii_stages`` in turn, each from the best point of
+    the one before (topk from the start), the last one's outcome the run's."""
     X = np.asarray(X, dtype=np.float64)
     out = X.copy()
     radii = np.broadcast_to(np.asarray(eps, dtype=np.float64), len(X))
@@ -238,10 +259,12 @@ def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row
         best_value = value
         for stream, loss, targets in runs:
             target = None if targets is None else targets[n]
-            start = surface_start(x, radii[n], p, seed, stream, index[n])
-            best, value, adversarial = run_row(
-                x, oracle, labels[n], start, radii[n], p, loss, steps, x_min, x_max, target
-            )
+            best = surface_start(x, radii[n], p, seed, stream, index[n])
+            for factor, stage_steps in large_radii_stages(steps) if large_radii else [(1, steps)]:
+                best, value, adversarial = run_row(
+                    *(x, oracle, labels[n], best, factor * radii[n], p, loss, stage_steps),
+                    *(x_min, x_max, target, large_radii),
+                )
             if adversarial is not None:
                 out[n] = adversarial
                 break
@@ -251,16 +274,43 @@ def attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row
 
 
 def apgd(
-    X, network, labels, eps, p, loss, steps, restarts, seed, x_min, x_max, oracle=None, first_row=0
+    X,
+    network,
+    labels,
+    eps,
+    p,
+    loss,
+    steps,
+    restarts,
+    seed,
+    x_min,
+    x_max,
+    oracle=None,
+    first_row=0,
+    large_radii=False,
 ):
     """APGD-CE / APGD-DLR, float64 (N, d); rows of absolute index first_row + 0, 1, ..."""
     runs = [(r, loss, None) for r in range(restarts)]
     oracle = oracle or analytic(network)
-    return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row)
+    return attack(
+        X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, first_row, large_radii
+    )
 
 
 def apgd_targeted(
-    X, network, labels, eps, p, steps, restarts, target_classes, seed, x_min, x_max, oracle=None
+    X,
+    network,
+    labels,
+    eps,
+    p,
+    steps,
+    restarts,
+    target_classes,
+    seed,
+    x_min,
+    x_max,
+    oracle=None,
+    large_radii=False,
 ):
     """APGD-T, float64 (N, d): targets the highest non-true clean logits, one after another."""
     W1, b1, W2, b2 = (np.asarray(a, dtype=np.float64) for a in network)
@@ -278,11 +328,24 @@ def apgd_targeted(
         for r in range(restarts)
     ]
     oracle = oracle or analytic(network)
-    return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max)
+    return attack(X, oracle, labels, runs, eps, p, steps, seed, x_min, x_max, 0, large_radii)
 
 
 def unfused_apgd_run(
-    loss_gradient, model, X, labels, start, loss, *, targets, eps, p, windows, x_min, x_max
+    loss_gradient,
+    model,
+    X,
+    labels,
+    start,
+    loss,
+    *,
+    targets,
+    eps,
+    p,
+    windows,
+    x_min,
+    x_max,
+    topk_from_start=False,
 ):
     """A backend's ``apgd_run`` with the gradients from ``loss_gradient`` (a backend's
     method) and the update by ``advgrad.kernels.apgd.apgd_update_into``, one iteration
@@ -296,6 +359,7 @@ def unfused_apgd_run(
         apgd_kernels.apgd_update_into(
             *(X, eps, p, x_min, x_max, windows, step, labels, G, values, predicted),
             *(current, previous, best, best_G, adversarial, state),
+            topk_from_start,
         )
     values = state[:, apgd_kernels.STATE_BEST].astype(X.dtype)
     return best, values, adversarial, state[:, apgd_kernels.STATE_BROKEN] != 0.0

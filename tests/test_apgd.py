@@ -13,7 +13,7 @@ from conftest import random_network
 from reference_apgd import network_of as network
 
 import advgrad
-from advgrad.apgd import apgd, apgd_targeted, checkpoint_windows
+from advgrad.apgd import apgd, apgd_targeted, checkpoint_windows, radius_stages
 from advgrad.backend import get_backend
 
 BACKEND = get_backend("cpu")
@@ -63,6 +63,38 @@ def test_apgd_equals_the_reference(norm, loss):
         expected = reference_apgd.apgd(X, network(model), labels, p=P[norm], **settings)
     np.testing.assert_allclose(X_adv, expected, rtol=0, atol=1e-12)
     assert 0 < misclassified(model, X_adv, labels).sum() < len(X)
+
+
+def test_large_radii_stages_are_the_references():
+    """3 eps, 2 eps for ceil(0.3 steps) each (the float product, as the reference rounds),
+    then eps for the rest."""
+    assert radius_stages(100, True) == [(3.0, 30), (2.0, 30), (1.0, 40)]
+    assert radius_stages(10, True) == [(3.0, 3), (2.0, 3), (1.0, 4)]
+    assert radius_stages(3, True) == [(3.0, 1), (2.0, 1), (1.0, 1)]
+    assert radius_stages(10) == [(1.0, 10)]
+    for steps in (3, 10, 20, 100, 101):
+        assert radius_stages(steps, True) == reference_apgd.large_radii_stages(steps)
+
+
+@pytest.mark.parametrize("attack", ["ce", "targeted"])
+def test_large_radii_equal_the_reference(attack):
+    """L1, each run at 3 eps, 2 eps, then eps, each stage from the best point of the one
+    before (``reference_apgd.attack``, after the reference's ``decr_eps_pgd``), on the
+    reference's losses: the same points; and not those of the runs at eps alone."""
+    model, X, labels = random_case()
+    settings = {"eps": 0.3, "steps": 10, "seed": 2, "x_min": 0.0, "x_max": 1.0}
+    backend = reference_apgd.ReferenceBackend()
+    if attack == "targeted":
+        settings |= {"restarts": 1, "target_classes": 2}
+        run, reference = apgd_targeted, reference_apgd.apgd_targeted
+    else:
+        settings |= {"loss": "ce", "restarts": 2}
+        run, reference = apgd, reference_apgd.apgd
+    X_adv = run(model, X, labels, norm="1", backend=backend, large_radii=True, **settings)
+    expected = reference(X, network(model), labels, p=1.0, large_radii=True, **settings)
+    np.testing.assert_allclose(X_adv, expected, rtol=0, atol=1e-12)
+    assert 0 < misclassified(model, X_adv, labels).sum() < len(X)
+    assert not np.array_equal(X_adv, run(model, X, labels, norm="1", backend=backend, **settings))
 
 
 @pytest.mark.parametrize("norm", ["inf", "2", "1"])
@@ -232,6 +264,12 @@ def test_labels_default_to_the_predictions():
         (
             {"eps": np.full(63, 0.1)},
             "eps must be a number or one per row, shape (64,), got shape (63,) of float64",
+        ),
+        ({"large_radii": True}, "large_radii is for the norm 1 (l1-APGD), got norm 'inf'"),
+        (
+            {"large_radii": True, "norm": "1", "steps": 4},
+            "large_radii runs 2 steps at each of 3 eps and 2 eps, which leaves none at eps "
+            "of steps=4: take steps = 3 or at least 5",
         ),
     ],
 )

@@ -62,6 +62,24 @@ def test_l1_box_projection_is_the_nearest_point(seed, box):
     np.testing.assert_array_equal(projected, reference_apgd.project_l1_box(v, x, eps, x_min, x_max))
 
 
+@pytest.mark.parametrize("box", [(0.0, 1.0), (-np.inf, np.inf)])
+def test_l1_box_projection_of_many_coordinates_with_ties(box):
+    """d = 300, the perturbation on a grid of 0.05 (many equal breakpoints) and a third of
+    it zero: the selection finds the lam the reference finds trying every breakpoint, and
+    the bisection's."""
+    rng = np.random.default_rng(11)
+    x = np.clip(rng.uniform(0.0, 1.0, 300), *box)
+    v = x + np.round(rng.normal(0.0, 0.3, 300) / 0.05) * 0.05 * (rng.uniform(size=300) < 0.66)
+    for eps in (0.5, 5.0, 20.0):
+        projected = v.copy()
+        kernels.project_l1_box(projected, x, eps, *box, np.empty(600))
+        expected = reference_apgd.project_l1_box(v, x, eps, *box)
+        np.testing.assert_array_equal(projected, expected)
+        bisected = reference_apgd.projection_by_bisection(v, x, eps, *box)
+        np.testing.assert_allclose(projected, bisected, rtol=0, atol=1e-12)
+        assert np.abs(projected - x).sum() == pytest.approx(eps, rel=1e-12)
+
+
 def test_l1_box_projection_keeps_a_point_inside_and_clips_it():
     x = np.array([0.2, 0.5, 0.9])
     inside = np.array([0.3, 0.5, 0.95])  # L1 distance 0.15
@@ -106,6 +124,31 @@ def test_the_fused_run_equals_the_gradient_and_the_update_in_turn(norm, dtype):
     assert best.dtype == values.dtype == adversarial.dtype == dtype
     radius = np.linalg.norm((best - X).astype(np.float64), ord=P[norm], axis=1)
     assert (radius <= settings["eps"] * (1 + 1e-6)).all()
+
+
+def test_a_run_with_topk_from_the_start_fused_and_not():
+    """L1, float32, 600 rows: the fused run equals the unfused one with the setting too;
+    the first steps move (the start's moved coordinates) / d / 1.5 of the coordinates."""
+    model, X, labels, start, settings = run_case(np.float32, 600, "1", seed=4, steps=1)
+    settings["windows"][1] = 0  # one step, no checkpoint: the state shows the first topk
+    backend = get_backend("cpu")
+    fused = backend.apgd_run(model, X, labels, start, "ce", topk_from_start=True, **settings)
+    unfused = reference_apgd.unfused_apgd_run(
+        backend.loss_gradient, model, X, labels, start, "ce", topk_from_start=True, **settings
+    )
+    assert same_run(fused, unfused)
+    projected = np.empty_like(X)
+    kernels.apgd_start_into(X, start, settings["eps"], 1.0, 0.0, 1.0, projected)
+    moved = (projected != X).sum(axis=1)
+    state = np.empty((len(X), kernels.STATE_FIELDS))
+    G, values, predicted = backend.loss_gradient(model, projected, labels, "ce")
+    kernels.apgd_update_into(
+        *(X, settings["eps"], 1.0, 0.0, 1.0, settings["windows"], 0, labels, G, values),
+        *(predicted, projected, *(np.empty_like(X) for _ in range(4)), state, True),
+    )
+    assert np.array_equal(state[:, kernels.STATE_TOPK], moved / X.shape[1] / 1.5)
+    assert np.array_equal(state[:, kernels.STATE_SPARSITY], moved)
+    assert moved.min() < X.shape[1]
 
 
 @pytest.mark.parametrize("norm", ["inf", "1"])
@@ -172,9 +215,15 @@ def test_cuda_kernels_on_simulator():
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize(
-    ("norm", "dtype"), [("inf", np.float32), ("2", np.float64), ("1", np.float32)]
+    ("norm", "dtype", "topk_from_start"),
+    [
+        ("inf", np.float32, False),
+        ("2", np.float64, False),
+        ("1", np.float32, False),
+        ("1", np.float64, True),
+    ],
 )
-def test_cuda_update_equals_the_cpu_update(norm, dtype, monkeypatch):
+def test_cuda_update_equals_the_cpu_update(norm, dtype, topk_from_start, monkeypatch):
     """The same gradients (the CPU's) into both updates, iteration by iteration: every
     state array bitwise the same; blocks of 4 threads, so 10 rows span 3 blocks."""
     from advgrad.kernels.cuda import apgd_launchers
@@ -196,10 +245,22 @@ def test_cuda_update_equals_the_cpu_update(norm, dtype, monkeypatch):
         gradient_d = list(map(cuda.to_device, (G, values, predicted)))
         state_d = list(map(cuda.to_device, cpu_state))  # from the CPU's state at every step
         kernels.apgd_update_into(
-            X, eps, p, *box, windows, step, labels, G, values, predicted, *cpu_state
+            X,
+            eps,
+            p,
+            *box,
+            windows,
+            step,
+            labels,
+            G,
+            values,
+            predicted,
+            *cpu_state,
+            topk_from_start,
         )
         apgd_launchers.apgd_update_into(
-            X_d, eps_d, p, *box, windows_d, step, labels_d, *gradient_d, *state_d
+            *(X_d, eps_d, p, *box, windows_d, step, labels_d, *gradient_d, *state_d),
+            topk_from_start,
         )
         for gpu, cpu in zip(state_d, cpu_state, strict=True):
             assert np.array_equal(gpu.copy_to_host(), cpu), step
@@ -207,15 +268,16 @@ def test_cuda_update_equals_the_cpu_update(norm, dtype, monkeypatch):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("norm", ["inf", "1"])
+@pytest.mark.parametrize(("norm", "topk_from_start"), [("inf", False), ("1", False), ("1", True)])
 @pytest.mark.usefixtures("small_blocks")
-def test_cuda_backend_run_equals_its_gradients_and_the_cpu_update(norm):
+def test_cuda_backend_run_equals_its_gradients_and_the_cpu_update(norm, topk_from_start):
     """float32, 12 rows in 3 chunks over 2 lanes: bitwise the unfused run over the CUDA
     backend's own gradients (``reference_apgd.unfused_apgd_run``, the CPU's update); and
     the rows broken are the CPU backend's (the gradients differ by rounding)."""
     from advgrad.cuda_backend import CudaBackend
 
     model, X, labels, start, settings = run_case(np.float32, 12, norm, seed=7, steps=5)
+    settings["topk_from_start"] = topk_from_start
     backend = CudaBackend(chunk_rows=8, lanes=2)
     gpu = backend.apgd_run(model, X, labels, start, "ce", **settings)
     unfused = reference_apgd.unfused_apgd_run(

@@ -39,7 +39,13 @@ import numpy as np
 from numba import njit, prange
 
 from advgrad.kernels.blas import pin_blas, unpin_blas
-from advgrad.kernels.cpu import block_rows, clip, loss_gradient_block, n_blocks
+from advgrad.kernels.cpu import (
+    block_rows,
+    clip,
+    largest_magnitudes,
+    loss_gradient_block,
+    n_blocks,
+)
 
 MOMENTUM = 0.75
 """a of the momentum step x + a (z - x) + (1 - a) (x - x_prev) (L-inf and L2)."""
@@ -86,66 +92,89 @@ STATE_FIELDS = 9
 
 
 @njit(cache=True, error_model="numpy")
+def room(x, y, lo, hi):
+    """The room to the box [lo, hi] from x along the sign of y (float64), at least 0."""
+    return max(hi - np.float64(x) if y > 0.0 else np.float64(x) - lo, 0.0)
+
+
+@njit(cache=True, error_model="numpy")
+def l1_box_norm(v, x, lam, lo, hi):
+    """The L1 norm of the perturbation of ``project_l1_box`` at lam: the sum over i, in
+    index order and float64, of min(max(|y_i| - lam, 0), cap_i) for y = v - x (d,) and
+    cap_i the room to the box [lo, hi] along y_i; non-increasing in lam."""
+    total = 0.0
+    for i in range(v.shape[0]):
+        y = np.float64(v[i]) - np.float64(x[i])
+        total += min(max(abs(y) - lam, 0.0), room(x[i], y, lo, hi))
+    return total
+
+
+@njit(cache=True, error_model="numpy")
 def project_l1_box(v, x, eps, lo, hi, scratch):
     """Move v (d,) in place to the nearest point (Euclidean) of the L1 ball of radius eps
     around x intersected with the box [lo, hi]^d, in float64 (the reference's
     ``L1_projection``, for any box that holds x).
 
     The perturbation y = v - x goes to sign(y) min(max(|y| - lam, 0), cap) with cap the
-    room to the box in y's direction and lam >= 0 the smallest value that brings the L1
-    norm to eps: lam solves a piecewise linear equation whose breakpoints (|y_i| and
-    |y_i| - cap_i) are sorted. ``scratch`` is a (2 d,) float64 array.
+    room to the box in y's direction and lam >= 0 where its L1 norm (``l1_box_norm``, a
+    piecewise linear function of lam) is eps. Its breakpoints are |y_i| (where y_i starts
+    to move) and |y_i| - cap_i (where it reaches the box). With ``above`` the smallest
+    breakpoint at which the norm is below eps and ``below`` the largest breakpoint under
+    it (0 if none), the norm is linear in between, of slope minus the count of the
+    coordinates moving there, so lam = above - (eps - norm(above)) / count, kept within
+    [below, above]. These are defined by the norm summed in index order, whatever finds
+    them: here a selection over the breakpoints (quickselect's halving, the norm at each
+    pivot), expected O(d log d) for the norms and O(d) for the rest, no sort; where the norm
+    at the smallest breakpoint is already below eps (a small shrink, as Square's), that
+    breakpoint is ``above`` and the selection is skipped. ``scratch`` is a (2 d,) float64
+    array.
     """
     d = v.shape[0]
     total = 0.0
+    smallest = np.inf
+    count = 0  # breakpoints, in scratch[:count]
     for i in range(d):
         y = np.float64(v[i]) - np.float64(x[i])
-        cap = max(hi - np.float64(x[i]) if y > 0.0 else np.float64(x[i]) - lo, 0.0)
+        cap = room(x[i], y, lo, hi)
         total += min(abs(y), cap)
+        scratch[count] = abs(y)
+        count += 1 if y != 0.0 else 0
+        scratch[count] = abs(y) - cap
+        count += 1 if cap < abs(y) else 0
+        smallest = min(smallest, abs(y) - cap if cap < abs(y) else abs(y)) if y != 0.0 else smallest
     if total <= eps:
         for i in range(d):
             v[i] = clip(v[i], lo, hi)
         return
-    starts = 0  # breakpoints where a coordinate starts to move (lam = |y_i|)
-    saturations = 0  # and where it reaches the box (lam = |y_i| - cap_i)
-    for i in range(d):
-        y = np.float64(v[i]) - np.float64(x[i])
-        cap = max(hi - np.float64(x[i]) if y > 0.0 else np.float64(x[i]) - lo, 0.0)
-        if y != 0.0:
-            scratch[starts] = abs(y)
-            starts += 1
-        if cap < abs(y):
-            scratch[d + saturations] = abs(y) - cap
-            saturations += 1
-    start_points = np.sort(scratch[:starts])
-    saturation_points = np.sort(scratch[d : d + saturations])
-    # walk lam down from the largest breakpoint: the norm grows by `slope` per unit of lam
-    s, t = starts - 1, saturations - 1
-    above = start_points[s]
-    norm, slope, lam = 0.0, 0, 0.0
-    while True:
-        below = 0.0
-        if s >= 0:
-            below = start_points[s]
-        if t >= 0 and saturation_points[t] > below:
-            below = saturation_points[t]
-        reached = norm + slope * (above - below)
-        if reached >= eps:
-            lam = above - (eps - norm) / slope
-            break
-        if s < 0 and t < 0:  # the norm at lam = 0 fell short by rounding: stop there
-            break
-        norm, above = reached, below
-        if s >= 0 and start_points[s] == below:
-            slope += 1
-            s -= 1
+    below, above, norm_above = 0.0, np.inf, 0.0
+    norm = l1_box_norm(v, x, smallest, lo, hi)
+    if norm < eps:  # no breakpoint lies below the crossing
+        above, norm_above, count = smallest, norm, 0
+    else:
+        below = smallest
+    while count > 0:  # the breakpoints strictly between below and above
+        first, middle, last = scratch[0], scratch[count // 2], scratch[count - 1]
+        pivot = max(min(first, middle), min(max(first, middle), last))  # median of three
+        norm = l1_box_norm(v, x, pivot, lo, hi)
+        if norm < eps:
+            above, norm_above = pivot, norm
         else:
-            slope -= 1
-            t -= 1
+            below = pivot
+        kept = 0
+        for j in range(count):  # branch-free: keep those on the side of the crossing
+            value = scratch[j]
+            scratch[kept] = value
+            kept += 1 if (value < pivot if norm < eps else value > pivot) else 0
+        count = kept
+    moving = 0
     for i in range(d):
         y = np.float64(v[i]) - np.float64(x[i])
-        cap = max(hi - np.float64(x[i]) if y > 0.0 else np.float64(x[i]) - lo, 0.0)
-        magnitude = min(max(abs(y) - lam, 0.0), cap)
+        cap = room(x[i], y, lo, hi)
+        moving += 1 if abs(y) >= above and (cap >= abs(y) or abs(y) - cap <= below) else 0
+    lam = min(max(above - (eps - norm_above) / max(moving, 1), below), above)
+    for i in range(d):
+        y = np.float64(v[i]) - np.float64(x[i])
+        magnitude = min(max(abs(y) - lam, 0.0), room(x[i], y, lo, hi))
         v[i] = clip(np.float64(x[i]) + (magnitude if y > 0.0 else -magnitude), lo, hi)
 
 
@@ -177,16 +206,18 @@ def project_row(v, x, eps, p, lo, hi, scratch):
     if length > radius:
         factor = cast(radius / length)
         for i in range(v.shape[0]):
-            v[i] = cast(x[i] + cast(cast(v[i] - x[i]) * factor))
+            v[i] = clip(cast(x[i] + cast(cast(v[i] - x[i]) * factor)), lo, hi)
+        return
     for i in range(v.shape[0]):
         v[i] = clip(v[i], lo, hi)
 
 
 @njit(cache=True, error_model="numpy")
-def step_from(current, g, eta, p, topk, z):
+def step_from(current, g, eta, p, topk, z, scratch):
     """z (d,) = current + eta s(G): s = sign (inf), G / ||G||_2 (2; a zero G stays put), or
-    (L1) the sign of the coordinates of the largest |G| (a fraction topk of them) over
-    their count; rounded to current's dtype operation by operation."""
+    (L1) the sign of the coordinates of the largest |G| (a fraction topk of them, ties
+    all taken; selected by ``cpu.largest_magnitudes``, no sort) over their count; rounded
+    to current's dtype operation by operation. ``scratch`` is a (d,) float64 array."""
     cast = current.dtype.type
     d = current.shape[0]
     if p == np.inf:
@@ -203,17 +234,25 @@ def step_from(current, g, eta, p, topk, z):
         for i in range(d):
             z[i] = cast(cast(cast(g[i] / length) * eta) + current[i])
         return
-    magnitudes = np.abs(g)
-    k = min(max(int((1.0 - topk) * d), 0), d - 1)
-    threshold = np.partition(magnitudes, k)[k]
+    smaller = min(max(int((1.0 - topk) * d), 0), d - 1)  # |G| below the threshold
+    threshold, _ = largest_magnitudes(g, d - smaller, scratch)
     moved = 0
     for i in range(d):
-        moved += 1 if magnitudes[i] >= threshold and g[i] != 0.0 else 0
+        moved += 1 if abs(g[i]) >= threshold and g[i] != 0.0 else 0
     unit = cast(eta / (moved + L1_OFFSET))
     for i in range(d):
-        selected = magnitudes[i] >= threshold and g[i] != 0.0
+        selected = abs(g[i]) >= threshold and g[i] != 0.0
         move = (unit if g[i] > 0.0 else -unit) if selected else cast(0.0)
         z[i] = cast(current[i] + move)
+
+
+@njit(cache=True, error_model="numpy")
+def moved_coordinates(point, x) -> int:
+    """The count of the coordinates where point (d,) differs from x (d,)."""
+    moved = 0
+    for i in range(x.shape[0]):
+        moved += 1 if point[i] != x[i] else 0
+    return moved
 
 
 @njit(cache=True, error_model="numpy")
@@ -239,9 +278,7 @@ def checkpoint_row(x, eps, p, window, best, state) -> bool:
         if halve:
             state[STATE_ETA] = cast(state[STATE_ETA] / 2.0)
         return halve
-    moved = 0
-    for i in range(x.shape[0]):
-        moved += 1 if best[i] != x[i] else 0
+    moved = moved_coordinates(best, x)
     sparser = moved < L1_SPARSER * state[STATE_SPARSITY]
     state[STATE_TOPK] = moved / x.shape[0] / L1_TOPK_SHRINK
     largest = L1_INITIAL_STEP * eps
@@ -249,6 +286,13 @@ def checkpoint_row(x, eps, p, window, best, state) -> bool:
     state[STATE_ETA] = cast(min(max(eta, largest / L1_SMALLEST_STEP), largest))
     state[STATE_SPARSITY] = moved
     return sparser
+
+
+@njit(cache=True, error_model="numpy")
+def copy_row(source, target):
+    """target (d,) = source (d,), element by element (cheaper than a slice assignment)."""
+    for i in range(source.shape[0]):
+        target[i] = source[i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -273,12 +317,17 @@ def apgd_update_row(
     state,
     z,
     scratch,
+    topk_from_start=False,
 ):
     """One row's iteration ``step`` of an APGD run, after the evaluation of its iterate
     ``current``: (g, value, predicted) are its gradient, loss and predicted class. Keeps
     the books, runs the checkpoint (``window`` > 0), then, unless ``last``, moves
     ``current`` to the next iterate (``previous`` to the one before). Step 0 starts the
-    books. ``z`` is a (d,) scratch row of x's dtype, ``scratch`` (2 d,) float64.
+    books: L1's topk is L1_FIRST_TOPK and its sparsity count d, or, ``topk_from_start``,
+    those a checkpoint would set at the start (its moved coordinates / d /
+    L1_TOPK_SHRINK, and their count: a run that goes on from another's best point, as in
+    the reference's large-radii schedule). ``z`` is a (d,) scratch row of x's dtype,
+    ``scratch`` (2 d,) float64.
     """
     if step == 0:
         first_eta = L1_INITIAL_STEP * eps if p == 1.0 else INITIAL_STEP * eps
@@ -286,39 +335,43 @@ def apgd_update_row(
         state[STATE_LAST] = state[STATE_BEST] = state[STATE_BEST_AT_CHECK] = value
         state[STATE_INCREASES] = 0.0
         state[STATE_HALVED] = 1.0
-        state[STATE_TOPK] = L1_FIRST_TOPK
-        state[STATE_SPARSITY] = x.shape[0]
+        sparsity = moved_coordinates(current, x) if topk_from_start else x.shape[0]
+        state[STATE_TOPK] = (
+            sparsity / x.shape[0] / L1_TOPK_SHRINK if topk_from_start else L1_FIRST_TOPK
+        )
+        state[STATE_SPARSITY] = sparsity
         state[STATE_BROKEN] = 1.0 if predicted != label else 0.0
-        best[:] = current
-        best_g[:] = g
-        adversarial[:] = current
+        copy_row(current, best)
+        copy_row(g, best_g)
+        copy_row(current, adversarial)
     else:
         if predicted != label:
-            adversarial[:] = current
+            copy_row(current, adversarial)
             state[STATE_BROKEN] = 1.0
         state[STATE_INCREASES] += 1.0 if value > state[STATE_LAST] else 0.0
         state[STATE_LAST] = value
         if value > state[STATE_BEST]:
-            best[:] = current
-            best_g[:] = g
+            copy_row(current, best)
+            copy_row(g, best_g)
             state[STATE_BEST] = value
     direction = g
     if window > 0 and checkpoint_row(x, eps, p, window, best, state):
-        current[:] = best
+        copy_row(best, current)
         direction = best_g
     if last:
         return
     cast = x.dtype.type
     eta = cast(state[STATE_ETA])
-    step_from(current, direction, eta, p, state[STATE_TOPK], z)
+    step_from(current, direction, eta, p, state[STATE_TOPK], z, scratch)
     project_row(z, x, eps, p, lo, hi, scratch)
     if step > 0 and p != 1.0:  # momentum: x + a (z - x) + (1 - a) (x - x_prev)
         for i in range(z.shape[0]):
             towards = cast(cast(cast(z[i] - current[i]) * MOMENTUM) + current[i])
             z[i] = cast(towards + cast(cast(current[i] - previous[i]) * (1.0 - MOMENTUM)))
         project_row(z, x, eps, p, lo, hi, scratch)
-    previous[:] = current
-    current[:] = z
+    for i in range(z.shape[0]):
+        previous[i] = current[i]
+        current[i] = z[i]
 
 
 @njit(cache=True, error_model="numpy")
@@ -340,6 +393,7 @@ def apgd_update_block(
     best_G,
     adversarial,
     state,
+    topk_from_start=False,
 ):
     """``apgd_update_into`` on a block of rows, serial."""
     cast = X.dtype.type
@@ -369,6 +423,7 @@ def apgd_update_block(
             state[n],
             z,
             scratch,
+            topk_from_start,
         )
 
 
@@ -391,6 +446,7 @@ def apgd_update_into(
     best_G,
     adversarial,
     state,
+    topk_from_start=False,
 ):
     """Iteration ``step`` of an APGD run on every row, after the evaluation of the iterates.
 
@@ -409,6 +465,8 @@ def apgd_update_into(
     current, previous, best, best_G, adversarial : (N, d) X's dtype, the run's iterates,
         updated (``current``: the projected start before step 0)
     state : (N, STATE_FIELDS) float64, updated (filled by step 0)
+    topk_from_start : bool, L1: the first steps move a fraction (the start's moved
+        coordinates) / d / L1_TOPK_SHRINK of the coordinates, not L1_FIRST_TOPK
     """
     for block in prange(n_blocks(X.shape[0])):
         a, b = block_rows(X.shape[0], block)
@@ -430,6 +488,7 @@ def apgd_update_into(
             best_G[a:b],
             adversarial[a:b],
             state[a:b],
+            topk_from_start,
         )
 
 
@@ -457,6 +516,7 @@ def apgd_steps_block(
     best_G,
     adversarial,
     state,
+    topk_from_start=False,
 ):
     """``apgd_steps_into`` on a block of rows, serial: the gradient of the block's
     iterates (``cpu.loss_gradient_block``) into the block's scratch, then their update."""
@@ -485,6 +545,7 @@ def apgd_steps_block(
             best_G,
             adversarial,
             state,
+            topk_from_start,
         )
 
 
@@ -512,6 +573,7 @@ def apgd_steps_into(
     best_G,
     adversarial,
     state,
+    topk_from_start=False,
 ):
     """Iterations first_step, ..., first_step + count - 1 of an APGD run on every row, each
     an evaluation of the iterates (the loss of ``cpu.loss_gradient_into``) and their
@@ -523,7 +585,8 @@ def apgd_steps_into(
     W1, b1, W2, b2 : the network, X's dtype
     targets, loss, kappa : as in ``cpu.loss_gradient_into``
     first_step, count : int, the iterations of this call (first_step + count <= steps + 1)
-    current, previous, best, best_G, adversarial, state : as in ``apgd_update_into``
+    current, previous, best, best_G, adversarial, state, topk_from_start : as in
+        ``apgd_update_into``
 
     Bitwise the same as ``cpu.loss_gradient_into`` then ``apgd_update_into`` for each
     iteration, whatever the thread count.
@@ -556,6 +619,7 @@ def apgd_steps_into(
             best_G[a:b],
             adversarial[a:b],
             state[a:b],
+            topk_from_start,
         )
     unpin_blas(pinned)
 

@@ -6,9 +6,11 @@
 The arithmetic is the CPU's, operation by operation: where a float64 value (a constant, a
 float64 sum) enters X's dtype, it is rounded by a store into ``slot`` (N,) of X's dtype,
 the row's own element; the sums of the L2 and L1 norms run in float64 (``float(v)``, so
-that the simulator sums as the GPU does). The L1 sorts are heap sorts of the row's own
-float64 ``scratch`` (N, 2 d): sorted values are the same whatever the algorithm, so given
-the same gradients the iterates are bitwise the CPU's.
+that the simulator sums as the GPU does). The L1 step's threshold comes from a heap sort
+of the row's own float64 ``scratch`` (N, 2 d), the projection's lam from a selection
+over its breakpoints there: both are defined whatever finds them (the threshold's value;
+lam from the norms summed in index order), so given the same gradients the iterates are
+bitwise the CPU's.
 """
 
 import math
@@ -77,52 +79,59 @@ def room(x, y, lo, hi):
 
 
 @cuda.jit(device=True)
+def l1_box_norm(V, X, n, lam, lo, hi):
+    """``cpu apgd.l1_box_norm`` of row n of V around row n of X."""
+    total = 0.0
+    for i in range(V.shape[1]):
+        y = float(V[n, i]) - float(X[n, i])
+        total += min(max(abs(y) - lam, 0.0), room(X[n, i], y, lo, hi))
+    return total
+
+
+@cuda.jit(device=True)
 def project_l1_box(V, X, n, eps, lo, hi, scratch):
-    """``cpu apgd.project_l1_box`` on row n of V around row n of X."""
+    """``cpu apgd.project_l1_box`` on row n of V around row n of X: the same selection
+    of the breakpoints in the row's own ``scratch`` (N, 2 d)."""
     d = V.shape[1]
     total = 0.0
+    count = 0
     for i in range(d):
         y = float(V[n, i]) - float(X[n, i])
-        total += min(abs(y), room(X[n, i], y, lo, hi))
+        cap = room(X[n, i], y, lo, hi)
+        total += min(abs(y), cap)
+        if y != 0.0:
+            scratch[n, count] = abs(y)
+            count += 1
+        if cap < abs(y):
+            scratch[n, count] = abs(y) - cap
+            count += 1
     if total <= eps:
         for i in range(d):
             V[n, i] = clip(V[n, i], lo, hi)
         return
-    starts = 0
-    saturations = 0
+    below, above, norm_above = 0.0, math.inf, 0.0
+    while count > 0:
+        first, middle, last = scratch[n, 0], scratch[n, count // 2], scratch[n, count - 1]
+        pivot = max(min(first, middle), min(max(first, middle), last))
+        norm = l1_box_norm(V, X, n, pivot, lo, hi)
+        if norm < eps:
+            above, norm_above = pivot, norm
+        else:
+            below = pivot
+        kept = 0
+        for j in range(count):
+            value = scratch[n, j]
+            if (value < pivot) if norm < eps else (value > pivot):
+                scratch[n, kept] = value
+                kept += 1
+        count = kept
+    moving = 0
     for i in range(d):
         y = float(V[n, i]) - float(X[n, i])
         cap = room(X[n, i], y, lo, hi)
-        if y != 0.0:
-            scratch[n, starts] = abs(y)
-            starts += 1
-        if cap < abs(y):
-            scratch[n, d + saturations] = abs(y) - cap
-            saturations += 1
-    heap_sort(scratch, n, 0, starts)
-    heap_sort(scratch, n, d, saturations)
-    s, t = starts - 1, saturations - 1
-    above = scratch[n, s]
-    norm, slope, lam = 0.0, 0, 0.0
-    while True:
-        below = 0.0
-        if s >= 0:
-            below = scratch[n, s]
-        if t >= 0 and scratch[n, d + t] > below:
-            below = scratch[n, d + t]
-        reached = norm + slope * (above - below)
-        if reached >= eps:
-            lam = above - (eps - norm) / slope
-            break
-        if s < 0 and t < 0:
-            break
-        norm, above = reached, below
-        if s >= 0 and scratch[n, s] == below:
-            slope += 1
-            s -= 1
-        else:
-            slope -= 1
-            t -= 1
+        if abs(y) >= above and (cap >= abs(y) or abs(y) - cap <= below):
+            moving += 1
+    lam = min(max(above - (eps - norm_above) / max(moving, 1), below), above)
     for i in range(d):
         y = float(V[n, i]) - float(X[n, i])
         magnitude = min(max(abs(y) - lam, 0.0), room(X[n, i], y, lo, hi))
@@ -193,6 +202,16 @@ def step_from(current, g, n, eta, p, topk, Z, scratch, slot):
 
 
 @cuda.jit(device=True)
+def moved_coordinates(point, X, n):
+    """``cpu apgd.moved_coordinates`` of row n of point and of X."""
+    moved = 0
+    for i in range(X.shape[1]):
+        if point[n, i] != X[n, i]:
+            moved += 1
+    return moved
+
+
+@cuda.jit(device=True)
 def checkpoint_row(X, n, eps, p, window, best, state, slot):
     """``cpu apgd.checkpoint_row`` on row n: True when the run goes back to its best."""
     if p != 1.0:
@@ -206,10 +225,7 @@ def checkpoint_row(X, n, eps, p, window, best, state, slot):
             state[n, STATE_ETA] = rounded(slot, n, state[n, STATE_ETA] / 2.0)
         return halve
     d = X.shape[1]
-    moved = 0
-    for i in range(d):
-        if best[n, i] != X[n, i]:
-            moved += 1
+    moved = moved_coordinates(best, X, n)
     sparser = moved < L1_SPARSER * state[n, STATE_SPARSITY]
     state[n, STATE_TOPK] = moved / d / L1_TOPK_SHRINK
     largest = L1_INITIAL_STEP * eps
@@ -241,6 +257,7 @@ def apgd_update_rows(
     Z,
     scratch,
     slot,
+    topk_from_start,
 ):
     """``cpu apgd.apgd_update_into``; Z (N, d) of X's dtype, scratch (N, 2 d) float64 and
     slot (N,) of X's dtype are the rows' scratch; lo, hi the box, rounded to X's dtype."""
@@ -257,8 +274,13 @@ def apgd_update_rows(
             state[n, STATE_BEST_AT_CHECK] = value
             state[n, STATE_INCREASES] = 0.0
             state[n, STATE_HALVED] = 1.0
-            state[n, STATE_TOPK] = L1_FIRST_TOPK
-            state[n, STATE_SPARSITY] = d
+            if topk_from_start:
+                sparsity = moved_coordinates(current, X, n)
+                state[n, STATE_TOPK] = sparsity / d / L1_TOPK_SHRINK
+                state[n, STATE_SPARSITY] = sparsity
+            else:
+                state[n, STATE_TOPK] = L1_FIRST_TOPK
+                state[n, STATE_SPARSITY] = d
             state[n, STATE_BROKEN] = 1.0 if predicted[n] != labels[n] else 0.0
             for i in range(d):
                 best[n, i] = current[n, i]

@@ -2,7 +2,7 @@
 ``advgrad.kernels.apgd``'s ``apgd_start_into`` and ``apgd_update_into`` on device arrays.
 
 Each queues one kernel on ``stream`` and returns at once; the rows' scratch (a row of X's
-dtype, 2 d float64 for the L1 sorts, a rounding slot) comes from the ``workspace`` (a
+dtype, 2 d float64 for the L1 selections, a rounding slot) comes from the ``workspace`` (a
 ``launchers.Workspace``; None allocates fresh buffers). The fused run is
 ``launchers.loss_gradient_into`` then ``apgd_update_into``, per iteration, on one stream
 (``advgrad.cuda_backend.CudaBackend.apgd_run``).
@@ -71,6 +71,7 @@ def apgd_update_into(
     best_G,
     adversarial,
     state,
+    topk_from_start=False,
     *,
     stream=0,
     workspace=None,
@@ -89,4 +90,5 @@ def apgd_update_into(
     apgd_update_rows[_grid(n_rows), APGD_THREADS, stream](
         *(X, eps, float(p), lo, hi, windows, int(step), labels, G, values, predicted),
         *(current, previous, best, best_G, adversarial, state, Z, scratch, slot),
+        bool(topk_from_start),
     )
