@@ -1,7 +1,8 @@
 """Slow NumPy float64 Square attack, one row and one query at a time, written from the
 definition of AutoAttack's reference (``autoattack/square.py``) and the random draws that
 ``advgrad.square`` documents (not from its code): each row in turn, each update a plain
-loop over the channels, the whole image clipped as the reference clips it.
+loop over the channels, the whole image clipped as the reference clips it (L1: projected
+onto the ball and the box by ``reference_apgd.project_l1_box``).
 """
 
 from __future__ import annotations
@@ -9,18 +10,19 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import reference_random
 from reference import worst_margin
+from reference_apgd import project_l1_box
 
-GROUP_ROWS = 256  # rows drawn together from one generator (advgrad.attacks.row_uniforms)
 START_STREAM = 2**32  # update i draws from START_STREAM + 1 + i
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+L1_SHRINK = 1.0 - 1e-6  # L1 points are projected onto the ball of radius eps * L1_SHRINK
 
 
 def uniforms(seed, stream, row, width):
-    """The uniform numbers of absolute row ``row``: its line of the (GROUP_ROWS, width)
-    block drawn from the generator seeded [seed, stream, row // GROUP_ROWS]."""
-    group = np.random.default_rng([seed, stream, row // GROUP_ROWS])
-    return group.random((GROUP_ROWS, width))[row % GROUP_ROWS]
+    """The ``width`` uniform numbers of absolute row ``row`` in ``stream``: Philox4x32-10
+    keyed by (seed, stream, row, column) (``reference_random``)."""
+    return reference_random.uniforms(seed, stream, [row], width)[0]
 
 
 def sign(u):
@@ -39,27 +41,33 @@ def p_at(update, queries, p_init):
     return p_init / 2 ** len(SCHEDULE)
 
 
-def rectangles(height, width):
-    """Nested rectangles around the centre, weighted 1 / (k + 1)^2, unit L2 norm."""
+def size(delta, norm):
+    """The L2 norm (norm "2") or the L1 norm (norm "1") of an array."""
+    return math.sqrt((delta**2).sum()) if norm == "2" else np.abs(delta).sum()
+
+
+def rectangles(height, width, norm):
+    """Nested rectangles around the centre, weighted 1 / (k + 1)^2 (L2) or 1 / (k + 1)^4
+    (L1), of unit norm."""
     mass = np.zeros((height, width))
     row, column = height // 2, width // 2
     for k in range(max(height // 2 + 1, width // 2 + 1)):
         mass[
             max(row, 0) : min(row + 2 * k + 1, height),
             max(column, 0) : min(column + 2 * k + 1, width),
-        ] += 1.0 / (k + 1) ** 2
+        ] += 1.0 / (k + 1) ** (2 if norm == "2" else 4)
         row -= 1
         column -= 1
     if mass.size:
-        mass /= math.sqrt((mass**2).sum())
+        mass /= size(mass, norm)
     return mass
 
 
-def eta(side, transposed):
+def eta(side, transposed, norm):
     window = np.zeros((side, side))
-    window[: side // 2] = rectangles(side // 2, side)
-    window[side // 2 :] = -rectangles(side - side // 2, side)
-    window /= math.sqrt((window**2).sum())
+    window[: side // 2] = rectangles(side // 2, side, norm)
+    window[side // 2 :] = -rectangles(side - side // 2, side, norm)
+    window /= size(window, norm)
     return window.T if transposed else window
 
 
@@ -67,8 +75,9 @@ def clip(v, lo, hi):
     return np.minimum(np.maximum(v, lo), hi)
 
 
-def start(x, u, eps, norm, x_min, x_max):
-    """The starting point of one row x (c, h, w) from its start draws u."""
+def start(x, u, eps, norm, x_min, x_max, project):
+    """The starting point of one row x (c, h, w) from its start draws u; ``project(v)``:
+    the nearest point to v of the L1 ball around x and the box."""
     c, h, w = x.shape
     if norm == "inf":
         delta = np.zeros((c, h, w))
@@ -84,17 +93,20 @@ def start(x, u, eps, norm, x_min, x_max):
     window = 0
     for top in tops:
         for left in lefts:
-            pattern = eta(side, u[window] > 0.5)
+            pattern = eta(side, u[window] > 0.5, norm)
             for ch in range(c):
                 delta[ch, top : top + side, left : left + side] += pattern * sign(
                     u[n_windows + window * c + ch]
                 )
             window += 1
+    if norm == "1":
+        return project(x + delta)
     return clip(x + delta / (math.sqrt((delta**2).sum()) + 1e-12) * eps, x_min, x_max)
 
 
-def update(x, x_best, u, eps, norm, side, x_min, x_max):
-    """One row's proposal: x, x_best (c, h, w), the update's draws u, window side."""
+def update(x, x_best, u, eps, norm, side, x_min, x_max, project):
+    """One row's proposal: x, x_best (c, h, w), the update's draws u, window side;
+    ``project`` as ``start`` takes it."""
     c, h, w = x.shape
     top, left = position(u[0], h, side), position(u[1], w, side)
     window = (slice(top, top + side), slice(left, left + side))
@@ -111,16 +123,24 @@ def update(x, x_best, u, eps, norm, side, x_min, x_max):
     union = np.zeros((h, w))
     union[window] = 1.0
     union[emptied] = 1.0
-    budget = max(eps**2 - (delta**2).sum(), 0.0) / c
+    if norm == "2":
+        budget = max(eps**2 - (delta**2).sum(), 0.0) / c
+    else:
+        budget = max(eps - np.abs(delta).sum(), 0.0) / c
     fresh = np.zeros((c, side, side))
     for ch in range(c):
         old = delta[ch][window]
-        moved = eta(side, u[4] > 0.5) * sign(u[5 + ch]) + old / (1e-12 + math.sqrt((old**2).sum()))
-        mass = budget + ((delta[ch] * union) ** 2).sum()
-        fresh[ch] = moved / (1e-12 + math.sqrt((moved**2).sum())) * math.sqrt(mass)
+        moved = eta(side, u[4] > 0.5, norm) * sign(u[5 + ch]) + old / (1e-12 + size(old, norm))
+        if norm == "2":
+            mass = math.sqrt(budget + ((delta[ch] * union) ** 2).sum())
+        else:  # the reference's L1 mass: c times that of one channel
+            mass = (budget + np.abs(delta[ch] * union).sum()) * c
+        fresh[ch] = moved / (1e-12 + size(moved, norm)) * mass
     for ch in range(c):
         delta[ch][emptied] = 0.0
         delta[ch][window] = fresh[ch]
+    if norm == "1":
+        return project(x + delta)
     return clip(x + delta / (math.sqrt((delta**2).sum()) + 1e-12) * eps, x_min, x_max)
 
 
@@ -146,6 +166,12 @@ def square(
     def margin(img, label):
         return worst_margin(flat(img)[None], [label], W1, b1, W2, b2)[0]
 
+    def projector(x):
+        def project(v):  # in the order of the row's features
+            return image(project_l1_box(flat(v), flat(x), eps * L1_SHRINK, x_min, x_max))
+
+        return project
+
     X = np.asarray(X, dtype=np.float64)
     X_adv = X.copy()
     queries_used = np.zeros(len(X), dtype=np.int64)
@@ -154,12 +180,11 @@ def square(
         if margin(x, label) < 0.0:
             continue
         start_width = c * w
-        if norm == "2":
+        if norm != "inf":
             side = max(min(h, w) // 5, 1)
             start_width = (h // side) * (w // side) * (1 + c)
-        x_best = start(
-            x, uniforms(seed, START_STREAM, first_row + n, start_width), eps, norm, x_min, x_max
-        )
+        u = uniforms(seed, START_STREAM, first_row + n, start_width)
+        x_best = start(x, u, eps, norm, x_min, x_max, projector(x))
         best = margin(x_best, label)
         used = 1
         for i in range(queries):
@@ -173,7 +198,7 @@ def square(
                 side += 1 if side % 2 == 0 else 0
             side = min(side, h, w)
             u = uniforms(seed, START_STREAM + 1 + i, first_row + n, (2 if norm == "inf" else 5) + c)
-            x_new = update(x, x_best, u, eps, norm, side, x_min, x_max)
+            x_new = update(x, x_best, u, eps, norm, side, x_min, x_max, projector(x))
             proposal = margin(x_new, label)
             used += 1
             if proposal < best:
