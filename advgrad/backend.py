@@ -5,8 +5,9 @@ A backend takes a validated ``Model`` and C-contiguous 2-D arrays of the model's
 their rows in float64, and training passes the parameters it updates as plain arrays. Every
 backend has the methods of ``CpuBackend`` (here) and ``advgrad.cuda_backend.CudaBackend``:
 gradients and steps, the gradients of the attack losses (``LOSSES``) and the logits,
-iterative attacks, APGD runs (``apgd_run``), DeepFool, the forward pass, certified bounds and
-radii, training gradients and optimiser updates. ``get_backend`` picks one by device name.
+iterative attacks, the runs of APGD, FAB and Square (``apgd_run``, ``fab_run``,
+``square_run``), DeepFool, the forward pass, certified bounds and radii, training gradients
+and optimiser updates. ``get_backend`` picks one by device name.
 
 What both backends share (``output_rows``, ``check_workspace``, the work estimates) lives in
 ``advgrad.backend_common`` and is re-exported here.
@@ -15,6 +16,7 @@ What both backends share (``output_rows``, ``check_workspace``, the work estimat
 from __future__ import annotations
 
 import numpy as np
+from numba import parallel_chunksize
 
 from advgrad.backend_common import (
     LOSSES,
@@ -31,6 +33,8 @@ from advgrad.backend_common import (
 )
 from advgrad.kernels import apgd as apgd_kernels
 from advgrad.kernels import cpu
+from advgrad.kernels import fab as fab_kernels
+from advgrad.kernels import square as square_kernels
 from advgrad.kernels.blas import blas_threads
 from advgrad.model import Model
 
@@ -235,7 +239,20 @@ class CpuBackend(HostOptimiser):
         return X_adv
 
     def apgd_run(
-        self, model: Model, X, labels, start, loss, *, targets, eps, p, windows, x_min, x_max
+        self,
+        model: Model,
+        X,
+        labels,
+        start,
+        loss,
+        *,
+        targets,
+        eps,
+        p,
+        windows,
+        x_min,
+        x_max,
+        topk_from_start=False,
     ):
         """One APGD run (``advgrad.apgd``; the kernels: ``advgrad.kernels.apgd``).
 
@@ -251,6 +268,8 @@ class CpuBackend(HostOptimiser):
         windows : (steps + 1,) int64, windows[i] > 0 the length of the checkpoint window
             that ends after step i (``advgrad.apgd.checkpoint_windows``)
         x_min, x_max : float, the box
+        topk_from_start : bool, L1: the first steps move a fraction of the coordinates set
+            by the start's moved ones, not ``L1_FIRST_TOPK`` (``apgd_update_into``)
 
         Returns
         -------
@@ -272,19 +291,104 @@ class CpuBackend(HostOptimiser):
         apgd_kernels.apgd_start_into(X, start, eps, p, x_min, x_max, current)
         network = (model.W1, model.b1, model.W2, model.b2)
         run = (X, *network, labels, targets, code, kappa, eps, p, x_min, x_max, windows)
+        iterates = (current, previous, best, best_G, adversarial, state)
         iterations = windows.shape[0]
         first = 0
         for count in step_slices(iterations, n_rows, gradient_work(model), SLICE_MULTIPLY_ADDS):
             _run_blocks(
                 apgd_kernels.apgd_steps_into,
                 apgd_kernels.apgd_steps_block,
-                (*run, first, count, current, previous, best, best_G, adversarial, state),
+                (*run, first, count, *iterates, topk_from_start),
                 rows=(0, 5, 6, 9, 16, 17, 18, 19, 20, 21),
                 work=gradient_work(model) * count,
             )
             first += count
         broken = state[:, apgd_kernels.STATE_BROKEN] != 0.0
         return best, state[:, apgd_kernels.STATE_BEST].astype(X.dtype), adversarial, broken
+
+    def fab_run(self, model: Model, X, labels, start, *, targets, p, steps, x_min, x_max):
+        """One FAB run (``advgrad.fab``; the kernels: ``advgrad.kernels.fab``).
+
+        Parameters
+        ----------
+        model : Model
+        X : (N, d) float32 or float64, C-contiguous, the model's dtype: the clean rows
+        labels : (N,) int, the true classes
+        start : (N, d) X's dtype, the starting points
+        targets : (N,) int, the target class of each row (FAB-T), or None: untargeted, the
+            nearest linearised boundary at each step
+        p : float, np.inf, 2.0 or 1.0
+        steps : int >= 1, the steps of the run
+        x_min, x_max : float, the box (infinite: none)
+
+        Returns
+        -------
+        closest : (N, d) X's dtype, the misclassified iterate closest to its row, where
+            found, else the row
+        distance : (N,) float64, its distance to the row in norm p, inf where none
+
+        The iterations run in slices (``step_slices``), each one fused kernel
+        (``fab_steps_into``). Raises ValueError (one line) for classes out of range.
+        """
+        loss = "ce" if targets is None else "logit-difference"
+        _, labels, targets, _ = loss_arguments(
+            model.n_classes, X.shape[0], loss, labels, targets, 0.0
+        )
+        n_rows = X.shape[0]
+        current = np.array(start, dtype=X.dtype, order="C")
+        closest = X.copy()
+        distance = np.full(n_rows, np.inf)
+        clean_hidden = np.empty((n_rows, model.n_hidden), dtype=X.dtype)
+        network = (model.W1, model.b1, model.W2, model.b2)
+        run = (X, *network, labels, targets, p, float(x_min), float(x_max), steps)
+        work = gradient_work(model) * (model.n_classes if targets.shape[0] == 0 else 1)
+        first = 0
+        for count in step_slices(steps + 1, n_rows, work, SLICE_MULTIPLY_ADDS):
+            _run_blocks(
+                fab_kernels.fab_steps_into,
+                fab_kernels.fab_steps_block,
+                (*run, first, count, current, closest, distance, clean_hidden),
+                rows=(0, 5, 6, 13, 14, 15, 16),
+                work=work * count,
+            )
+            first += count
+        return closest, distance
+
+    def square_run(self, model: Model, X, labels, rows, search, sides, first, count, state):
+        """Steps first, ..., first + count - 1 of a Square search (``advgrad.square``; the
+        kernel: ``advgrad.kernels.square.square_steps_into``), in place on ``state``.
+
+        Parameters
+        ----------
+        model : Model
+        X : (N, d) float32 or float64, C-contiguous, the model's dtype: the clean rows
+        labels, rows : (N,) int64, the true classes and each row's absolute index
+        search : (seed, stream, p, eps, x_min, x_max, image): the seed, the start's random
+            stream, the norm (np.inf, 2.0 or 1.0), the radius, the box (floats) and the
+            image (c, h, w, channels_last) ints
+        sides : (queries,) int64, the window side of each update
+        first, count : int, the steps to run (step 0 the start, step i update i - 1)
+        state : (X_best (N, d) X's dtype, margins (N,) float64, queries_used (N,) int64,
+            hidden (N, 2, H) float64, sizes (N,) float64), the search's state, written
+            by step 0 (see ``square_steps_into``)
+        """
+        seed, stream, p, eps, x_min, x_max, image = search
+        code = {
+            np.inf: square_kernels.NORM_INF,
+            2.0: square_kernels.NORM_2,
+            1.0: square_kernels.NORM_1,
+        }[p]
+        scalars = (X.dtype.type(eps), X.dtype.type(x_min), X.dtype.type(x_max))
+        network = (model.W1, model.b1, model.W2, model.b2)
+        given = (X, *network, labels, rows, seed, stream, code, *scalars, image, sides)
+        with parallel_chunksize(1):  # rows stop at different queries: blocks one by one
+            _run_blocks(
+                square_kernels.square_steps_into,
+                square_kernels.square_steps_block,
+                (*given, first, count, *state),
+                rows=(0, 5, 6, 17, 18, 19, 20, 21),
+                work=count * (image[0] + model.n_classes) * model.n_hidden,  # at least
+            )
 
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64.

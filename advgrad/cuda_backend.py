@@ -300,11 +300,24 @@ class CudaBackend(HostOptimiser):
         return X_adv
 
     def apgd_run(
-        self, model: Model, X, labels, start, loss, *, targets, eps, p, windows, x_min, x_max
+        self,
+        model: Model,
+        X,
+        labels,
+        start,
+        loss,
+        *,
+        targets,
+        eps,
+        p,
+        windows,
+        x_min,
+        x_max,
+        topk_from_start=False,
     ):
         """One APGD run: best (N, d), its loss (N,), the last misclassified iterate (N, d) and
         broken (N,) bool, as ``CpuBackend.apgd_run`` (within the rounding of the gradients;
-        the same refusals).
+        the same refusals and settings).
 
         Each chunk of rows is copied to the GPU once and runs every iteration there: the
         loss gradient (``kernels.loss_gradient_into``) into device scratch, then the update
@@ -352,6 +365,7 @@ class CudaBackend(HostOptimiser):
                     apgd_launchers.apgd_update_into(
                         *(X_d, eps_d, p, x_min, x_max, windows_d, step, labels_d, G, values),
                         *(predicted, current, previous, best_d, best_G, adversarial_d, state_d),
+                        topk_from_start,
                         stream=stream,
                         workspace=workspace,
                     )
@@ -360,6 +374,23 @@ class CudaBackend(HostOptimiser):
         inputs = (X, labels, targets, start, eps)
         self._stream(model, inputs, (best, adversarial, state), launch)
         return best, state[:, STATE_BEST].astype(X.dtype), adversarial, state[:, STATE_BROKEN] != 0
+
+    def fab_run(self, model: Model, X, labels, start, *, targets, p, steps, x_min, x_max):
+        """One FAB run, as ``CpuBackend.fab_run`` and on its CPU kernel, on the host arrays:
+        no CUDA twin of the fused FAB kernel (``advgrad.kernels.fab``) exists yet."""
+        from advgrad.backend import CpuBackend
+
+        return CpuBackend().fab_run(
+            model, X, labels, start, targets=targets, p=p, steps=steps, x_min=x_min, x_max=x_max
+        )
+
+    def square_run(self, model: Model, X, labels, rows, search, sides, first, count, state):
+        """Steps of a Square search, as ``CpuBackend.square_run`` and on its CPU kernel, on
+        the host arrays: a query moves one or two windows of a row and takes a few
+        microseconds, work a GPU would launch per query."""
+        from advgrad.backend import CpuBackend
+
+        CpuBackend().square_run(model, X, labels, rows, search, sides, first, count, state)
 
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""

@@ -1,12 +1,14 @@
-"""advgrad.fab: FAB-T equals a float64 per-row reference, its projections are the smallest
-feasible perturbations (against linear programs and the L2 optimality conditions), its
-results stay within eps and the box and are misclassified where changed, do not depend on
-the batch, and bad settings are refused."""
+"""advgrad.fab: FAB (untargeted) and FAB-T equal a float64 per-row reference, the kernel's
+projections (selection, no sort) equal the sort-based reference and are the smallest
+feasible perturbations (against linear programs and the L2 optimality conditions), results
+stay within eps and the box and are misclassified where changed, do not depend on the
+batch, the blocks or the thread count, and bad settings are refused."""
 
 from __future__ import annotations
 
 import re
 
+import numba
 import numpy as np
 import pytest
 import reference_fab
@@ -15,7 +17,9 @@ from scipy.optimize import brentq, linprog
 
 import advgrad
 from advgrad.attacks import ranked_targets
-from advgrad.fab import fab_targeted, projection
+from advgrad.backend import get_backend
+from advgrad.fab import fab, fab_targeted
+from advgrad.kernels import fab as kernels
 
 P = {"inf": np.inf, "2": 2.0, "1": 1.0}
 RADIUS = {"inf": 0.05, "2": 0.3, "1": 0.6}
@@ -39,6 +43,15 @@ def distances(X_adv, X, p):
     return np.linalg.norm((X_adv - X).astype(np.float64), ord=p, axis=1)
 
 
+def projection(p, X, W, gap, box):
+    """The kernel's projection (``hyperplane_projection``) of every row, (N, d) float64."""
+    D = np.empty(X.shape)
+    scratch, index = np.empty((2, X.shape[1])), np.empty(X.shape[1], dtype=np.int64)
+    for x, w, g, out in zip(X, W, gap, D, strict=True):
+        kernels.hyperplane_projection(p, x, w, g, *box, out, scratch, index)
+    return D
+
+
 @pytest.mark.parametrize("norm", ["inf", "2", "1"])
 @pytest.mark.parametrize("box", [(0.0, 1.0), (-np.inf, np.inf)])
 def test_fab_equals_the_reference(norm, box):
@@ -54,6 +67,111 @@ def test_fab_equals_the_reference(norm, box):
     np.testing.assert_allclose(X_adv, expected, rtol=0, atol=1e-12)
     changed = (X_adv != X).any(axis=1)
     assert 0 < changed.sum() < len(X)
+
+
+@pytest.mark.parametrize("norm", ["inf", "2", "1"])
+@pytest.mark.parametrize("box", [(0.0, 1.0), (-np.inf, np.inf)])
+def test_untargeted_fab_equals_the_reference(norm, box):
+    """Three runs (two from random starts), rows of absolute index 7 on, each step toward
+    the nearest linearised boundary: the same points as the per-row float64 reference."""
+    model, X, labels = random_case(seed=8)
+    settings = {"eps": RADIUS[norm], "steps": 10, "restarts": 3, "seed": 5}
+    settings |= {"x_min": box[0], "x_max": box[1]}
+    X_adv = fab(model, X, labels, norm=norm, first_row=7, **settings)
+    expected = reference_fab.fab(X, network(model), labels, p=P[norm], first_row=7, **settings)
+    np.testing.assert_allclose(X_adv, expected, rtol=0, atol=1e-12)
+    changed = (X_adv != X).any(axis=1)
+    assert 0 < changed.sum() < len(X)
+
+
+@pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
+def test_untargeted_steps_take_the_nearest_linearised_boundary(p):
+    """``nearest_boundary_block`` picks the reference's class (|f_k| / ||g_k||_q smallest,
+    q the dual norm) with its f_k and g_k; for L-inf and L1, on these rows, not always the
+    highest other logit."""
+    model, X, labels = random_case(seed=8)
+    Z = get_backend().logits(model, X)
+    A = 1.0 / (1.0 + np.exp(-(X @ model.W1 + model.b1)))
+    G, f = np.empty_like(X), np.empty(len(X))
+    kernels.nearest_boundary_block(A, Z.T.copy(), labels, model.W1, model.W2, p, G, f)
+    picked = []
+    for n, x in enumerate(X):
+        f_k, g_k, _ = reference_fab.nearest_boundary(x, network(model), labels[n], p)
+        np.testing.assert_allclose(G[n], g_k, rtol=1e-12, atol=1e-14)
+        assert f[n] == pytest.approx(f_k, rel=1e-12, abs=1e-14)
+        picked.append(
+            f[n] != Z[n, ranked_targets(Z[n : n + 1], labels[n : n + 1], 1)[0, 0]] - Z[n, labels[n]]
+        )
+    assert any(picked) or p == 2.0
+
+
+def grid_instances(seed, n_rows, d, box):
+    """Projection instances full of ties: points on a grid of a few values (on the bounds
+    among them), normals of a few magnitudes with zeros, gaps from 0 to past what the box
+    reaches (a fraction of the largest reachable change, or of ||w||_1 without a box)."""
+    rng = np.random.default_rng(seed)
+    X = rng.choice([0.0, 0.25, 0.5, 1.0], size=(n_rows, d))
+    W = rng.choice([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], size=(n_rows, d))
+    W[0] = 0.0  # a zero gradient
+    toward = np.where(W > 0.0, np.minimum(box[1], 2.0) - X, X - np.maximum(box[0], -1.0))
+    reach = (np.abs(W) * toward).sum(axis=1)
+    gap = reach * rng.choice([0.0, 0.01, 0.2, 0.6, 0.97, 1.2], size=n_rows)
+    gap *= rng.choice([-1.0, 1.0], size=n_rows)
+    return X, W, gap
+
+
+def random_instances(seed, n_rows, d, box):
+    """Projection instances without ties, of every size of gap up to past the box."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0.0, 1.0, (n_rows, d))
+    W = rng.normal(size=(n_rows, d)) * rng.choice([0.01, 1.0], size=(n_rows, d))
+    toward = np.where(W > 0.0, np.minimum(box[1], 2.0) - X, X - np.maximum(box[0], -1.0))
+    reach = (np.abs(W) * toward).sum(axis=1)
+    gap = reach * rng.uniform(0.0, 1.1, n_rows) * rng.choice([-1.0, 1.0], size=n_rows)
+    return X, W, gap
+
+
+@pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
+@pytest.mark.parametrize("box", [(0.0, 1.0), (-np.inf, np.inf), (0.0, np.inf), (-0.5, 0.75)])
+@pytest.mark.parametrize("instances", [grid_instances, random_instances])
+def test_projections_equal_the_sorted_reference(p, box, instances):
+    """The selection-based projection equals the sort-based one (ties: L1 takes equal |w|
+    by index, as a stable sort does) and the per-row reference, up to float64 rounding:
+    zero gradients, zero gaps, infeasible hyperplanes, rows of 5 to 300 coordinates."""
+    for seed, d in enumerate((5, 40, 300)):
+        X, W, gap = instances(seed, 30, d, box)
+        D = projection(p, X, W, gap, box)
+        expected = reference_fab.sorted_projection(p, X, W, gap, box)
+        scale = max(1.0, np.abs(expected).max())
+        np.testing.assert_allclose(D, expected, rtol=0, atol=1e-12 * scale)
+        for n in range(0, 30, 7):
+            row = reference_fab.project_row(p, X[n], W[n], gap[n], *box)
+            np.testing.assert_allclose(D[n], row, rtol=0, atol=1e-12 * max(1.0, abs(row).max()))
+        assert (D[W == 0.0] == 0.0).all()
+
+
+def test_level_selection_equals_the_sorted_level():
+    """``_level`` (filtering passes, then quickselect) against the sorted breakpoints: keys
+    0, 1, 2, ... of equal slope with the level near the top (each filtering pass saturates
+    only half the keys left, so the quickselect finds it), random keys with ties, zero
+    slopes and infinite keys (coordinates that never saturate), gaps past F's reach."""
+    rng = np.random.default_rng(6)
+    key, slope = rng.choice(rng.uniform(0.0, 3.0, 50), 200), rng.exponential(size=200)
+    slope[:20] = 0.0
+    key[20:25] = np.inf
+    instances = [(np.arange(300.0), np.ones(300)), (key, slope), (key[25:], slope[25:])]
+    for key, slope in instances:
+        finite = np.isfinite(key)
+        total = key[finite] @ slope[finite]
+        for fraction in (0.0, 1e-9, 0.3, 0.9, 0.999, 0.9999999, 1.0, 1.5):
+            gap = fraction * total
+            gain = np.zeros_like(key)
+            gain[finite] = key[finite] * slope[finite]
+            expected = reference_fab.sorted_level(
+                key[None], gain[None], slope[None], np.array([gap])
+            )
+            level = kernels._level(key.copy(), slope.copy(), len(key), gap)
+            assert level == pytest.approx(expected[0], rel=1e-12, abs=1e-15)
 
 
 def box_instances(seed, n_rows=40, d=7):
@@ -170,22 +288,30 @@ def test_projections_move_no_coordinate_further_out_of_the_box(p):
     np.testing.assert_allclose((W * D).sum(axis=1)[reachable], gap[reachable], rtol=1e-12)
 
 
+ATTACKS = {
+    "fab-t": lambda *arguments, **settings: fab_targeted(*arguments, target_classes=20, **settings),
+    "fab": lambda *arguments, **settings: fab(*arguments, restarts=2, **settings),
+}
+"""FAB-T with targets as many as there are, and untargeted FAB with a random restart."""
+
+
 @pytest.mark.parametrize("norm", ["inf", "2", "1"])
-def test_results_stay_within_eps_and_the_box_and_changed_rows_are_misclassified(norm):
-    """float32, the digits-like box [0, 1], targets as many as there are: every changed
-    row is misclassified, within eps of its row, in the box; FAB-T breaks more rows at a
-    larger eps."""
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_results_stay_within_eps_and_the_box_and_changed_rows_are_misclassified(norm, attack):
+    """float32, the digits-like box [0, 1]: every changed row is misclassified, within eps
+    of its row, in the box; more rows break at a larger eps."""
+    attack = ATTACKS[attack]
     model, X, labels = random_case(seed=11, dtype=np.float32)
     labels[:4] = (labels[:4] + 1) % 10  # rows the model misclassifies already: unchanged
-    settings = {"norm": norm, "steps": 20, "target_classes": 20, "x_min": 0.0, "x_max": 1.0}
-    X_adv = fab_targeted(model, X, labels, eps=RADIUS[norm], **settings)
+    settings = {"norm": norm, "steps": 20, "x_min": 0.0, "x_max": 1.0}
+    X_adv = attack(model, X, labels, eps=RADIUS[norm], **settings)
     assert X_adv.dtype == np.float32 and X_adv.shape == X.shape
     changed = (X_adv != X).any(axis=1)
     assert not changed[:4].any()
     assert (advgrad.predict(model, X_adv[changed]) != labels[changed]).all()
     assert (distances(X_adv, X, P[norm]) <= RADIUS[norm] * (1 + 1e-6)).all()
     assert X_adv.min() >= 0.0 and X_adv.max() <= 1.0
-    wider = fab_targeted(model, X, labels, eps=2 * RADIUS[norm], **settings)
+    wider = attack(model, X, labels, eps=2 * RADIUS[norm], **settings)
     broken_wider = (advgrad.predict(model, wider) != labels)[4:]
     assert changed.sum() < broken_wider.sum()
     assert broken_wider[changed[4:]].all()
@@ -198,21 +324,57 @@ def test_targets_are_the_highest_other_logits():
 
 
 @pytest.mark.parametrize("norm", ["inf", "2", "1"])
-def test_results_do_not_depend_on_the_batch(norm):
+@pytest.mark.parametrize("attack", [fab_targeted, fab])
+def test_results_do_not_depend_on_the_batch(norm, attack):
     """64 rows at once equal 4 slices of 16 given their first_row (an int or each row's
     index), bitwise."""
     model, X, labels = random_case(seed=17, dtype=np.float32)
     settings = {"eps": RADIUS[norm], "norm": norm, "steps": 10, "restarts": 2, "seed": 9}
-    settings |= {"target_classes": 2, "x_min": 0.0, "x_max": 1.0}
-    whole = fab_targeted(model, X, labels, **settings)
+    settings |= {"x_min": 0.0, "x_max": 1.0}
+    if attack is fab_targeted:
+        settings["target_classes"] = 2
+    whole = attack(model, X, labels, **settings)
     parts = [
-        fab_targeted(model, X[i : i + 16], labels[i : i + 16], first_row=i, **settings)
+        attack(model, X[i : i + 16], labels[i : i + 16], first_row=i, **settings)
         for i in range(0, 64, 16)
     ]
     assert np.array_equal(whole, np.concatenate(parts))
     rows = np.arange(5, 64, 3)
-    picked = fab_targeted(model, X[rows], labels[rows], first_row=rows, **settings)
+    picked = attack(model, X[rows], labels[rows], first_row=rows, **settings)
     assert np.array_equal(picked, whole[rows])
+
+
+@pytest.mark.parametrize("untargeted", [False, True])
+def test_the_kernel_does_not_depend_on_blocks_threads_or_slices(untargeted):
+    """``fab_steps_into`` on 100 rows (several blocks), with one thread and with all, in
+    one call or in slices of iterations, equals ``fab_steps_block`` on all the rows at once
+    (one block), bitwise."""
+    model, X, labels = random_case(seed=19, dtype=np.float32, n_rows=100)
+    targets = np.empty(0, np.int64)
+    if not untargeted:
+        targets = ranked_targets(get_backend().logits(model, X), labels, 1)[:, 0]
+    network = (model.W1, model.b1, model.W2, model.b2)
+    run = (X, *network, labels.astype(np.int64), targets, np.inf, 0.0, 1.0, 8)
+    assert len(X) > 3 * kernels.ROWS_PER_BLOCK
+
+    def state():
+        hidden = np.empty((len(X), model.n_hidden), dtype=X.dtype)
+        return X.copy(), X.copy(), np.full(len(X), np.inf), hidden
+
+    expected = state()
+    kernels.fab_steps_block(*run, 0, 9, *expected)
+    assert np.isfinite(expected[2]).sum() > 10
+    threads = numba.get_num_threads()
+    try:
+        for n_threads, slices in ((1, ((0, 9),)), (threads, ((0, 4), (4, 1), (5, 4)))):
+            numba.set_num_threads(n_threads)
+            result = state()
+            for first, count in slices:
+                kernels.fab_steps_into(*run, first, count, *result)
+            for a, b in zip(result, expected, strict=True):
+                assert np.array_equal(a, b)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def test_the_seed_and_the_row_index_pick_the_random_starts():
@@ -236,16 +398,17 @@ def test_the_seed_and_the_row_index_pick_the_random_starts():
         )
 
 
-def test_inputs_stay_unchanged_and_labels_default_to_the_predictions():
+@pytest.mark.parametrize("attack", [fab_targeted, fab])
+def test_inputs_stay_unchanged_and_labels_default_to_the_predictions(attack):
     model, X, labels = random_case(dtype=np.float32)
     kept = X.copy()
     settings = {"eps": 0.05, "steps": 5, "x_min": 0.0, "x_max": 1.0}
-    first = fab_targeted(model, X, labels, **settings)
+    first = attack(model, X, labels, **settings)
     assert np.array_equal(X, kept)
-    assert np.array_equal(fab_targeted(model, X, **settings), first)
+    assert np.array_equal(attack(model, X, **settings), first)
     images = X.reshape(64, 4, 5)
-    assert np.array_equal(fab_targeted(model, images, labels, **settings), first.reshape(64, 4, 5))
-    assert fab_targeted(model, X[:0], labels[:0], **settings).shape == (0, 20)
+    assert np.array_equal(attack(model, images, labels, **settings), first.reshape(64, 4, 5))
+    assert attack(model, X[:0], labels[:0], **settings).shape == (0, 20)
 
 
 @pytest.mark.parametrize(
@@ -278,3 +441,22 @@ def test_fab_refuses_bad_settings(options, message):
     arguments = {"labels": labels, "eps": 0.1} | options
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         fab_targeted(model, X, **arguments)
+    if "target_classes" not in options:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            fab(model, X, **arguments)
+
+
+@pytest.mark.parametrize("targeted", [True, False])
+def test_the_cuda_backend_runs_the_cpu_kernel_on_the_host_rows(targeted):
+    from advgrad.cuda_backend import CudaBackend
+
+    model, X, labels = random_case(seed=17, dtype=np.float32)
+    targets = None
+    if targeted:
+        targets = ranked_targets(get_backend().logits(model, X), labels, 1)[:, 0]
+    settings = {"targets": targets, "p": 1.0, "steps": 6, "x_min": 0.0, "x_max": 1.0}
+    expected = get_backend().fab_run(model, X, labels, X, **settings)
+    got = CudaBackend().fab_run(model, X, labels, X, **settings)
+    assert np.isfinite(expected[1]).any()
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
