@@ -17,14 +17,22 @@ import operator
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import ndtri
 
 from advgrad.backend import get_backend
 from advgrad.model import Model
 
 NORMS = {"inf": np.inf, "2": 2.0, "1": 1.0}
 GRADIENT_METHODS = ("fgsm", "bim", "pgd", "mifgsm", "deepfool")
-EVALUATION_METHODS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square", "autoattack", "cw")
+EVALUATION_METHODS = (
+    "apgd-ce",
+    "apgd-dlr",
+    "apgd-t",
+    "fab",
+    "fab-t",
+    "square",
+    "autoattack",
+    "cw",
+)
 """The evaluation-grade attacks (``advgrad.autoattack``): each runs its own schedule,
 against the labels or the clean predictions, untargeted (APGD-T chooses its targets) but
 for C&W."""
@@ -40,9 +48,12 @@ the norm of its perturbation where the attack succeeds."""
 PER_ROW_EPS_METHODS = (*GRADIENT_METHODS, "apgd-ce", "apgd-dlr", "apgd-t", "cw")
 """Attacks whose minimal eps a row can have (``minimal_eps``): they take an eps per row, or
 (DeepFool, C&W) need none. Square, FAB-T and AutoAttack take one eps for every row."""
+TARGET_CLASSES = 9
+"""Default number of targets of APGD-T, FAB-T and AutoAttack's targeted attacks (at most
+C - 1 are used), the reference's."""
 DEFAULT_STEPS = {"bim": 10, "pgd": 10, "mifgsm": 10, "cw": 1000}
 """Default ``steps`` of the methods not in it: 100 (APGD, as the reference; 1 for fgsm)."""
-VERSIONS = ("standard", "rand")
+VERSIONS = ("standard", "plus", "rand")
 """AutoAttack versions (``advgrad.autoattack.VERSIONS``)."""
 TARGET_MODES = ("random", "least-likely")
 RANDOM_GROUP_ROWS = 256
@@ -184,20 +195,22 @@ class Attack:
         "deepfool", or one of ``EVALUATION_METHODS``: "apgd-ce", "apgd-dlr", "apgd-t",
         "square", "autoattack"
     eps : radius of the perturbation in ``norm`` (DeepFool, C&W: not used)
-    norm : "inf", "2" or "1" (DeepFool, Square, AutoAttack: "inf" or "2")
+    norm : "inf", "2" or "1" (DeepFool: "inf" or "2"; C&W: "2"; AutoAttack's "plus" version:
+        "inf" or "2")
     steps : iterations of bim, pgd and mifgsm (None: 10), of APGD and AutoAttack's APGD
         (None: 100)
     step_size : step length alpha; None: 2.5 eps / steps for pgd (Madry et al.), eps / steps
         for bim and mifgsm (APGD sets its own)
-    restarts : pgd and APGD runs from independent random starts; each row keeps its worst case
+    restarts : pgd, APGD and FAB runs from independent random starts; each row keeps its worst
+        case. None: 1, and for AutoAttack its version's (``advgrad.autoattack.VERSIONS``)
     decay : mifgsm momentum decay mu
     overshoot, max_iter : DeepFool's overshoot and iteration limit
     target : None (untargeted), a class index, "random" or "least-likely"
     seed : seeds every random choice
-    target_classes : APGD-T (and AutoAttack's targeted attacks): the highest non-true
-        classes attacked in turn, at most C - 1
+    target_classes : APGD-T, FAB-T (and AutoAttack's targeted attacks): the highest
+        non-true classes attacked in turn, at most C - 1; None: ``TARGET_CLASSES``
     queries : Square's queries per row
-    version : AutoAttack's version, "standard" or "rand" (``advgrad.autoattack.VERSIONS``)
+    version : AutoAttack's version, "standard", "plus" or "rand" (``advgrad.autoattack.VERSIONS``)
     confidence, search_steps : C&W's margin kappa and its binary search steps over c (its
         ``steps`` are Adam's per search step, default 1000)
     l1_coordinates : norm "1" with fgsm, bim, pgd or mifgsm only: each step moves eps / q
@@ -212,13 +225,13 @@ class Attack:
     norm: str = "inf"
     steps: int | None = None
     step_size: float | None = None
-    restarts: int = 1
+    restarts: int | None = None
     decay: float = 1.0
     overshoot: float = 0.02
     max_iter: int = 50
     target: int | str | None = None
     seed: int = 0
-    target_classes: int = 9
+    target_classes: int | None = None
     queries: int = 5000
     version: str = "standard"
     confidence: float = 0.0
@@ -231,17 +244,17 @@ class Attack:
         object.__setattr__(self, "norm", str(self.norm).removesuffix(".0"))
         norm_order(self.norm)
         check_radius("eps", self.eps)
+        if self.version not in VERSIONS:
+            raise ValueError(f"version must be one of {', '.join(VERSIONS)}, got {self.version!r}")
         for name in (
             "n_steps",
-            "restarts",
+            "n_restarts",
             "max_iter",
-            "target_classes",
+            "n_target_classes",
             "queries",
             "search_steps",
         ):
             check_count(name.removeprefix("n_"), getattr(self, name))
-        if self.version not in VERSIONS:
-            raise ValueError(f"version must be one of {', '.join(VERSIONS)}, got {self.version!r}")
         if self.method in EVALUATION_METHODS:
             self._check_evaluation_method()
         check_seed(self.seed)
@@ -276,8 +289,16 @@ class Attack:
             )
         if self.step_size is not None:
             raise ValueError(f"{self.method} sets its own step size; drop the step size")
-        if self.norm == "1":
-            raise ValueError(f"{self.method} supports the norms inf and 2, got '1'")
+        if self.method == "autoattack" and self.norm == "1" and self.version == "standard":
+            from advgrad.apgd import radius_stages  # it builds on this module
+
+            try:
+                radius_stages(self.n_steps, large_radii=True)
+            except ValueError:
+                raise ValueError(
+                    "autoattack in L1 runs APGD's steps at 3 eps, 2 eps, then eps, which "
+                    f"leaves no step at eps of steps={self.n_steps}: take 3 or at least 5"
+                ) from None
 
     def check_range(self, dtype) -> None:
         """Refuse (ValueError) an eps or step size beyond the largest value of ``dtype``,
@@ -289,6 +310,24 @@ class Attack:
     def n_steps(self) -> int:
         """``steps``, or the method's default where it is None (``DEFAULT_STEPS``)."""
         return DEFAULT_STEPS.get(self.method, 100) if self.steps is None else self.steps
+
+    @property
+    def n_target_classes(self) -> int:
+        """``target_classes``, or ``TARGET_CLASSES`` (9) where it is None (AutoAttack's L1
+        APGD-T then takes its version's 5)."""
+        return TARGET_CLASSES if self.target_classes is None else self.target_classes
+
+    @property
+    def n_restarts(self) -> int:
+        """``restarts``, or where it is None 1, and for AutoAttack the restarts its version
+        gives its untargeted APGD and FAB (``advgrad.autoattack.version_restarts``)."""
+        if self.restarts is not None:
+            return self.restarts
+        if self.method == "autoattack":
+            from advgrad.autoattack import version_restarts  # it builds on this module
+
+            return version_restarts(self.version, self.norm)
+        return 1
 
     def l1_step_coordinates(self, n_features: int, clip=(-math.inf, math.inf)) -> int:
         """q, the coordinates an L1 step moves on rows of ``n_features`` features clipped to
@@ -330,9 +369,9 @@ class Attack:
         if self.method in EVALUATION_METHODS:
             out["eps"] = self.eps
             if self.method != "square":
-                out |= {"steps": self.n_steps, "restarts": self.restarts}
-            if self.method in ("apgd-t", "autoattack"):
-                out["target_classes"] = self.target_classes
+                out |= {"steps": self.n_steps, "restarts": self.n_restarts}
+            if self.method in ("apgd-t", "fab-t", "autoattack"):
+                out["target_classes"] = self.n_target_classes
             if self.method in ("square", "autoattack"):
                 out["queries"] = self.queries
             if self.method == "autoattack":
@@ -342,7 +381,7 @@ class Attack:
             out |= {"eps": self.eps, "step_size": self.alpha}
             out["steps"] = 1 if self.method == "fgsm" else self.n_steps
         if self.method == "pgd":
-            out["restarts"] = self.restarts
+            out["restarts"] = self.n_restarts
         if self.method == "mifgsm":
             out["decay"] = self.decay
         if self.l1_coordinates is not None:
@@ -414,6 +453,8 @@ def random_in_ball(seed: int, stream: int, index: np.ndarray, d: int, p: float) 
     if p == np.inf:
         return 2.0 * u[:, :d] - 1.0
     if p == 2.0:
+        from scipy.special import ndtri  # 0.15 s to import: only where a draw needs it
+
         direction = ndtri(u[:, :d])
         length = np.linalg.norm(direction, axis=1, keepdims=True)
         return direction / np.maximum(length, 1e-300) * u[:, d : d + 1] ** (1.0 / d)
@@ -536,7 +577,7 @@ def perturb(
     radius = np.ascontiguousarray(radius)
     decay = attack.decay if attack.method == "mifgsm" else 0.0
     best, best_score = None, None
-    for restart in range(attack.restarts if attack.method == "pgd" else 1):
+    for restart in range(attack.n_restarts if attack.method == "pgd" else 1):
         start = rows
         if attack.method == "pgd":
             ball = random_in_ball(attack.seed, restart, index, rows.shape[1], p)
@@ -547,7 +588,7 @@ def perturb(
             out=out if best is None else None,
             l1_coordinates=coordinates,
         )
-        if attack.method != "pgd" or attack.restarts == 1:
+        if attack.method != "pgd" or attack.n_restarts == 1:
             return X_adv
         _, losses, predicted = backend.forward(model, X_adv, labels.Y)
         hit = success_of(labels.reference, predicted, attack.targeted)

@@ -2,26 +2,34 @@
 
 The evaluation-grade attacks, each written once in its own module over the backend, run
 here under the settings an ``advgrad.attacks.Attack`` gives them: APGD with the
-cross-entropy or DLR loss (``advgrad.apgd``), APGD-T, FAB-T (``advgrad.fab``) and Square
-(``advgrad.square``). :func:`ensemble` is AutoAttack's protocol, as the reference
+cross-entropy or DLR loss (``advgrad.apgd``), APGD-T, FAB and FAB-T (``advgrad.fab``) and
+Square (``advgrad.square``). :func:`ensemble` is AutoAttack's protocol, as the reference
 implementation (fra31/auto-attack) runs it: the attacks of a version run in turn, each
 only on the rows that every attack before it left classified correctly; a row broken by
 an attack takes that attack's adversarial point and is not attacked again; rows no attack
 breaks, and rows the model already gets wrong, keep their clean values.
 
-Versions (``VERSIONS``), for the norms inf and 2:
+Versions (``VERSIONS``: the attacks in order, each with its restarts), for the norms inf
+and 2, as the reference sets them:
 
-- "standard": APGD-CE (``steps``, ``restarts``, default 100 and 1), APGD-T (the
-  ``target_classes`` highest non-true classes, default 9), FAB-T (as many targets) and
-  Square (``queries``, default 5000);
-- "rand": APGD-CE and APGD-DLR, for randomised defences; the reference averages 20
-  gradients per step (EOT), which for a deterministic network are one gradient, so each
-  step takes it once.
+- "standard": APGD-CE (``steps``, default 100; one run), APGD-T (the ``target_classes``
+  highest non-true classes, default 9, one run each), FAB-T (as many targets) and Square
+  (``queries``, default 5000);
+- "plus": APGD-CE and APGD-DLR with 5 restarts each, untargeted FAB with 5 restarts,
+  Square, then APGD-T and FAB-T as in "standard";
+- "rand": APGD-CE and APGD-DLR, one run each, for randomised defences; the reference
+  averages 20 gradients per step (EOT), which for a deterministic network are one
+  gradient, so each step takes it once.
+
+``restarts``, where given, replaces the restarts of the untargeted APGD and FAB runs of
+every version (the reference's ``apgd.n_restarts`` and ``fab.n_restarts``); the targeted
+attacks run once per target, as there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,14 +45,53 @@ from advgrad.attacks import (
     row_indices,
 )
 from advgrad.cw import carlini_wagner_l2
-from advgrad.fab import fab_targeted
+from advgrad.fab import fab, fab_targeted
 from advgrad.model import Model
 from advgrad.square import square
 
+
+class Component(NamedTuple):
+    """One attack of a version, as the reference sets it."""
+
+    method: str
+    restarts: int = 1
+    """runs; the untargeted APGD and FAB take ``Attack.restarts`` instead, where given"""
+    target_classes: int | None = None
+    """the targeted attacks' targets; None: ``Attack.n_target_classes``"""
+    large_radii: bool = False
+    """L1 APGD: runs at 3 eps, 2 eps, then eps (``advgrad.apgd.radius_stages``)"""
+
+
 VERSIONS = {
-    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
-    "rand": ("apgd-ce", "apgd-dlr"),
+    "standard": (
+        Component("apgd-ce"),
+        Component("apgd-t"),
+        Component("fab-t"),
+        Component("square"),
+    ),
+    "plus": (
+        Component("apgd-ce", restarts=5),
+        Component("apgd-dlr", restarts=5),
+        Component("fab", restarts=5),
+        Component("square"),
+        Component("apgd-t"),
+        Component("fab-t"),
+    ),
+    "rand": (Component("apgd-ce"), Component("apgd-dlr")),
 }
+"""Each version's attacks for the norms inf and 2, in the order they run."""
+L1_VERSIONS = {
+    "standard": (
+        Component("apgd-ce", restarts=5, large_radii=True),
+        Component("apgd-t", target_classes=5, large_radii=True),
+        Component("fab-t"),
+        Component("square"),
+    ),
+    "rand": VERSIONS["rand"],
+}
+"""The versions for the norm 1 (the reference's "plus" is for inf and 2)."""
+UNTARGETED_RESTARTS = ("apgd-ce", "apgd-dlr", "fab")
+"""The attacks whose restarts ``Attack.restarts`` sets in a version, where given."""
 CLEAN = 0
 """``broken_by`` of a row the model already misclassifies."""
 ROBUST = -1
@@ -60,7 +107,7 @@ class EnsembleResult:
     X_adv : (N, d), the rows' dtype: the adversarial point of each broken row, else the row
     broken_by : (N,) int8: k >= 1 when ``components[k - 1]`` broke the row, ``CLEAN`` (0)
         when the clean row is already misclassified, ``ROBUST`` (-1) when no attack broke it
-    components : the attacks run, in order (``VERSIONS``)
+    components : the attacks run, in order (the names of ``VERSIONS``)
     """
 
     X_adv: np.ndarray
@@ -78,7 +125,36 @@ def broken_by_names(attack: Attack) -> list[str] | None:
     other attacks (no such column)."""
     if attack.method != "autoattack":
         return None
-    return ["clean", *VERSIONS[attack.version]]
+    return ["clean", *components(attack.version, attack.norm)]
+
+
+def version_components(version: str, norm: str = "inf") -> tuple[Component, ...]:
+    """The attacks of ``version`` for ``norm`` ("inf", "2" or "1"), in the order they run;
+    ValueError (one line) for a version the norm does not have."""
+    versions = L1_VERSIONS if str(norm).removesuffix(".0") == "1" else VERSIONS
+    if version not in versions:
+        raise ValueError(
+            f"autoattack's {version} version is for the norms inf and 2; in L1: "
+            f"{', '.join(L1_VERSIONS)}"
+        )
+    return versions[version]
+
+
+def components(version: str, norm: str = "inf") -> tuple[str, ...]:
+    """The names of the attacks of ``version`` for ``norm``, in the order they run."""
+    return tuple(component.method for component in version_components(version, norm))
+
+
+def version_restarts(version: str, norm: str = "inf") -> int:
+    """The restarts ``version`` gives its untargeted APGD and FAB runs (1 where it has none)."""
+    return max(
+        (
+            component.restarts
+            for component in version_components(version, norm)
+            if component.method in UNTARGETED_RESTARTS
+        ),
+        default=1,
+    )
 
 
 def run_attack(
@@ -92,6 +168,7 @@ def run_attack(
     first_row,
     backend,
     image_shape=None,
+    large_radii: bool = False,
 ) -> np.ndarray:
     """One evaluation-grade attack (``advgrad.attacks.EVALUATION_METHODS``) on prepared
     rows (N, d) against ``labels.reference`` (N,) int64 (C&W, targeted: towards it);
@@ -99,7 +176,8 @@ def run_attack(
 
     ``eps`` overrides ``attack.eps``; ``first_row`` is the absolute index of the first row,
     or (N,) that of every row (random draws depend on it, not on the batch; see
-    ``advgrad.attacks.row_indices``); ``image_shape`` the rows' image shape for Square.
+    ``advgrad.attacks.row_indices``); ``image_shape`` the rows' image shape for Square;
+    ``large_radii``: APGD's L1 runs at 3 eps, 2 eps, then eps (AutoAttack's L1).
     """
     reference = labels.reference
     if attack.method == "cw":
@@ -137,17 +215,24 @@ def run_attack(
         "backend": backend,
         "first_row": first_row,
     }
-    runs = {"steps": attack.n_steps, "restarts": attack.restarts}
+    runs = {"steps": attack.n_steps, "restarts": attack.n_restarts}
     if attack.method in ("apgd-ce", "apgd-dlr"):
         loss = attack.method.removeprefix("apgd-")
-        return apgd(model, rows, reference, loss=loss, **runs, **common)
+        return apgd(model, rows, reference, loss=loss, large_radii=large_radii, **runs, **common)
     if attack.method == "apgd-t":
+        targets = attack.n_target_classes
         return apgd_targeted(
-            model, rows, reference, target_classes=attack.target_classes, **runs, **common
+            *(model, rows, reference),
+            target_classes=targets,
+            large_radii=large_radii,
+            **runs,
+            **common,
         )
+    if attack.method == "fab":
+        return fab(model, rows, reference, **runs, **common)
     if attack.method == "fab-t":
         return fab_targeted(
-            model, rows, reference, target_classes=attack.target_classes, **runs, **common
+            model, rows, reference, target_classes=attack.n_target_classes, **runs, **common
         )
     if attack.method == "square":
         X_adv, _ = square(
@@ -171,29 +256,42 @@ def ensemble(
 ) -> EnsembleResult:
     """AutoAttack of ``attack.version`` on prepared rows (N, d) against the classes
     ``reference`` (N,) int64; the arguments are those of :func:`run_attack`."""
-    components = VERSIONS[attack.version]
     first_row = row_indices(first_row, len(rows))
     no_labels = np.zeros((0, model.n_classes), dtype=rows.dtype)
     predicted = backend.forward(model, rows, no_labels)[2]
     labels_of = label_matrix(model, reference, len(rows))
     X_adv = rows.copy()
     broken_by = np.where(predicted == reference, ROBUST, CLEAN).astype(np.int8)
-    for k, method in enumerate(components, start=1):
+    for k, component in enumerate(version_components(attack.version, attack.norm), start=1):
         todo = np.flatnonzero(broken_by == ROBUST)
         if not todo.size:
             break
         part = Labels(labels_of[todo], reference[todo], predicted[todo])
         X_try = run_attack(
-            *(model, rows[todo], part, replace(attack, method=method), clip),
+            *(model, rows[todo], part, component_attack(attack, component), clip),
             eps=eps,
             first_row=first_row[todo],
             backend=backend,
             image_shape=image_shape,
+            large_radii=component.large_radii,
         )
         hit = backend.forward(model, X_try, no_labels)[2] != reference[todo]
         X_adv[todo[hit]] = X_try[hit]
         broken_by[todo[hit]] = k
-    return EnsembleResult(X_adv, broken_by, components)
+    return EnsembleResult(X_adv, broken_by, components(attack.version, attack.norm))
+
+
+def component_attack(attack: Attack, component: Component) -> Attack:
+    """The ``Attack`` that runs ``component`` of AutoAttack ``attack``: its method, its
+    restarts (``attack.restarts`` for the untargeted APGD and FAB, where given) and its
+    targets (``attack.target_classes`` where given)."""
+    restarts = component.restarts
+    if attack.restarts is not None and component.method in UNTARGETED_RESTARTS:
+        restarts = attack.restarts
+    targets = attack.target_classes
+    if targets is None:
+        targets = component.target_classes
+    return replace(attack, method=component.method, restarts=restarts, target_classes=targets)
 
 
 def auto_attack(

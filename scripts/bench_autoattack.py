@@ -10,11 +10,19 @@ and at its end, side by side, and the difference (advgrad minus torchattacks, in
 the issue asks it never to exceed 0.5). The torchattacks side runs its four attacks in
 turn on the rows still correct, as its ``MultiAttack`` does, to read the accuracy between them.
 
-Speed: the whole command ``advgrad evaluate --method autoattack`` (a subprocess, cold
-start included, but the kernels already compiled) on the bundled digits, and
-``auto_attack`` on --rows rows of the large network, against torchattacks' AutoAttack on
-the same rows, with torch on the same number of threads (every core). Each is timed once
-(these runs take minutes).
+Settings. torchattacks 3.5's "standard" runs APGD, APGD-T and FAB for 10 steps (its
+classes' default), where the reference (fra31/auto-attack) and advgrad run 100; Square
+runs 5000 queries in both. The speed section therefore times advgrad twice: with the
+reference's settings (its default) and with torchattacks' (``steps=10``), the same work
+as torchattacks does.
+
+Speed: the seconds of each attack of the ensemble and of the whole, for advgrad (each
+attack on the rows still correct, as the ensemble runs them) and torchattacks, on the
+bundled digits (L-inf 0.1) and on --large-rows rows of a random (784, 256, 10) network
+(L-inf 0.02, where no attack breaks a row, so that every attack runs on every row), with
+torch on every core; and the whole command ``advgrad evaluate --method autoattack`` on the
+digits (a subprocess, Python's start included, the kernels already compiled). Each is timed
+once (these runs take minutes).
 
 torch and torchattacks are not dependencies of advgrad; without them only advgrad's side
 runs::
@@ -33,10 +41,11 @@ import time
 import numpy as np
 
 import advgrad
-from advgrad.autoattack import VERSIONS, auto_attack
+from advgrad.attacks import Attack
+from advgrad.autoattack import auto_attack, components
 from advgrad.bundled import MODEL, TEST_DATA, bundled_path
 
-STAGES = VERSIONS["standard"]
+STAGES = components("standard")
 TORCH_NORMS = {"inf": "Linf", "2": "L2"}
 
 
@@ -58,8 +67,8 @@ def random_case(n_rows: int, seed: int):
 
 
 def torch_autoattack(model, X, y, image_shape, norm: str, eps: float):
-    """torchattacks' robust accuracy after each attack of its standard AutoAttack, and
-    the seconds it took, or None without torch."""
+    """torchattacks' robust accuracy after each attack of its standard AutoAttack and the
+    seconds each attack took, or None without torch."""
     try:
         import torch
         import torchattacks
@@ -75,25 +84,63 @@ def torch_autoattack(model, X, y, image_shape, norm: str, eps: float):
         net, norm=TORCH_NORMS[norm], eps=eps, version="standard", n_classes=model.n_classes, seed=0
     )
     robust = (net(images).argmax(1) == labels).numpy()
-    accuracies = []
-    started = time.perf_counter()
+    accuracies, seconds = [], []
     for component in attack._autoattack.attacks:
         todo = np.flatnonzero(robust)
+        started = time.perf_counter()
         if todo.size:
             adversarial = component(images[todo], labels[todo])
             with torch.no_grad():
                 broken = (net(adversarial).argmax(1) != labels[todo]).numpy()
             robust[todo[broken]] = False
+        seconds.append(time.perf_counter() - started)
         accuracies.append(robust.mean())
-    return accuracies, time.perf_counter() - started
+    return accuracies, seconds
 
 
 def advgrad_autoattack(model, X, y, image_shape, norm: str, eps: float):
+    """advgrad's robust accuracy after each attack of AutoAttack standard, and its seconds."""
     started = time.perf_counter()
     result = auto_attack(model, X.reshape(len(X), *image_shape), y, eps=eps, norm=norm, clip=(0, 1))
     seconds = time.perf_counter() - started
     accuracies = [result.robust_after(k).mean() for k in range(1, len(STAGES) + 1)]
     return accuracies, seconds
+
+
+def advgrad_stage_seconds(model, X, y, eps: float, steps: int | None) -> list[float]:
+    """The seconds of each attack of advgrad's AutoAttack standard (L-inf), each run on
+    the rows the ones before it left correct, as the ensemble runs them."""
+    robust = advgrad.predict(model, X) == y
+    seconds = []
+    for method in STAGES:
+        todo = np.flatnonzero(robust)
+        started = time.perf_counter()
+        if todo.size:
+            attack = Attack(method, eps=eps, steps=steps)
+            X_adv = advgrad.run(model, X[todo], y[todo], attack, clip=(0.0, 1.0))
+            robust[todo[advgrad.predict(model, X_adv) != y[todo]]] = False
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def timing_table(name: str, model, X, y, shape, eps: float) -> None:
+    """The seconds of each attack and of the whole, advgrad (both settings) and torchattacks."""
+    rows = {
+        "advgrad, reference settings (100 steps)": advgrad_stage_seconds(model, X, y, eps, None),
+        "advgrad, torchattacks' settings (10 steps)": advgrad_stage_seconds(model, X, y, eps, 10),
+    }
+    theirs = torch_autoattack(model, X, y, shape, "inf", eps)
+    if theirs is not None:
+        rows["torchattacks 3.5 (10 steps)"] = theirs[1]
+    print(f"\n  {name}, {len(X)} rows, L-inf eps {eps}: seconds")
+    print(f"  {'':44} " + " ".join(f"{stage:>8}" for stage in STAGES) + f" {'total':>8}")
+    for label, seconds in rows.items():
+        cells = " ".join(f"{s:8.2f}" for s in seconds)
+        print(f"  {label:44} {cells} {sum(seconds):8.2f}")
+    if theirs is not None:
+        total = sum(theirs[1])
+        for label, seconds in list(rows.items())[:2]:
+            print(f"  torchattacks / {label}: {total / sum(seconds):.1f}x")
 
 
 def strength(cases, radii) -> None:
@@ -119,31 +166,33 @@ def strength(cases, radii) -> None:
 def speed(large_rows: int) -> None:
     print("\nSpeed (seconds, one run each; torch on", os.cpu_count(), "threads)")
     name, model, X, y, shape = digits_case()
-    command = [
-        *(sys.executable, "-m", "advgrad", "evaluate", "--method", "autoattack"),
-        *("--eps", "0.1", "--min-eps", "0"),
-    ]
-    subprocess.run(command, check=True, capture_output=True)  # compile, fill the caches
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    ours = time.perf_counter() - started
-    theirs = torch_autoattack(model, X, y, shape, "inf", 0.1)
-    ratio = "-" if theirs is None else f"{theirs[1] / ours:.1f}x"
-    spent = "-" if theirs is None else f"{theirs[1]:.1f}"
-    print(
-        f"  `advgrad evaluate --method autoattack` on {name}, 450 rows, eps 0.1: "
-        f"advgrad {ours:.1f} s, torchattacks {spent} s: {ratio}"
-    )
-    name, model, X, y, shape = random_case(large_rows, seed=0)
-    eps = 0.02
-    _, ours = advgrad_autoattack(model, X, y, shape, "inf", eps)
-    theirs = torch_autoattack(model, X, y, shape, "inf", eps)
-    ratio = "-" if theirs is None else f"{theirs[1] / ours:.1f}x"
-    spent = "-" if theirs is None else f"{theirs[1]:.1f}"
-    print(
-        f"  auto_attack on {name}, {large_rows} rows, L-inf eps {eps}: "
-        f"advgrad {ours:.1f} s, torchattacks {spent} s: {ratio}"
-    )
+    for steps in (None, 10):
+        command = [
+            *(sys.executable, "-m", "advgrad", "evaluate", "--method", "autoattack"),
+            *("--eps", "0.1", "--min-eps", "0"),
+            *(() if steps is None else ("--steps", str(steps))),
+        ]
+        subprocess.run(command, check=True, capture_output=True)  # compile, fill the caches
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        print(
+            f"  `{' '.join(command[2:])}` on {name}, 450 rows: "
+            f"{time.perf_counter() - started:.2f} s (Python's start included)"
+        )
+    if torch_autoattack(model, X[:2], y[:2], shape, "inf", 0.1) is not None:
+        script = (
+            "import sys; sys.path.insert(0, 'scripts'); import bench_autoattack as b; "
+            "_, m, X, y, s = b.digits_case(); b.torch_autoattack(m, X, y, s, 'inf', 0.1)"
+        )
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+        print(
+            f"  torchattacks' AutoAttack on {name}, 450 rows, in a script of its own: "
+            f"{time.perf_counter() - started:.2f} s (Python's start and torch's import included)"
+        )
+    auto_attack(model, X[:8], y[:8], eps=0.1, clip=(0, 1))  # compile outside the clock
+    timing_table(name, model, X, y, shape, 0.1)
+    timing_table(*random_case(large_rows, seed=0), 0.02)
 
 
 def main() -> None:

@@ -14,7 +14,17 @@ from typer.testing import CliRunner
 
 import advgrad
 from advgrad.attacks import Attack, Labels, attack_labels, minimal_eps, perturb
-from advgrad.autoattack import CLEAN, ROBUST, VERSIONS, auto_attack, ensemble
+from advgrad.autoattack import (
+    CLEAN,
+    L1_VERSIONS,
+    ROBUST,
+    UNTARGETED_RESTARTS,
+    VERSIONS,
+    auto_attack,
+    components,
+    ensemble,
+    run_attack,
+)
 from advgrad.backend import get_backend
 from advgrad.cli import app
 from advgrad.evaluate import evaluate
@@ -35,27 +45,58 @@ def random_case(seed=4, n_rows=48, d=16, H=12, C=6, dtype=np.float64):
     return model, X, y
 
 
-def run_alone(model, X, y, method, eps, norm):
-    """One attack of the ensemble on every row, as ``advgrad.attacks.run`` runs it."""
-    attack = Attack(method, eps=eps, norm=norm, **QUICK)
+def run_alone(model, X, y, method, eps, norm, restarts=None, large_radii=False):
+    """One attack of the ensemble on every row, as ``advgrad.attacks.run`` runs it (with
+    ``large_radii``: as AutoAttack's L1 runs APGD)."""
+    attack = Attack(method, eps=eps, norm=norm, restarts=restarts, **QUICK)
     labels = attack_labels(model, X, y, attack, backend=BACKEND)
+    if large_radii:
+        return run_attack(
+            *(model, X, labels, attack, (0.0, 1.0)), first_row=0, backend=BACKEND, large_radii=True
+        )
     return perturb(model, X, labels, attack, (0.0, 1.0), backend=BACKEND)
 
 
-@pytest.mark.parametrize("version", ["standard", "rand"])
-@pytest.mark.parametrize(("norm", "eps"), [("inf", 0.1), ("2", 0.4)])
-def test_the_ensemble_follows_the_protocol(version, norm, eps):
+@pytest.mark.parametrize(
+    ("version", "restarts", "norm", "eps"),
+    [
+        *(
+            (version, restarts, norm, eps)
+            for version, restarts in [
+                ("standard", None),
+                ("rand", None),
+                ("plus", None),
+                ("plus", 2),
+            ]
+            for norm, eps in [("inf", 0.1), ("2", 0.4)]
+        ),
+        ("standard", None, "1", 1.0),
+        ("standard", 2, "1", 1.0),
+        ("rand", None, "1", 1.0),
+    ],
+)
+def test_the_ensemble_follows_the_protocol(version, restarts, norm, eps):
     """A row is broken by the first attack that breaks it when run alone (the attacks do
-    not depend on the batch), takes that attack's point, and keeps its clean values when
-    the model already gets it wrong or no attack breaks it."""
+    not depend on the batch), with the restarts its version gives it (or those given, for
+    the untargeted APGD and FAB), takes that attack's point, and keeps its clean values
+    when the model already gets it wrong or no attack breaks it."""
     model, X, y = random_case()
-    result = auto_attack(model, X, y, eps=eps, norm=norm, version=version, clip=(0, 1), **QUICK)
-    assert result.components == VERSIONS[version]
+    options = {"norm": norm, "version": version, "restarts": restarts, **QUICK}
+    result = auto_attack(model, X, y, eps=eps, clip=(0, 1), **options)
+    versions = L1_VERSIONS if norm == "1" else VERSIONS
+    assert result.components == tuple(component.method for component in versions[version])
     clean_wrong = advgrad.predict(model, X) != y
     expected = np.where(clean_wrong, CLEAN, ROBUST).astype(np.int8)
     points = X.copy()
-    for k, method in enumerate(VERSIONS[version], start=1):
-        alone = run_alone(model, X, y, method, eps, norm)
+    for k, component in enumerate(versions[version], start=1):
+        runs = component.restarts
+        if restarts is not None and component.method in UNTARGETED_RESTARTS:
+            runs = restarts
+        alone = run_alone(
+            *(model, X, y, component.method, eps, norm),
+            restarts=runs,
+            large_radii=component.large_radii,
+        )
         newly = (expected == ROBUST) & (advgrad.predict(model, alone) != y)
         expected[newly] = k
         points[newly] = alone[newly]
@@ -63,7 +104,7 @@ def test_the_ensemble_follows_the_protocol(version, norm, eps):
     np.testing.assert_array_equal(result.X_adv, points)
     broken = result.broken_by >= 1
     assert (advgrad.predict(model, result.X_adv[broken]) != y[broken]).all()
-    size = np.linalg.norm(result.X_adv - X, ord=np.inf if norm == "inf" else 2, axis=1)
+    size = np.linalg.norm(result.X_adv - X, ord=float(norm), axis=1)
     assert (size <= eps * (1 + 1e-9)).all()
     assert result.X_adv.min() >= 0.0 and result.X_adv.max() <= 1.0
 
@@ -96,7 +137,7 @@ def test_evaluate_reports_each_stage_and_the_ensemble():
     model, X, y = random_case(seed=9, dtype=np.float32)
     settings = {"eps_values": (0.0, 0.1), "clip": (0.0, 1.0), "attack": Attack(**QUICK)}
     result = evaluate(model, X, y, methods=("fgsm", "autoattack"), **settings)
-    stages = [*VERSIONS["standard"], "autoattack"]
+    stages = [*components("standard"), "autoattack"]
     assert list(dict.fromkeys(p.method for p in result.points)) == ["fgsm", *stages]
     for eps in (0.0, 0.1):  # at eps 0 every stage is the clean accuracy
         found = auto_attack(model, X, y, eps=eps, clip=(0, 1), **QUICK)
@@ -119,9 +160,17 @@ def test_evaluate_refuses_an_attack_listed_twice():
     ("options", "message"),
     [
         ({"target": 1}, "autoattack is untargeted (apgd-t chooses its own targets)"),
-        ({"norm": "1"}, "autoattack supports the norms inf and 2, got '1'"),
+        (
+            {"norm": "1", "version": "plus"},
+            "autoattack's plus version is for the norms inf and 2; in L1: standard, rand",
+        ),
+        (
+            {"norm": "1", "steps": 4},
+            "autoattack in L1 runs APGD's steps at 3 eps, 2 eps, then "
+            "eps, which leaves no step at eps of steps=4: take 3 or at least 5",
+        ),
         ({"step_size": 0.01}, "autoattack sets its own step size"),
-        ({"version": "plus"}, "version must be one of standard, rand, got 'plus'"),
+        ({"version": "extra"}, "version must be one of standard, plus, rand, got 'extra'"),
         ({"queries": 0}, "queries must be at least 1"),
     ],
 )
@@ -142,7 +191,7 @@ def test_the_attack_command_writes_broken_by(tmp_path):
         broken_by, y = f["broken_by"][:], f["y"][:]
         pred_clean, pred_adv = f["pred_clean"][:], f["pred_adv"][:]
         assert (f.attrs["attack"], f.attrs["version"]) == ("autoattack", "standard")
-    assert names == ["clean", *VERSIONS["standard"]]
+    assert names == ["clean", *components("standard")]
     np.testing.assert_array_equal(broken_by == CLEAN, pred_clean != y)
     np.testing.assert_array_equal(broken_by == ROBUST, (pred_clean == y) & (pred_adv == y))
     assert (pred_adv[broken_by >= 1] != y[broken_by >= 1]).all()
@@ -156,14 +205,14 @@ def test_the_evaluate_command_prints_and_writes_the_stages(tmp_path):
     )
     assert result.exit_code == 0, result.output
     methods = [p["method"] for p in json.loads(report.read_text())["points"]]
-    assert methods == [*VERSIONS["standard"], "autoattack"]
+    assert methods == [*components("standard"), "autoattack"]
     words = " ".join(result.output.split())  # rich wraps the caption to the terminal
     for stage in methods:
         assert f"│ {stage} " in words
     assert "the accuracy after each of its attacks in turn" in words
 
 
-@pytest.mark.parametrize("method", ["square", "fab-t", "autoattack"])
+@pytest.mark.parametrize("method", ["square", "fab", "fab-t", "autoattack"])
 def test_no_minimal_eps_for_attacks_of_one_eps(tmp_path, method):
     result = CliRunner().invoke(
         app, ["attack", "--method", method, "--min-eps", "0.01", "--out", str(tmp_path / "a.h5")]
@@ -195,3 +244,21 @@ def test_apgd_has_a_minimal_eps_per_row():
         backend=BACKEND,
     )
     assert (advgrad.predict(model, X_adv) != y[searched]).all()
+
+
+def test_the_plus_version_from_the_command_line(tmp_path):
+    """--version plus names its six attacks in /broken_by_names and its attributes record
+    the restarts it gives apgd-ce, apgd-dlr and fab (5, the reference's), or those given."""
+    for restarts, recorded in ((None, 5), ("2", 2)):
+        out = tmp_path / f"plus-{restarts}.h5"
+        options = ["--steps", "3", "--queries", "10", "--target-classes", "2"]
+        options += ["--restarts", restarts] if restarts else []
+        result = CliRunner().invoke(
+            app,
+            ["attack", "--method", "autoattack", "--version", "plus", "--out", str(out), *options],
+        )
+        assert result.exit_code == 0, result.output
+        with h5py.File(out, "r") as f:
+            assert list(f.attrs["broken_by_names"]) == ["clean", *components("plus")]
+            assert (f.attrs["version"], f.attrs["restarts"]) == ("plus", recorded)
+    assert components("plus") == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")

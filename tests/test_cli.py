@@ -259,7 +259,7 @@ def test_evaluate_methods_are_repeatable_comma_separated_and_checked(tmp_path):
     assert usage_error("evaluate", "--method", "fgsm,nope", cwd=tmp_path) == (
         "Invalid value for '--method': 'nope' is not one of "
         "'fgsm', 'bim', 'pgd', 'mifgsm', 'deepfool', 'apgd-ce', 'apgd-dlr', 'apgd-t', "
-        "'fab-t', 'square', 'autoattack', 'cw'."
+        "'fab', 'fab-t', 'square', 'autoattack', 'cw'."
     )
 
 

@@ -89,10 +89,11 @@ def attack(
             help="fgsm: one fast-gradient step (FGM in the chosen norm); bim: iterated from "
             "X; pgd: iterated from random starts in the ball; mifgsm: with momentum; "
             "deepfool: nearest linearised class boundary (untargeted, no eps). "
-            "Evaluation-grade (L-inf, L2): apgd-ce, apgd-dlr (Auto-PGD on the cross-entropy "
-            "or DLR loss), apgd-t (targeted DLR against --target-classes classes), fab-t "
-            "(minimal-norm boundary attack), square (score-based, --queries), autoattack "
-            "(the ensemble of --version; writes /broken_by). cw: Carlini & Wagner L2 "
+            "Evaluation-grade: apgd-ce, apgd-dlr (Auto-PGD on the cross-entropy or DLR "
+            "loss), apgd-t (targeted DLR against --target-classes classes), fab, fab-t "
+            "(minimal-norm boundary attack, untargeted and targeted), square (score-based, "
+            "--queries), autoattack (the ensemble of --version; writes /broken_by), all in "
+            "L-inf, L2 and L1. cw: Carlini & Wagner L2 "
             "(minimal norm, no eps; --confidence, --search-steps, --steps default 1000).",
         ),
     ] = Method.fgsm,
@@ -103,7 +104,7 @@ def attack(
     norm: NormOption = Norm.inf,
     steps: StepsOption = None,
     step_size: StepSizeOption = None,
-    restarts: RestartsOption = 1,
+    restarts: RestartsOption = None,
     decay: DecayOption = 1.0,
     overshoot: OvershootOption = 0.02,
     max_iter: MaxIterOption = 50,
@@ -116,7 +117,7 @@ def attack(
         ),
     ] = None,
     seed: SeedOption = 0,
-    target_classes: TargetClassesOption = 9,
+    target_classes: TargetClassesOption = None,
     queries: QueriesOption = 5000,
     version: VersionOption = Version.standard,
     confidence: ConfidenceOption = 0.0,

@@ -69,7 +69,7 @@ def evaluate(
             (Method.fgsm, Method.pgd),
             metavar="METHOD[,METHOD...]",
             help="Attacks to evaluate: fgsm, bim, pgd, mifgsm, deepfool; apgd-ce, apgd-dlr, "
-            "apgd-t, fab-t, square, autoattack (a row after each of its attacks, then the "
+            "apgd-t, fab, fab-t, square, autoattack (a row after each of its attacks, then the "
             "ensemble's), cw (of minimal L2 norm, like deepfool). Several: repeat the "
             "option (`--method fgsm --method pgd`) or separate them with commas "
             "(`--method fgsm,pgd`); the table has a row per method. Default: fgsm,pgd.",
@@ -78,12 +78,12 @@ def evaluate(
     norm: NormOption = Norm.inf,
     steps: StepsOption = None,
     step_size: StepSizeOption = None,
-    restarts: RestartsOption = 1,
+    restarts: RestartsOption = None,
     decay: DecayOption = 1.0,
     overshoot: OvershootOption = 0.02,
     max_iter: MaxIterOption = 50,
     seed: SeedOption = 0,
-    target_classes: TargetClassesOption = 9,
+    target_classes: TargetClassesOption = None,
     queries: QueriesOption = 5000,
     version: VersionOption = Version.standard,
     confidence: ConfidenceOption = 0.0,

@@ -33,6 +33,7 @@ class Method(StrEnum):
     apgd_ce = "apgd-ce"
     apgd_dlr = "apgd-dlr"
     apgd_t = "apgd-t"
+    fab = "fab"
     fab_t = "fab-t"
     square = "square"
     autoattack = "autoattack"
@@ -41,6 +42,7 @@ class Method(StrEnum):
 
 class Version(StrEnum):
     standard = "standard"
+    plus = "plus"
     rand = "rand"
 
 
@@ -159,7 +161,7 @@ StepsOption = Annotated[
     int | None,
     typer.Option(
         min=1,
-        help="Iterations of bim, pgd and mifgsm (default 10), of apgd-*, fab-t and "
+        help="Iterations of bim, pgd and mifgsm (default 10), of apgd-*, fab, fab-t and "
         "autoattack's (default 100).",
         show_default=False,
     ),
@@ -174,15 +176,21 @@ StepSizeOption = Annotated[
     ),
 ]
 RestartsOption = Annotated[
-    int,
-    typer.Option(min=1, help="pgd, apgd-*, fab-t: random starts; each row keeps its worst case."),
+    int | None,
+    typer.Option(
+        min=1,
+        help="pgd, apgd-*, fab, fab-t: runs from random starts; each row keeps its worst case. "
+        "Default: 1; autoattack: its version's for its apgd-ce, apgd-dlr and fab (plus: 5).",
+        show_default=False,
+    ),
 ]
 TargetClassesOption = Annotated[
-    int,
+    int | None,
     typer.Option(
         min=1,
         help="apgd-t, fab-t (and autoattack's): the highest non-true classes attacked in "
-        "turn (at most C - 1).",
+        "turn (at most C - 1). Default: 9; autoattack in L1: 5 for its apgd-t.",
+        show_default=False,
     ),
 ]
 QueriesOption = Annotated[
@@ -200,15 +208,19 @@ L1CoordinatesOption = Annotated[
         "--l1-coordinates",
         min=1,
         help="--norm 1 with fgsm, bim, pgd, mifgsm: each step moves eps/q along sign(G) on "
-        "the q coordinates of largest |G| (SLIDE). Default: 1 for fgsm (the steepest L1 "
-        "step), the top 1 % (ceil(d/100)) for the iterative methods.",
+        "the q coordinates of largest |G| (SLIDE). Default: for fgsm the fewest that take all "
+        "of eps within the clip range, ceil(eps/(x_max-x_min)) (the steepest L1 step; 1 "
+        "without a range), the top 1 % (ceil(d/100)) for the iterative methods.",
         show_default=False,
     ),
 ]
 VersionOption = Annotated[
     Version,
     typer.Option(
-        help="autoattack: standard (apgd-ce, apgd-t, fab-t, square) or rand (apgd-ce, apgd-dlr)."
+        help="autoattack: standard (apgd-ce, apgd-t, fab-t, square; in L1 apgd-ce with 5 "
+        "restarts and apgd-t against 5 classes, both from 3 eps down to eps), plus (apgd-ce, "
+        "apgd-dlr, fab with 5 restarts each, square, apgd-t, fab-t; L-inf and L2) or rand "
+        "(apgd-ce, apgd-dlr)."
     ),
 ]
 DecayOption = Annotated[float, typer.Option(min=0.0, help="mifgsm: momentum decay mu.")]

@@ -188,7 +188,7 @@ def certify_file(
             "attack": attack.method,
             "attack_eps": max(settings.eps_values),  # the eps of /X
             "steps": attack.n_steps,
-            "restarts": attack.restarts,
+            "restarts": attack.n_restarts,
             "step_size_ratio": attack.alpha / attack.eps if attack.eps > 0 else None,
             "seed": attack.seed,
             "targeted": False,
