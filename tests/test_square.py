@@ -18,7 +18,8 @@ from reference import worst_margin
 import advgrad
 from advgrad import backend as backend_module
 from advgrad import square as square_module
-from advgrad.kernels.square import REFRESH_UPDATES, exp_nonpositive, l1_rounded_into
+from advgrad.kernels.cpu import exp_nonpositive
+from advgrad.kernels.square import REFRESH_UPDATES, l1_rounded_into
 from advgrad.square import (
     ImageLayout,
     image_layout,

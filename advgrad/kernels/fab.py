@@ -315,18 +315,27 @@ def hyperplane_projection(p, x, w, gap, x_min, x_max, D, scratch, index):
 
 
 @njit(cache=True, error_model="numpy")
+def norm_term(total, magnitude, p):
+    """A running norm p (np.inf, 2.0 or 1.0) of float64 magnitudes, one more taken in:
+    their maximum, sum of squares or sum (``norm_total`` finishes it)."""
+    if p == np.inf:
+        return max(total, magnitude)
+    return total + magnitude * magnitude if p == 2.0 else total + magnitude
+
+
+@njit(cache=True, error_model="numpy")
+def norm_total(total, p):
+    """The norm p from the running total of ``norm_term``."""
+    return math.sqrt(total) if p == 2.0 else total
+
+
+@njit(cache=True, error_model="numpy")
 def norm(D, p):
     """The norm p (np.inf, 2.0 or 1.0) of D (d,), summed in float64."""
     total = 0.0
     for i in range(D.shape[0]):
-        v = abs(np.float64(D[i]))
-        if p == np.inf:
-            total = max(total, v)
-        elif p == 2.0:
-            total += v * v
-        else:
-            total += v
-    return math.sqrt(total) if p == 2.0 else total
+        total = norm_term(total, abs(np.float64(D[i])), p)
+    return norm_total(total, p)
 
 
 @njit(cache=True, error_model="numpy")
@@ -334,14 +343,8 @@ def distance_to(current, x0, p):
     """The norm p of current - x0 (both (d,)), the difference taken in float64."""
     total = 0.0
     for i in range(x0.shape[0]):
-        delta = abs(np.float64(current[i]) - np.float64(x0[i]))
-        if p == np.inf:
-            total = max(total, delta)
-        elif p == 2.0:
-            total += delta * delta
-        else:
-            total += delta
-    return math.sqrt(total) if p == 2.0 else total
+        total = norm_term(total, abs(np.float64(current[i]) - np.float64(x0[i])), p)
+    return norm_total(total, p)
 
 
 @njit(cache=True, error_model="numpy")

@@ -50,12 +50,10 @@ Randomness: update i of a row draws from stream ``stream + 1 + i`` and the start
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from advgrad.kernels.apgd import project_l1_box
-from advgrad.kernels.cpu import clip
+from advgrad.kernels.cpu import clip, exp_nonpositive
 from advgrad.kernels.random import uniform
 
 NORM_INF = 0
@@ -76,50 +74,11 @@ CONTRACT = {"contract"}
 REASSOCIATE = {"contract", "reassoc"}
 """The fastmath flags of the logits' dot products: reordered and fused, so that they
 vectorise (in an order that depends on the compiled code only, not on the batch)."""
-EXP_COEFFICIENTS = tuple(1.0 / math.factorial(n) for n in range(13, -1, -1))
-"""1 / n! for n = 13, ..., 0: ``exp_nonpositive``'s polynomial, highest degree first."""
 DIVISION_GUARD = 1e-12
 """Added to every norm the L2 and L1 steps divide by, as in the reference."""
 L1_RADIUS = 1.0 - 1e-6
 """L1 points are projected onto the ball of radius eps * L1_RADIUS (the reference's), so
 that rounding them to X's dtype rarely leaves the ball of radius eps."""
-
-
-@intrinsic
-def _float64_from_bits(typingctx, bits):
-    """Reinterpret the bits of an int64 as a float64 (inlined, so loops vectorise)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-@njit(cache=True, error_model="numpy")
-def _power_of_two(k):
-    return _float64_from_bits((k + np.int64(1023)) << np.int64(52))
-
-
-@njit(cache=True, error_model="numpy", fastmath=CONTRACT)
-def exp_nonpositive(x):
-    """exp(x) in float64 for x <= 0, within 2 ulp, branch-free and division-free so that
-    loops over it vectorise (libm's exp does not, and a sigmoid per hidden unit is much
-    of a query).
-
-    Cody-Waite reduction x = k ln2 + r (|r| <= ln2/2) and the Taylor polynomial of exp(r)
-    to degree 13 (its remainder is below 2e-16 relative); 2**k is applied in two halves so
-    that subnormal results are exact to rounding.
-    """
-    xc = max(x, -745.2)
-    k = math.floor(xc * 1.4426950408889634 + 0.5)
-    r = xc - k * 6.93145751953125e-1 - k * 1.42860682030941723212e-6
-    y = 0.0
-    for coefficient in EXP_COEFFICIENTS:
-        y = y * r + coefficient
-    ki = np.int64(k)
-    half = ki >> np.int64(1)
-    y = y * _power_of_two(half) * _power_of_two(ki - half)
-    return 0.0 if x < -745.2 else y
 
 
 @njit(cache=True, error_model="numpy")
