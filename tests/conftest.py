@@ -3,6 +3,7 @@ digest cache of the session's own, and the CUDA simulator run started early."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -82,8 +83,15 @@ def digest_cache(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Move the simulator test to the end, so that its child has the whole suite's time."""
+    """Move the simulator test to the end, so that its child has the whole suite's time, and
+    skip the tests marked slow unless CI runs the suite (CI=true) or ``-m`` chooses them."""
     items.sort(key=lambda item: item.name == SIMULATOR_TEST)
+    if os.environ.get("CI") or config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="slow: runs in CI (CI=true) or with `-m slow`")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 def pytest_collection_finish(session):
