@@ -289,7 +289,7 @@ class Attack:
             )
         if self.step_size is not None:
             raise ValueError(f"{self.method} sets its own step size; drop the step size")
-        if self.method == "autoattack" and self.norm == "1" and self.version == "standard":
+        if self.fewest_steps > 1:
             from advgrad.apgd import radius_stages  # it builds on this module
 
             try:
@@ -310,6 +310,13 @@ class Attack:
     def n_steps(self) -> int:
         """``steps``, or the method's default where it is None (``DEFAULT_STEPS``)."""
         return DEFAULT_STEPS.get(self.method, 100) if self.steps is None else self.steps
+
+    @property
+    def fewest_steps(self) -> int:
+        """The fewest ``steps`` this attack takes: 3 for AutoAttack's L1 standard version
+        (its APGD runs at three radii, a step at each at least), else 1."""
+        large_radii = self.method == "autoattack" and self.norm == "1"
+        return 3 if large_radii and self.version == "standard" else 1
 
     @property
     def n_target_classes(self) -> int:

@@ -26,6 +26,7 @@ from advgrad.autoattack import (
     run_attack,
 )
 from advgrad.backend import get_backend
+from advgrad.bundled import TEST_DATA, bundled_path
 from advgrad.cli import app
 from advgrad.evaluate import evaluate
 
@@ -262,3 +263,26 @@ def test_the_plus_version_from_the_command_line(tmp_path):
             assert list(f.attrs["broken_by_names"]) == ["clean", *components("plus")]
             assert (f.attrs["version"], f.attrs["restarts"]) == ("plus", recorded)
     assert components("plus") == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+
+
+def test_the_l1_version_from_the_command_line(tmp_path):
+    """--norm 1 runs the L1 standard version (its APGD at three radii needs 3 steps at
+    least) and writes points within the L1 ball."""
+    out = tmp_path / "l1.h5"
+    options = ["--steps", "3", "--queries", "10", "--target-classes", "2", "--eps", "1.5"]
+    result = CliRunner().invoke(
+        app, ["attack", "--method", "autoattack", "--norm", "1", "--out", str(out), *options]
+    )
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        assert list(f.attrs["broken_by_names"]) == ["clean", *components("standard", "1")]
+        X_adv, broken_by = f["X"][:], f["broken_by"][:]
+    X, _ = advgrad.load_dataset(bundled_path(TEST_DATA))
+    assert (broken_by >= 1).any()
+    size = np.abs(X_adv.astype(np.float64) - X).reshape(len(X), -1).sum(axis=1)
+    assert (size <= 1.5 * (1 + 1e-6)).all()
+    result = CliRunner().invoke(
+        app, ["attack", "--method", "autoattack", "--norm", "1", "--steps", "4", "--out", str(out)]
+    )
+    assert result.exit_code == 1
+    assert "leaves no step at eps of steps=4: take 3 or at least 5" in result.output

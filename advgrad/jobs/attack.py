@@ -487,7 +487,12 @@ def _compile_kernels(reader, model, plan: Plan, writers, notice, block: int) -> 
         X, y = reader.read(0, largest)
         attacks = tuple(
             dataclasses.replace(
-                attack, steps=1, restarts=1, max_iter=1, queries=1, target_classes=1
+                attack,
+                steps=attack.fewest_steps,
+                restarts=1,
+                max_iter=1,
+                queries=1,
+                target_classes=1,
             )
             for attack in plan.attacks
         )
