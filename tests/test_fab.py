@@ -346,10 +346,10 @@ def test_results_do_not_depend_on_the_batch(norm, attack):
 
 @pytest.mark.parametrize("untargeted", [False, True])
 def test_the_kernel_does_not_depend_on_blocks_threads_or_slices(untargeted):
-    """``fab_steps_into`` on 100 rows (several blocks), with one thread and with all, in
+    """``fab_steps_into`` on 200 rows (several blocks), with one thread and with all, in
     one call or in slices of iterations, equals ``fab_steps_block`` on all the rows at once
     (one block), bitwise."""
-    model, X, labels = random_case(seed=19, dtype=np.float32, n_rows=100)
+    model, X, labels = random_case(seed=19, dtype=np.float32, n_rows=200)
     targets = np.empty(0, np.int64)
     if not untargeted:
         targets = ranked_targets(get_backend().logits(model, X), labels, 1)[:, 0]
