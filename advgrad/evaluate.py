@@ -112,7 +112,7 @@ class EvaluationSettings:
         curves = []
         for method in self.methods:
             if method == "autoattack":
-                curves += components(self.attack.version)
+                curves += components(self.attack.version, self.attack.norm)
             curves.append(method)
         return tuple(curves)
 
@@ -151,7 +151,7 @@ def evaluation_settings(
         if m in MINIMAL_NORM_METHODS or (min_eps_tolerance is not None and m in PER_ROW_EPS_METHODS)
     )
     if "autoattack" in methods:
-        stages = components(attack.version)
+        stages = components(attack.version, attack.norm)
         if both := [m for m in methods if m in stages]:
             raise ValueError(
                 f"{', '.join(both)} already run inside autoattack ({attack.version}): "
