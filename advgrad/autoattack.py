@@ -9,7 +9,7 @@ only on the rows that every attack before it left classified correctly; a row br
 an attack takes that attack's adversarial point and is not attacked again; rows no attack
 breaks, and rows the model already gets wrong, keep their clean values.
 
-Versions (``VERSIONS``: the attacks in order, each with its restarts), for the norms inf
+Versions (``VERSIONS``: the attacks in order, each a ``Component``), for the norms inf
 and 2, as the reference sets them:
 
 - "standard": APGD-CE (``steps``, default 100; one run), APGD-T (the ``target_classes``
@@ -21,9 +21,14 @@ and 2, as the reference sets them:
   averages 20 gradients per step (EOT), which for a deterministic network are one
   gradient, so each step takes it once.
 
+For the norm 1 (``L1_VERSIONS``): "standard" runs APGD-CE with 5 restarts and APGD-T
+against 5 classes, both at 3 eps, 2 eps, then eps (the reference's ``use_largereps``), then
+FAB-T and Square; "rand" as above; "plus" is for inf and 2 only.
+
 ``restarts``, where given, replaces the restarts of the untargeted APGD and FAB runs of
-every version (the reference's ``apgd.n_restarts`` and ``fab.n_restarts``); the targeted
-attacks run once per target, as there.
+every version (the reference's ``apgd.n_restarts`` and ``fab.n_restarts``), and
+``target_classes`` the targets of APGD-T and FAB-T; the targeted attacks run once per
+target, as there.
 """
 
 from __future__ import annotations
