@@ -74,6 +74,7 @@ import math
 import numpy as np
 
 from advgrad.attacks import (
+    TARGET_CLASSES,
     as_rows,
     check_count,
     check_radius,
@@ -107,8 +108,6 @@ FIRST_WINDOW, WINDOW_DECREASE, SHORTEST_WINDOW = 0.22, 0.03, 0.06
 max(p_j - p_{j-1} - 0.03, 0.06))."""
 L1_WINDOW = 0.04
 """L1: a checkpoint every max(int(L1_WINDOW * steps), 1) steps."""
-TARGET_CLASSES = 9
-"""APGD-T's default number of target classes (at most C - 1 are used)."""
 LARGE_RADII = (3.0, 2.0, 1.0)
 """``large_radii``: the radii of the stages of a run, as multiples of eps."""
 LARGE_RADII_STEPS = 0.3

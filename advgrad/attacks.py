@@ -47,7 +47,7 @@ MINIMAL_NORM_METHODS = ("deepfool", "cw")
 the norm of its perturbation where the attack succeeds."""
 PER_ROW_EPS_METHODS = (*GRADIENT_METHODS, "apgd-ce", "apgd-dlr", "apgd-t", "cw")
 """Attacks whose minimal eps a row can have (``minimal_eps``): they take an eps per row, or
-(DeepFool, C&W) need none. Square, FAB-T and AutoAttack take one eps for every row."""
+(DeepFool, C&W) need none. Square, FAB, FAB-T and AutoAttack take one eps for every row."""
 TARGET_CLASSES = 9
 """Default number of targets of APGD-T, FAB-T and AutoAttack's targeted attacks (at most
 C - 1 are used), the reference's."""
@@ -193,7 +193,7 @@ class Attack:
     ----------
     method : "fgsm" (one fast-gradient step, in any norm), "bim", "pgd", "mifgsm",
         "deepfool", or one of ``EVALUATION_METHODS``: "apgd-ce", "apgd-dlr", "apgd-t",
-        "square", "autoattack"
+        "fab", "fab-t", "square", "autoattack", "cw"
     eps : radius of the perturbation in ``norm`` (DeepFool, C&W: not used)
     norm : "inf", "2" or "1" (DeepFool: "inf" or "2"; C&W: "2"; AutoAttack's "plus" version:
         "inf" or "2")

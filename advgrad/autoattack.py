@@ -136,6 +136,8 @@ def broken_by_names(attack: Attack) -> list[str] | None:
 def version_components(version: str, norm: str = "inf") -> tuple[Component, ...]:
     """The attacks of ``version`` for ``norm`` ("inf", "2" or "1"), in the order they run;
     ValueError (one line) for a version the norm does not have."""
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {', '.join(VERSIONS)}, got {version!r}")
     versions = L1_VERSIONS if str(norm).removesuffix(".0") == "1" else VERSIONS
     if version not in versions:
         raise ValueError(

@@ -61,6 +61,7 @@ import math
 import numpy as np
 
 from advgrad.attacks import (
+    TARGET_CLASSES,
     as_rows,
     check_count,
     check_radius,
@@ -77,8 +78,6 @@ from advgrad.model import Model
 
 __all__ = ["ALPHA_MAX", "BACKWARD", "NORM_FLOOR", "OVERSHOOT", "fab", "fab_targeted"]
 
-TARGET_CLASSES = 9
-"""FAB-T's default number of target classes (at most C - 1 are used)."""
 START_FRACTION = 0.5
 """A random start lies at START_FRACTION * eps from the clean row."""
 

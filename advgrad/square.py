@@ -127,13 +127,6 @@ class ImageLayout:
     width: int
     channels_last: bool = False
 
-    def image(self, rows: np.ndarray) -> np.ndarray:
-        """A (n, c, h, w) view of C-contiguous rows (n, d): writing it writes the rows."""
-        c, h, w = self.channels, self.height, self.width
-        if self.channels_last:
-            return rows.reshape(len(rows), h, w, c).transpose(0, 3, 1, 2)
-        return rows.reshape(len(rows), c, h, w)
-
 
 def image_layout(d: int, image_shape=None) -> ImageLayout:
     """The image the windows move on (see the module docstring).
@@ -165,15 +158,10 @@ def image_layout(d: int, image_shape=None) -> ImageLayout:
     return ImageLayout(shape[2], shape[0], shape[1], channels_last=True)
 
 
-def window_fraction(update: int, queries: int, p_init: float) -> float:
-    """p at update ``update`` (0-based) of ``queries``: the paper's schedule, rescaled."""
-    scaled = int(update / queries * SCHEDULE_SCALE)
-    return p_init / 2 ** sum(scaled > bound for bound in SCHEDULE_BOUNDS)
-
-
 def window_sides(queries: int, p_init: float, layout: ImageLayout, norm: str) -> np.ndarray:
-    """The window side of every update, (queries,) int64: ``window_side`` of
-    ``window_fraction``, computed once per halving of p."""
+    """The window side of every update, (queries,) int64: ``window_side`` of the paper's
+    p, halved after the update counts ``SCHEDULE_BOUNDS`` of a ``SCHEDULE_SCALE``-query
+    scale rescaled to ``queries``, computed once per halving."""
     scaled = (np.arange(queries) / queries * SCHEDULE_SCALE).astype(np.int64)
     halvings = np.searchsorted(SCHEDULE_BOUNDS, scaled, side="left")  # bounds below scaled
     sides = [window_side(p_init / 2**k, layout, norm) for k in range(len(SCHEDULE_BOUNDS) + 1)]
@@ -182,9 +170,9 @@ def window_sides(queries: int, p_init: float, layout: ImageLayout, norm: str) ->
 
 def window_side(p: float, layout: ImageLayout, norm: str) -> int:
     """Side of the square windows covering about a fraction p of the image: at least 1
-    (L-inf), or odd and at least 3 (L2); at most the image's shorter side."""
-    c, h, w = layout.channels, layout.height, layout.width
-    side = round(math.sqrt(p * (c * h * w) / c))
+    (L-inf), or odd and at least 3 (L2, L1); at most the image's shorter side."""
+    h, w = layout.height, layout.width
+    side = round(math.sqrt(p * h * w))
     if norm == "inf":
         side = max(side, 1)
     else:

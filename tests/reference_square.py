@@ -14,6 +14,8 @@ import reference_random
 from reference import worst_margin
 from reference_apgd import project_l1_box
 
+from advgrad.square import SCHEDULE_BOUNDS, SCHEDULE_SCALE
+
 START_STREAM = 2**32  # update i draws from START_STREAM + 1 + i
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 L1_SHRINK = 1.0 - 1e-6  # L1 points are projected onto the ball of radius eps * L1_SHRINK
@@ -206,3 +208,10 @@ def square(
         X_adv[n] = flat(x_best)
         queries_used[n] = used
     return X_adv, queries_used
+
+
+def window_fraction(update: int, queries: int, p_init: float) -> float:
+    """p at update ``update`` (0-based) of ``queries``: the paper's schedule (halved after
+    the update counts ``SCHEDULE_BOUNDS`` of ``SCHEDULE_SCALE``), rescaled to ``queries``."""
+    scaled = int(update / queries * SCHEDULE_SCALE)
+    return p_init / 2 ** sum(scaled > bound for bound in SCHEDULE_BOUNDS)

@@ -21,9 +21,11 @@ from advgrad.autoattack import (
     UNTARGETED_RESTARTS,
     VERSIONS,
     auto_attack,
+    component_attack,
     components,
     ensemble,
     run_attack,
+    version_components,
 )
 from advgrad.backend import get_backend
 from advgrad.bundled import TEST_DATA, bundled_path
@@ -286,3 +288,35 @@ def test_the_l1_version_from_the_command_line(tmp_path):
     )
     assert result.exit_code == 1
     assert "leaves no step at eps of steps=4: take 3 or at least 5" in result.output
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, {"apgd-ce": (1, 9), "apgd-t": (1, 9), "fab-t": (1, 9), "square": (1, 9)}),
+        (
+            {"version": "plus"},
+            {"apgd-ce": (5, 9), "apgd-dlr": (5, 9), "fab": (5, 9), "square": (1, 9)}
+            | {"apgd-t": (1, 9), "fab-t": (1, 9)},
+        ),
+        (
+            {"version": "plus", "restarts": 2, "target_classes": 3},
+            {"apgd-ce": (2, 3), "apgd-dlr": (2, 3), "fab": (2, 3), "square": (1, 3)}
+            | {"apgd-t": (1, 3), "fab-t": (1, 3)},
+        ),
+        ({"norm": "1"}, {"apgd-ce": (5, 9), "apgd-t": (1, 5), "fab-t": (1, 9), "square": (1, 9)}),
+        (
+            {"norm": "1", "restarts": 1, "target_classes": 7},
+            {"apgd-ce": (1, 7), "apgd-t": (1, 7), "fab-t": (1, 7), "square": (1, 7)},
+        ),
+    ],
+)
+def test_each_attack_of_a_version_runs_with_the_references_restarts_and_targets(options, expected):
+    """(restarts, targets) of each attack: the reference's set_version values, or those
+    given (restarts for the untargeted APGD and FAB, targets for every targeted attack)."""
+    attack = Attack("autoattack", eps=1.0, **options)
+    found = {}
+    for component in version_components(attack.version, attack.norm):
+        run = component_attack(attack, component)
+        found[run.method] = (run.n_restarts, run.n_target_classes)
+    assert found == expected

@@ -108,14 +108,15 @@ def test_untargeted_steps_take_the_nearest_linearised_boundary(p):
 def grid_instances(seed, n_rows, d, box):
     """Projection instances full of ties: points on a grid of a few values (on the bounds
     among them), normals of a few magnitudes with zeros, gaps from 0 to past what the box
-    reaches (a fraction of the largest reachable change, or of ||w||_1 without a box)."""
+    reaches (a fraction of the largest reachable change, or of ||w||_1 without a box; 1: the
+    box reaches the hyperplane exactly)."""
     rng = np.random.default_rng(seed)
     X = rng.choice([0.0, 0.25, 0.5, 1.0], size=(n_rows, d))
     W = rng.choice([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], size=(n_rows, d))
     W[0] = 0.0  # a zero gradient
     toward = np.where(W > 0.0, np.minimum(box[1], 2.0) - X, X - np.maximum(box[0], -1.0))
     reach = (np.abs(W) * toward).sum(axis=1)
-    gap = reach * rng.choice([0.0, 0.01, 0.2, 0.6, 0.97, 1.2], size=n_rows)
+    gap = reach * rng.choice([0.0, 0.01, 0.2, 0.6, 0.97, 1.0, 1.2], size=n_rows)
     gap *= rng.choice([-1.0, 1.0], size=n_rows)
     return X, W, gap
 
@@ -460,3 +461,23 @@ def test_the_cuda_backend_runs_the_cpu_kernel_on_the_host_rows(targeted):
     assert np.isfinite(expected[1]).any()
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
+def test_a_hyperplane_the_box_reaches_exactly_takes_the_whole_room(p):
+    """Where the gap is what the box allows, every coordinate moves to its bound."""
+    X, W = np.array([[0.5, 0.5], [0.5, 0.25]]), np.array([[1.0, 1.0], [1.0, 2.0]])
+    gap = np.array([1.0, 2.0])  # (1 - 0.5) + (1 - 0.5); (1 - 0.5) + 2 (1 - 0.25)
+    D = projection(p, X, W, gap, (0.0, 1.0))
+    np.testing.assert_allclose(D, [[0.5, 0.5], [0.5, 0.75]], rtol=0, atol=1e-15)
+
+
+def test_l1_buckets_stay_in_range_for_subnormal_gradients():
+    """The L1 projection of a gradient whose largest |w| is subnormal (its bucket scale
+    would overflow): the reference's answer."""
+    X = np.full((1, 4), 0.5)
+    W = np.array([[1e-310, -3e-311, 2e-310, 0.0]])
+    gap = np.array([1e-310])
+    D = projection(1.0, X, W, gap, (0.0, 1.0))
+    expected = reference_fab.sorted_projection(1.0, X, W, gap, (0.0, 1.0))
+    np.testing.assert_array_equal(D, expected)

@@ -106,6 +106,7 @@ def _level(key, slope, n, gap):
     the order of the passes.
     """
     saturated = 0.0  # sum of the gains of the keys known to lie below the level
+    top = 0.0  # the largest of those keys
     rising = 0.0  # sum of the slopes of the keys known to lie at or above it
     hi = n
     candidates = rising  # the slopes of the keys not yet found below the level
@@ -120,6 +121,7 @@ def _level(key, slope, n, gap):
         for i in range(hi):
             if key[i] <= level:
                 saturated += key[i] * slope[i]
+                top = max(top, key[i])
             else:
                 key[kept], slope[kept] = key[i], slope[i]
                 candidates += slope[i]
@@ -145,10 +147,13 @@ def _level(key, slope, n, gap):
             hi = a
         else:
             saturated = below + pivot * at
+            top = max(top, pivot)
             lo = b
     if rising > 0.0:
         return max((gap - saturated) / rising, 0.0)
-    return 0.0 if saturated >= gap else math.inf
+    # every key lies below the level: the gains reach the gap (within rounding) at the
+    # largest key, or never
+    return top if saturated >= gap else math.inf
 
 
 @njit(cache=True, error_model="numpy")
@@ -192,16 +197,22 @@ def _l1_split(weight, gain, index, n, before, gap):
 
 
 @njit(cache=True, error_model="numpy")
+def _l1_bucket(weight_i, largest):
+    """The bucket of |w| = weight_i, in [0, L1_BUCKETS), largest the largest |w| (> 0):
+    no lower for a larger |w|, and in range for any largest, subnormal ones included."""
+    return min(int(weight_i / largest * (L1_BUCKETS - 1)), L1_BUCKETS - 1)
+
+
+@njit(cache=True, error_model="numpy")
 def _l1_bucket_split(w, weight, gain, index, largest, gap):
     """``_l1_split`` over the coordinates of nonzero w (d,), faster: the gains summed in
-    ``L1_BUCKETS`` buckets of |w| (the same bucket for equal |w|, a higher one for a larger
-    |w|; ``largest`` the largest |w|) tell the bucket the split falls in, and only its
+    ``L1_BUCKETS`` buckets of |w| (``_l1_bucket``: the same for equal |w|, no lower for a
+    larger |w|; ``largest`` the largest |w|) tell the bucket the split falls in, and only its
     coordinates are selected among (all of them where rounding puts it past that bucket)."""
     buckets = np.zeros(L1_BUCKETS)
-    scale = (L1_BUCKETS - 1) / largest
     for i in range(w.shape[0]):
         if w[i] != 0.0:
-            buckets[int(weight[i] * scale)] += gain[i]
+            buckets[_l1_bucket(weight[i], largest)] += gain[i]
     before = 0.0
     split = -1
     for bucket in range(L1_BUCKETS - 1, -1, -1):
@@ -212,7 +223,7 @@ def _l1_bucket_split(w, weight, gain, index, largest, gap):
     if split >= 0:
         n = 0
         for i in range(w.shape[0]):
-            if w[i] != 0.0 and int(weight[i] * scale) == split:
+            if w[i] != 0.0 and _l1_bucket(weight[i], largest) == split:
                 index[n] = i
                 n += 1
         m, before_m = _l1_split(weight, gain, index, n, before, gap)

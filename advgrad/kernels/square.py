@@ -69,8 +69,6 @@ REFRESH_UPDATES = 1000
 START_GRID = 5
 """The L2 and L1 starts tile the image, centred, with windows of side min(h, w) // 5 (at
 least 1)."""
-CONTRACT = {"contract"}
-"""The fastmath flags of the polynomials: multiply-adds fused (no nnan, ninf)."""
 REASSOCIATE = {"contract", "reassoc"}
 """The fastmath flags of the logits' dot products: reordered and fused, so that they
 vectorise (in an order that depends on the compiled code only, not on the batch)."""
