@@ -32,6 +32,10 @@ the ball: the same point in exact arithmetic, but fl(fl(x - eps) + 2 eps) may st
 short of x + eps); the L2 and L1 start grid has floor(L / s) windows along an axis of length L,
 centred, which is the reference's 5 x 5 grid wherever that fits the image; the margins
 are float64 whatever the model's dtype, from an incremental forward pass (see Speed).
+Not on purpose, and only for images of several channels: an L2 or L1 update budgets each
+channel with the mass of its own channel in the two windows (``union`` above), where the
+reference takes one norm over all the channels of the row; single-channel images (the
+bundled digits, MNIST) are the reference's exactly.
 
 Queries. The clean rows take one forward pass, not counted; rows already classified wrong
 there are returned as they are, with 0 queries used. The others take the random starting
