@@ -313,10 +313,15 @@ class Attack:
 
     @property
     def fewest_steps(self) -> int:
-        """The fewest ``steps`` this attack takes: 3 for AutoAttack's L1 standard version
-        (its APGD runs at three radii, a step at each at least), else 1."""
-        large_radii = self.method == "autoattack" and self.norm == "1"
-        return 3 if large_radii and self.version == "standard" else 1
+        """The fewest ``steps`` this attack takes: for an AutoAttack version with APGD at
+        large radii (L1 standard) a step at each of its radii (``apgd.LARGE_RADII``), else 1."""
+        if self.method != "autoattack":
+            return 1
+        from advgrad.apgd import LARGE_RADII  # both build on this module
+        from advgrad.autoattack import version_components
+
+        components = version_components(self.version, self.norm)
+        return len(LARGE_RADII) if any(c.large_radii for c in components) else 1
 
     @property
     def n_target_classes(self) -> int:
