@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -197,19 +198,31 @@ def snapshot(*paths: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in paths}
 
 
+WARMED = {
+    "bim": ("--steps", "2"),
+    "mifgsm": ("--steps", "2"),
+    "pgd": ("--steps", "2"),
+    "deepfool": ("--max-iter", "2"),
+}
+"""The attacks this module interrupts, and a short run of each that compiles its kernels."""
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> tuple[Path, Path]:
-    """A float32 model 64 -> 32 -> 10 and 768 rows (three blocks of 256), compiled for."""
+    """A float32 model 64 -> 32 -> 10 and 768 rows (three blocks of 256). The kernels of
+    every attack interrupted here are compiled first, so that the Ctrl-C a test sends lands
+    in the attack, not in the job's warm-up."""
     folder = tmp_path_factory.mktemp("interrupts")
     model, data = save_synthetic(folder, 3 * cpu.ROWS_PER_BLOCK, seed=7, d=64)
-    warm = subprocess.run(  # fills the Numba cache when it is cold
-        attack_command(model, data, folder / "warm.h5", "--method", "bim", "--steps", "2"),
-        capture_output=True,
-        text=True,
-        env=CHILD_ENV,
-        timeout=600,
-    )
-    assert warm.returncode == 0, warm.stderr
+    for method, options in WARMED.items():
+        warm = subprocess.run(  # fills the Numba cache when it is cold
+            attack_command(model, data, folder / f"{method}.h5", "--method", method, *options),
+            capture_output=True,
+            text=True,
+            env=CHILD_ENV,
+            timeout=600,
+        )
+        assert warm.returncode == 0, warm.stderr
     return model, data
 
 
@@ -265,3 +278,41 @@ def test_second_ctrl_c_inside_a_block_keeps_the_checkpoint_and_resumes(tmp_path,
     assert f"resuming after row {cpu.ROWS_PER_BLOCK} of {rows}" in one_line(rerun.stderr)
     assert advgrad.load_dataset(out)[0].shape[0] == rows
     assert snapshot(model, data) == inputs
+
+
+LOST_INTERRUPTS = {
+    # an exception raised in a finaliser (as in a ctypes callback) is printed and lost
+    "swallowed": """
+        class NativeCallback:
+            def __del__(self):
+                time.sleep(0.001)
+
+        while True:
+            NativeCallback()
+    """,
+    "replaced": """
+        while True:
+            try:
+                time.sleep(0.001)
+            except KeyboardInterrupt:
+                raise RuntimeError("no compiled object yet") from None
+    """,
+}
+"""Work that loses the KeyboardInterrupt of the second Ctrl-C as a native library can: while
+Numba compiles a kernel, llvmlite's ctypes callback swallows it (printing "Exception
+ignored ... KeyboardInterrupt"), and Numba then fails with a RuntimeError of its own."""
+
+
+@pytest.mark.parametrize("work", LOST_INTERRUPTS.values(), ids=LOST_INTERRUPTS.keys())
+def test_second_ctrl_c_stops_even_where_its_interrupt_is_lost(tmp_path, work):
+    script = tmp_path / "command.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from advgrad.cli.reports import reported_errors, stop_on_signals\n"
+        "with reported_errors(), stop_on_signals():\n"
+        "    Path(sys.argv[1]).touch()\n" + textwrap.indent(textwrap.dedent(work), "    ")
+    )
+    started = tmp_path / "started"
+    args = [sys.executable, str(script), str(started)]
+    assert_stopped_at_once(*interrupt_twice(args, tmp_path / "stderr", started.exists, 0))

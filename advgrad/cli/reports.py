@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from threading import Event
+from threading import Event, Lock, Thread
+from typing import NoReturn
 
 import typer
 
@@ -54,39 +56,73 @@ def warn(message: str) -> None:
     errors().print(f"[bold red]advgrad: warning:[/] {message}", soft_wrap=True)
 
 
+INTERRUPT_GRACE_S = 1.0
+"""How long the KeyboardInterrupt of a second Ctrl-C has to unwind (closing the outputs)
+before the command exits regardless: a native library can swallow an exception raised in
+one of its callbacks (llvmlite's, while Numba compiles a kernel), or turn it into another."""
+
+_second_signal = Event()
+_exiting = Lock()
+
+
+def exit_interrupted() -> NoReturn:
+    """Print that the command was interrupted and exit 130 at once, skipping interpreter
+    shutdown (it can crash in native thread pools, numba's or BLAS's, after an interrupt
+    between two kernel slices). Whichever thread comes first prints; the other waits."""
+    _exiting.acquire()
+    errors().print(
+        "[bold red]advgrad: interrupted[/]; no complete output was written "
+        "(an interrupted attack keeps its last checkpoint: run it again to resume)",
+        soft_wrap=True,
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 @contextmanager
 def reported_errors() -> Iterator[None]:
-    """Print expected failures (bad input, bad files, I/O) as one line and exit 1."""
+    """Print expected failures (bad input, bad files, I/O) as one line and exit 1; after a
+    second Ctrl-C, whatever is raised, exit 130 (``exit_interrupted``)."""
     from advgrad.errors import AdvgradError
 
     try:
         yield
-    except (AdvgradError, ValueError, OSError) as error:
+    except KeyboardInterrupt:
+        exit_interrupted()  # every output was closed, its checkpoint kept, while it unwound
+    except BaseException as error:
+        if _second_signal.is_set():
+            exit_interrupted()
+        if not isinstance(error, (AdvgradError, ValueError, OSError)):
+            raise
         errors().print(
             f"[bold red]advgrad: error:[/] {markup_literal(error)}",
             highlight=False,
             soft_wrap=True,
         )
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        errors().print(
-            "[bold red]advgrad: interrupted[/]; no complete output was written "
-            "(an interrupted attack keeps its last checkpoint: run it again to resume)",
-            soft_wrap=True,
-        )
-        # Stop at once: every output was closed (its checkpoint kept) while the interrupt
-        # unwound. Interpreter shutdown after an interrupt between two kernel slices can
-        # crash in native thread pools (numba's, BLAS's), so it is skipped.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+
+
+@cache
+def _exit_after_second_signal() -> None:
+    """Start the thread that exits ``INTERRUPT_GRACE_S`` after a second signal, should its
+    KeyboardInterrupt not have ended the command by then."""
+
+    def wait_then_exit() -> None:
+        _second_signal.wait()
+        time.sleep(INTERRUPT_GRACE_S)
+        exit_interrupted()
+
+    Thread(target=wait_then_exit, name="advgrad-second-signal", daemon=True).start()
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[Event]:
     """Yield an event that SIGINT (Ctrl-C) and SIGTERM set: a file-level job then stops after
     the block in progress, keeping its partial output, and the command exits 128 + the
-    signal's number. A second signal stops at once (the last checkpoint is kept)."""
+    signal's number. A second signal stops at once (the last checkpoint is kept): its
+    KeyboardInterrupt unwinds, and should that not end the command within
+    ``INTERRUPT_GRACE_S``, it exits regardless."""
     import signal
 
     from advgrad.jobs import Interrupted
@@ -94,9 +130,11 @@ def stop_on_signals() -> Iterator[Event]:
     stop = Event()
     received: list[int] = []
     errors()  # rich loads now: a signal that lands during an import must not import it
+    _exit_after_second_signal()
 
     def handle(signum, frame) -> None:
         if stop.is_set():
+            _second_signal.set()
             raise KeyboardInterrupt
         received.append(signum)
         stop.set()
@@ -106,8 +144,13 @@ def stop_on_signals() -> Iterator[Event]:
             soft_wrap=True,
         )
 
+    def report_unraisable(unraisable) -> None:
+        if not (_second_signal.is_set() and unraisable.exc_type is KeyboardInterrupt):
+            previous_hook(unraisable)  # else it was lost in a callback: the command ends anyway
+
     watched = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, handle) for signum in watched}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, report_unraisable
     try:
         yield stop
     except Interrupted as interruption:
@@ -118,6 +161,7 @@ def stop_on_signals() -> Iterator[Event]:
         )
         raise typer.Exit(128 + received[0]) from None
     finally:
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

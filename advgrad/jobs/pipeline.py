@@ -43,7 +43,8 @@ class Interrupted(AdvgradError):
         Rows of every output safely on disk (``kept``), else rows done.
     n_rows : int
     kept : bool
-        Whether the job has partial outputs to resume (an evaluation has none).
+        Whether the job has partial outputs to resume (an evaluation has none, nor a job
+        stopped before its first block).
     """
 
     def __init__(self, rows_done: int, n_rows: int, kept: bool = True) -> None:
@@ -222,7 +223,7 @@ def stream(
     ------
     Interrupted
         ``stop`` was set: the job stopped after the blocks in progress, written and
-        checkpointed.
+        checkpointed (set before the first block, it stops before it).
     """
     n_rows = reader.n_rows
     outputs = job.outputs
@@ -283,6 +284,8 @@ def stream(
 
         next_read = read(starts[0]) if starts else None
         for k, start in enumerate(starts):
+            if stop is not None and stop.is_set():
+                break
             buffer, X, y = next_read.result()
             if k + 1 < len(starts):
                 next_read = read(starts[k + 1])
@@ -296,8 +299,6 @@ def stream(
             computed.append((start, buffer, rows, y, needed, out, future))
             if len(computed) >= tasks.in_flight:
                 finish_oldest()
-            if stop is not None and stop.is_set():
-                break
         while computed:
             finish_oldest()
         while written:
@@ -305,7 +306,7 @@ def stream(
     if stop is not None and stop.is_set():
         rows_done = min((output.rows_written for output in outputs), default=n_rows)
         if rows_done < n_rows:
-            raise Interrupted(rows_done, n_rows)
+            raise Interrupted(rows_done, n_rows, kept=any(o.rows_written for o in outputs))
 
 
 def _release(buffers: BlockBuffers, buffer: np.ndarray) -> Callable[[], None]:
