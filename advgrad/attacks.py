@@ -387,7 +387,9 @@ class Attack:
             if self.method in ("square", "autoattack"):
                 out["queries"] = self.queries
             if self.method == "autoattack":
-                out["version"] = self.version
+                from advgrad.autoattack import component_settings  # it builds on this module
+
+                out |= {"version": self.version, "components": component_settings(self)}
             return out | {"targeted": False}
         if self.method != "deepfool":
             out |= {"eps": self.eps, "step_size": self.alpha}

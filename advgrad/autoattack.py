@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from advgrad.apgd import apgd, apgd_targeted
+from advgrad.apgd import LARGE_RADII, apgd, apgd_targeted
 from advgrad.attacks import (
     MODEL_RANGE,
     PER_ROW_EPS_METHODS,
@@ -150,6 +150,26 @@ def version_components(version: str, norm: str = "inf") -> tuple[Component, ...]
 def components(version: str, norm: str = "inf") -> tuple[str, ...]:
     """The names of the attacks of ``version`` for ``norm``, in the order they run."""
     return tuple(component.method for component in version_components(version, norm))
+
+
+def component_settings(attack: Attack) -> list[str]:
+    """What each attack of AutoAttack ``attack`` runs with, a line each in the order they
+    run (an output's ``components`` attribute), e.g. "apgd-t: 100 steps, 1 restart,
+    5 target classes, radii 3, 2, 1 x eps"."""
+    lines = []
+    for component in version_components(attack.version, attack.norm):
+        run = component_attack(attack, component)
+        if run.method == "square":
+            parts = [f"{run.queries} queries"]
+        else:
+            restarts = run.n_restarts
+            parts = [f"{run.n_steps} steps", f"{restarts} restart{'s' * (restarts != 1)}"]
+        if run.method in ("apgd-t", "fab-t"):
+            parts.append(f"{run.n_target_classes} target classes")
+        if component.large_radii:
+            parts.append(f"radii {', '.join(f'{r:g}' for r in LARGE_RADII)} x eps")
+        lines.append(f"{run.method}: {', '.join(parts)}")
+    return lines
 
 
 def version_restarts(version: str, norm: str = "inf") -> int:

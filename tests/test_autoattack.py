@@ -278,6 +278,12 @@ def test_the_l1_version_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as f:
         assert list(f.attrs["broken_by_names"]) == ["clean", *components("standard", "1")]
+        assert list(f.attrs["components"]) == [
+            "apgd-ce: 3 steps, 5 restarts, radii 3, 2, 1 x eps",
+            "apgd-t: 3 steps, 1 restart, 2 target classes, radii 3, 2, 1 x eps",
+            "fab-t: 3 steps, 1 restart, 2 target classes",
+            "square: 10 queries",
+        ]
         X_adv, broken_by = f["X"][:], f["broken_by"][:]
     X, _ = advgrad.load_dataset(bundled_path(TEST_DATA))
     assert (broken_by >= 1).any()
@@ -288,6 +294,26 @@ def test_the_l1_version_from_the_command_line(tmp_path):
     )
     assert result.exit_code == 1
     assert "leaves no step at eps of steps=4: take 3 or at least 5" in result.output
+
+
+def test_the_settings_recorded_are_those_each_attack_ran_with():
+    """L1 standard's APGD-T takes 5 target classes and its FAB-T 9, unless told: the
+    scalar attributes cannot say so, the ``components`` attribute does."""
+    assert Attack("autoattack", eps=1.0, norm="1").describe()["components"] == [
+        "apgd-ce: 100 steps, 5 restarts, radii 3, 2, 1 x eps",
+        "apgd-t: 100 steps, 1 restart, 5 target classes, radii 3, 2, 1 x eps",
+        "fab-t: 100 steps, 1 restart, 9 target classes",
+        "square: 5000 queries",
+    ]
+    told = Attack("autoattack", eps=0.1, version="plus", restarts=2, target_classes=3, steps=7)
+    assert told.describe()["components"] == [
+        "apgd-ce: 7 steps, 2 restarts",
+        "apgd-dlr: 7 steps, 2 restarts",
+        "fab: 7 steps, 2 restarts",
+        "square: 5000 queries",
+        "apgd-t: 7 steps, 1 restart, 3 target classes",
+        "fab-t: 7 steps, 1 restart, 3 target classes",
+    ]
 
 
 @pytest.mark.parametrize(
