@@ -132,6 +132,19 @@ def random_instances(seed, n_rows, d, box):
     return X, W, gap
 
 
+@pytest.mark.parametrize("box", [(0.0, 1.0), (-np.inf, np.inf)])
+@pytest.mark.parametrize("instances", [grid_instances, random_instances])
+def test_l2_projection_of_a_tiny_normal_is_the_normal_one(box, instances):
+    """A normal below 1.5e-162 squares to subnormals or 0 in float64: the L2 projection
+    scales it by a power of two first, so 2^-600 times a normal (and its gap) projects
+    bitwise as the normal itself, finite without a box too."""
+    X, W, gap = instances(3, 40, 50, box)
+    expected = projection(2.0, X, W, gap, box)
+    tiny = projection(2.0, X, W * 2.0**-600, gap * 2.0**-600, box)
+    assert np.isfinite(tiny).all()
+    assert tiny.tobytes() == expected.tobytes()
+
+
 @pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
 @pytest.mark.parametrize("box", [(0.0, 1.0), (-np.inf, np.inf), (0.0, np.inf), (-0.5, 0.75)])
 @pytest.mark.parametrize("instances", [grid_instances, random_instances])

@@ -63,6 +63,9 @@ FILTER_PASSES = 8
 JACOBIAN_ENTRIES = 2**18
 """Untargeted: the boundary gradients of a block are formed for as many rows at a time as
 keep them within this many entries (at least one row)."""
+SQUARES_UNDERFLOW_BELOW = 2.0**-480
+"""L2 projection: where the largest |w| is smaller, w is scaled by a power of two (exact)
+before it is squared, which would otherwise lose it to underflow."""
 
 
 @njit(cache=True, error_model="numpy")
@@ -266,7 +269,8 @@ def hyperplane_projection(p, x, w, gap, x_min, x_max, D, scratch, index):
     need = abs(gap)
     total = 0.0
     n = 0  # L1: coordinates that move
-    largest = 0.0  # L1: the largest |w|
+    largest = 0.0
+    unit = 1.0  # L2: the scale of w in the level's keys and slopes (a power of two)
     if p != 1.0:  # every coordinate a breakpoint: 0 of slope 0 where w_i = 0
         up_sign = sign > 0.0
         for i in range(d):
@@ -279,6 +283,13 @@ def hyperplane_projection(p, x, w, gap, x_min, x_max, D, scratch, index):
             D[i] = room if up else -room
             scratch[0, i] = room if p == np.inf else (room / weight if weight > 0.0 else 0.0)
             scratch[1, i] = weight if p == np.inf else weight * weight
+            largest = max(largest, weight)
+        if p == 2.0 and 0.0 < largest < SQUARES_UNDERFLOW_BELOW:
+            unit = math.ldexp(1.0, min(-math.frexp(largest)[1], 1000))
+            for i in range(d):
+                weight = abs(np.float64(w[i])) * unit
+                scratch[0, i] = abs(D[i]) / weight if weight > 0.0 else 0.0
+                scratch[1, i] = weight * weight
         # the most the box lets <w, D> reach, in four interleaved sums
         total0 = total1 = total2 = total3 = 0.0
         for i in range(0, d - 3, 4):
@@ -318,10 +329,10 @@ def hyperplane_projection(p, x, w, gap, x_min, x_max, D, scratch, index):
                 D[i] = 0.0
         D[m] = (sign if w[m] > 0.0 else -sign) * ((need - before) / weight_m)
         return
-    level = _level(scratch[0], scratch[1], n, need)
+    level = _level(scratch[0], scratch[1], n, need * unit)
     for i in range(d):
         if w[i] != 0.0:
-            reach = level if p == np.inf else level * abs(np.float64(w[i]))
+            reach = level if p == np.inf else level * (abs(np.float64(w[i])) * unit)
             D[i] = D[i] if abs(D[i]) <= reach else (reach if D[i] > 0.0 else -reach)
 
 
