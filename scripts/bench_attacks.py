@@ -12,7 +12,11 @@ cuda`` runs them on the GPU (``advgrad.cuda_backend``), host arrays in and out a
 iterative kernels ran in slices of steps) and prints the time ratio, sliced / one slice::
 
     python scripts/bench_attacks.py [--rows 16384] [--rounds 5] [--device cpu|cuda|auto]
-        [--one-slice]
+        [--one-slice] [--autoattack LARGE_ROWS]
+
+``--autoattack LARGE_ROWS`` then runs ``bench_autoattack.py``'s speed section in the same
+run: AutoAttack's whole command on the digits and each of its attacks on a (784, 256, 10)
+network with LARGE_ROWS rows, against torchattacks' (run it with a Python that has torch).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +87,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--one-slice", action="store_true", help="compare with one slice")
+    parser.add_argument(
+        "--autoattack",
+        type=int,
+        metavar="LARGE_ROWS",
+        help="then time AutoAttack against torchattacks' (bench_autoattack.py's speed "
+        "section, with this many rows in its large case)",
+    )
     args = parser.parse_args()
     model = load_model(bundled_path(MODEL))
     X, y = load_dataset(bundled_path(TEST_DATA))
@@ -129,6 +141,11 @@ def main() -> None:
     for norm in OTHER_NORMS:
         ratio = seconds[f"apgd-ce-20-l{norm}"] / (20 * seconds[f"fgm-l{norm} (1 step)"])
         print(f"L{norm}: APGD-CE-20 time / (20 x FGM step time) = {ratio:.2f}  (target <= 1.3)")
+    if args.autoattack is not None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_autoattack
+
+        bench_autoattack.speed(args.autoattack)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,15 @@ torch on every core; and the whole command ``advgrad evaluate --method autoattac
 digits (a subprocess, Python's start included, the kernels already compiled). Each is timed
 once (these runs take minutes).
 
+Seeds (``--seeds K``): each attack of the ensemble alone on every digits row, advgrad's
+(the reference's settings) and torchattacks' own class (its AutoAttack's settings), from
+seeds 0 to K - 1: the mean robust accuracy and its range, as one run's is a draw.
+
 torch and torchattacks are not dependencies of advgrad; without them only advgrad's side
 runs::
 
     /path/to/python-with-torch scripts/bench_autoattack.py [--rows 500] [--large-rows 1000]
+        [--seeds 0] [--skip-strength] [--skip-speed]
 """
 
 from __future__ import annotations
@@ -66,9 +71,9 @@ def random_case(n_rows: int, seed: int):
     return f"random (784, 256, 10) #{seed}", model, X, advgrad.predict(model, X), (28, 28)
 
 
-def torch_autoattack(model, X, y, image_shape, norm: str, eps: float):
-    """torchattacks' robust accuracy after each attack of its standard AutoAttack and the
-    seconds each attack took, or None without torch."""
+def torch_problem(model, X, y, image_shape):
+    """torch, torchattacks, the torch module of ``model`` and the rows as images (N, 1, h,
+    w) with their labels; None without torch."""
     try:
         import torch
         import torchattacks
@@ -80,6 +85,16 @@ def torch_autoattack(model, X, y, image_shape, norm: str, eps: float):
     net = torch.nn.Sequential(torch.nn.Flatten(), to_torch(model.astype(np.float32))).eval()
     images = torch.from_numpy(X.reshape(len(X), 1, *image_shape).astype(np.float32))
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return torch, torchattacks, net, images, labels
+
+
+def torch_autoattack(model, X, y, image_shape, norm: str, eps: float):
+    """torchattacks' robust accuracy after each attack of its standard AutoAttack and the
+    seconds each attack took, or None without torch."""
+    problem = torch_problem(model, X, y, image_shape)
+    if problem is None:
+        return None
+    torch, torchattacks, net, images, labels = problem
     attack = torchattacks.AutoAttack(
         net, norm=TORCH_NORMS[norm], eps=eps, version="standard", n_classes=model.n_classes, seed=0
     )
@@ -163,6 +178,59 @@ def strength(cases, radii) -> None:
                 print(f"{name:32} {norm:>4} {eps:>6g} | {' | '.join(cells)} | {worst}")
 
 
+TORCH_COMPONENTS = {
+    "apgd-ce": ("APGD", {"loss": "ce"}),
+    "apgd-t": ("APGDT", {}),
+    "fab-t": ("FAB", {"multi_targeted": True}),
+    "square": ("Square", {}),
+}
+"""Each attack of the standard ensemble, and torchattacks' class for it with its settings
+in torchattacks' AutoAttack standard (its classes' defaults otherwise)."""
+
+
+def torch_component(model, X, y, image_shape, method: str, norm: str, eps: float, seed: int):
+    """The rows torchattacks' own attack for ``method`` leaves correct (N,) bool, or None
+    without torch."""
+    problem = torch_problem(model, X, y, image_shape)
+    if problem is None:
+        return None
+    torch, torchattacks, net, images, labels = problem
+    name, settings = TORCH_COMPONENTS[method]
+    if name in ("APGDT", "FAB"):
+        settings = settings | {"n_classes": model.n_classes}
+    settings = settings | {"norm": TORCH_NORMS[norm], "eps": eps, "seed": seed}
+    attack = getattr(torchattacks, name)(net, **settings)
+    with torch.no_grad():
+        return (net(attack(images, labels)).argmax(1) == labels).numpy()
+
+
+def component_seeds(cases, radii, seeds: int) -> None:
+    """Each attack of the ensemble alone, on every row, from seeds 0 to ``seeds`` - 1:
+    advgrad's robust accuracy (its defaults: the reference's) and torchattacks' own class
+    (its defaults), mean and range over the seeds, in points."""
+    print(f"\nEach attack alone, robust accuracy (%) over seeds 0-{seeds - 1}: mean [min, max]")
+    header = f"{'advgrad':>20} | {'torchattacks':>20}"
+    print(f"{'case':32} {'norm':>4} {'eps':>6} {'attack':>8} | {header}")
+    for name, model, X, y, shape in cases:
+        rows = X.reshape(len(X), *shape)
+        for norm, values in radii.items():
+            for eps in values:
+                for method in TORCH_COMPONENTS:
+                    ours, theirs = [], []
+                    for seed in range(seeds):
+                        attack = Attack(method, eps=eps, norm=norm, seed=seed)
+                        X_adv = advgrad.run(model, rows, y, attack, clip=(0.0, 1.0))
+                        ours.append(100 * np.mean(advgrad.predict(model, X_adv) == y))
+                        robust = torch_component(model, X, y, shape, method, norm, eps, seed)
+                        if robust is not None:
+                            theirs.append(100 * robust.mean())
+                    cells = [
+                        f"{np.mean(v):6.1f} [{min(v):5.1f}, {max(v):5.1f}]" if v else f"{'-':>20}"
+                        for v in (ours, theirs)
+                    ]
+                    print(f"{name:32} {norm:>4} {eps:>6g} {method:>8} | {' | '.join(cells)}")
+
+
 def speed(large_rows: int) -> None:
     print("\nSpeed (seconds, one run each; torch on", os.cpu_count(), "threads)")
     name, model, X, y, shape = digits_case()
@@ -202,11 +270,20 @@ def main() -> None:
     parser.add_argument("--large-rows", type=int, default=1000, help="rows of the speed case")
     parser.add_argument("--skip-strength", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="also run each attack alone from this many seeds, on the digits (0: not)",
+    )
     args = parser.parse_args()
+    radii = {"inf": (0.02, 0.05, 0.1), "2": (0.25, 0.5, 1.0)}
     if not args.skip_strength:
         cases = [digits_case()]
         cases += [random_case(args.rows, seed) for seed in range(1, args.networks + 1)]
-        strength(cases, {"inf": (0.02, 0.05, 0.1), "2": (0.25, 0.5, 1.0)})
+        strength(cases, radii)
+    if args.seeds:
+        component_seeds([digits_case()], radii, args.seeds)
     if not args.skip_speed:
         speed(args.large_rows)
 
