@@ -25,6 +25,7 @@ from advgrad.backend_common import (
     bound_rows,
     check_workspace,
     deepfool_work,
+    fab_arguments,
     float64_network,
     gradient_work,
     loss_arguments,
@@ -330,10 +331,7 @@ class CpuBackend(HostOptimiser):
         The iterations run in slices (``step_slices``), each one fused kernel
         (``fab_steps_into``). Raises ValueError (one line) for classes out of range.
         """
-        loss = "ce" if targets is None else "logit-difference"
-        _, labels, targets, _ = loss_arguments(
-            model.n_classes, X.shape[0], loss, labels, targets, 0.0
-        )
+        labels, targets, work = fab_arguments(model, X.shape[0], labels, targets)
         n_rows = X.shape[0]
         current = np.array(start, dtype=X.dtype, order="C")
         closest = X.copy()
@@ -341,7 +339,6 @@ class CpuBackend(HostOptimiser):
         clean_hidden = np.empty((n_rows, model.n_hidden), dtype=X.dtype)
         network = (model.W1, model.b1, model.W2, model.b2)
         run = (X, *network, labels, targets, p, float(x_min), float(x_max), steps)
-        work = gradient_work(model) * (model.n_classes if targets.shape[0] == 0 else 1)
         first = 0
         for count in step_slices(steps + 1, n_rows, work, SLICE_MULTIPLY_ADDS):
             _run_blocks(

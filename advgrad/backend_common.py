@@ -142,6 +142,16 @@ def loss_arguments(
     return LOSSES.index(loss), labels, targets, float(kappa)
 
 
+def fab_arguments(model: Model, n_rows: int, labels, targets) -> tuple[np.ndarray, np.ndarray, int]:
+    """The arguments of a FAB run on ``n_rows`` rows, checked: labels (N,) int64, targets
+    (N,) int64 or 0 rows (untargeted), and the multiply-adds of a row's step (untargeted:
+    a gradient per class). Raises ValueError (one line) as ``loss_arguments``."""
+    loss = "ce" if targets is None else "logit-difference"
+    _, labels, targets, _ = loss_arguments(model.n_classes, n_rows, loss, labels, targets, 0.0)
+    work = gradient_work(model) * (model.n_classes if targets.shape[0] == 0 else 1)
+    return labels, targets, work
+
+
 def _class_per_row(name: str, classes, n_rows: int, n_classes: int) -> np.ndarray:
     """``classes`` as a C-contiguous (n_rows,) int64 array, or ValueError naming ``name``."""
     classes = np.asarray(classes)

@@ -35,6 +35,7 @@ import numpy as np
 from advgrad.backend_common import (
     HostOptimiser,
     bound_rows,
+    fab_arguments,
     gradient_work,
     loss_arguments,
     output_rows,
@@ -376,13 +377,48 @@ class CudaBackend(HostOptimiser):
         return best, state[:, STATE_BEST].astype(X.dtype), adversarial, state[:, STATE_BROKEN] != 0
 
     def fab_run(self, model: Model, X, labels, start, *, targets, p, steps, x_min, x_max):
-        """One FAB run, as ``CpuBackend.fab_run`` and on its CPU kernel, on the host arrays:
-        no CUDA twin of the fused FAB kernel (``advgrad.kernels.fab``) exists yet."""
-        from advgrad.backend import CpuBackend
+        """One FAB run: closest (N, d) and distance (N,) float64, as ``CpuBackend.fab_run``
+        (within the rounding of the gradients; the same refusals), targeted or not, for
+        every norm.
 
-        return CpuBackend().fab_run(
-            model, X, labels, start, targets=targets, p=p, steps=steps, x_min=x_min, x_max=x_max
-        )
+        Each chunk of rows is copied to the GPU once and runs every iteration there
+        (``fab_launchers.fab_steps_into``): the iterates' logits and the closest-point
+        update, the gradient of the hyperplane's logit difference
+        (``kernels.loss_gradient_into``; untargeted, one per class k != y, the nearest
+        boundary kept) and the step, one thread per row; in slices (``step_slices``) as
+        :meth:`apgd_run` runs its steps. A point backed up to gets its hidden layer from a
+        forward pass, where the CPU forms it by linearity.
+        """
+        from advgrad.kernels.cuda import fab_launchers
+
+        labels, targets, work = fab_arguments(model, X.shape[0], labels, targets)
+        closest, distance = np.empty_like(X), np.empty(X.shape[0])
+        box = (float(x_min), float(x_max))
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, labels_d, targets_d, start_d = inputs
+            closest_d, distance_d = outputs
+            current = workspace.array("fab_current", X_d.shape, X_d.dtype)
+            fab_launchers.fab_start_into(
+                X_d, start_d, current, closest_d, distance_d, stream=stream
+            )
+            n_rows = X_d.shape[0]
+            budget = min(SLICE_MULTIPLY_ADDS, MAX_SLICE_STEPS * n_rows * work)
+            first = 0
+            for k, count in enumerate(step_slices(steps + 1, n_rows, work, budget)):
+                if k:
+                    stream.synchronize()
+                fab_launchers.fab_steps_into(
+                    *(X_d, *weights, labels_d, targets_d, p, *box, steps, first, count),
+                    *(current, closest_d, distance_d),
+                    stream=stream,
+                    workspace=workspace,
+                )
+                first += count
+
+        start = np.ascontiguousarray(start, dtype=X.dtype)
+        self._stream(model, (X, labels, targets, start), (closest, distance), launch)
+        return closest, distance
 
     def square_run(self, model: Model, X, labels, rows, search, sides, first, count, state):
         """Steps of a Square search, as ``CpuBackend.square_run`` and on its CPU kernel, on

@@ -20,6 +20,7 @@ from advgrad.attacks import ranked_targets
 from advgrad.backend import get_backend
 from advgrad.fab import fab, fab_targeted
 from advgrad.kernels import fab as kernels
+from advgrad.kernels import fab_projection
 
 P = {"inf": np.inf, "2": 2.0, "1": 1.0}
 RADIUS = {"inf": 0.05, "2": 0.3, "1": 0.6}
@@ -48,7 +49,7 @@ def projection(p, X, W, gap, box):
     D = np.empty(X.shape)
     scratch, index = np.empty((2, X.shape[1])), np.empty(X.shape[1], dtype=np.int64)
     for x, w, g, out in zip(X, W, gap, D, strict=True):
-        kernels.hyperplane_projection(p, x, w, g, *box, out, scratch, index)
+        fab_projection.hyperplane_projection(p, x, w, g, *box, out, scratch, index)
     return D
 
 
@@ -184,7 +185,7 @@ def test_level_selection_equals_the_sorted_level():
             expected = reference_fab.sorted_level(
                 key[None], gain[None], slope[None], np.array([gap])
             )
-            level = kernels._level(key.copy(), slope.copy(), len(key), gap)
+            level = fab_projection._level(key.copy(), slope.copy(), len(key), gap)
             assert level == pytest.approx(expected[0], rel=1e-12, abs=1e-15)
 
 
@@ -458,22 +459,6 @@ def test_fab_refuses_bad_settings(options, message):
     if "target_classes" not in options:
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             fab(model, X, **arguments)
-
-
-@pytest.mark.parametrize("targeted", [True, False])
-def test_the_cuda_backend_runs_the_cpu_kernel_on_the_host_rows(targeted):
-    from advgrad.cuda_backend import CudaBackend
-
-    model, X, labels = random_case(seed=17, dtype=np.float32)
-    targets = None
-    if targeted:
-        targets = ranked_targets(get_backend().logits(model, X), labels, 1)[:, 0]
-    settings = {"targets": targets, "p": 1.0, "steps": 6, "x_min": 0.0, "x_max": 1.0}
-    expected = get_backend().fab_run(model, X, labels, X, **settings)
-    got = CudaBackend().fab_run(model, X, labels, X, **settings)
-    assert np.isfinite(expected[1]).any()
-    for a, b in zip(got, expected, strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("p", [np.inf, 2.0, 1.0])
