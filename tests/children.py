@@ -83,6 +83,24 @@ def snapshot(directory: Path) -> dict[str, str]:
     }
 
 
+def assert_passes_on_simulator(test_file: str, *pytest_args: str) -> None:
+    """Run ``pytest test_file *pytest_args`` in a child with ``NUMBA_ENABLE_CUDASIM=1`` (it
+    must be set before numba is imported) and assert that the tests it selects all pass,
+    none skipped."""
+    options = ("-q", "-x", "-p", "no:cacheprovider", *pytest_args)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", test_file, *options],
+        cwd=Path(test_file).resolve().parents[1],
+        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
 class SimulatorRun:
     """``pytest <test file> -q -x`` with ``NUMBA_ENABLE_CUDASIM=1`` in a child process, started
     at once; its output goes to a temporary file, read by :meth:`result`."""

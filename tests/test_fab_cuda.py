@@ -7,13 +7,9 @@ run on the simulator (``test_fab_cuda_kernels_on_simulator``)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from children import assert_passes_on_simulator
 from conftest import random_network
 from test_cuda import small_blocks  # noqa: F401 (a fixture)
 from test_fab import grid_instances, random_instances
@@ -38,28 +34,7 @@ steps of ``fab_case`` reach about 80 eps."""
 @pytest.mark.cuda
 @pytest.mark.skipif(SIMULATOR or not HAS_NUMBA_CUDA, reason="on the simulator already")
 def test_fab_cuda_kernels_on_simulator():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            __file__,
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            "not on_simulator",
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
+    assert_passes_on_simulator(__file__, "-k", "not on_simulator")
 
 
 def fab_case(dtype, seed=2):

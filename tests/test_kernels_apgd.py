@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
 import reference_apgd
+from children import assert_passes_on_simulator
 from conftest import random_network
 from test_cuda import small_blocks  # noqa: F401 (a fixture)
 
@@ -189,27 +187,7 @@ needs_cuda = pytest.mark.skipif(
 @pytest.mark.cuda
 @pytest.mark.skipif(SIMULATOR or not HAS_NUMBA_CUDA, reason="on the simulator already")
 def test_cuda_kernels_on_simulator():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            __file__,
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            *ONLY_CUDA,
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout
+    assert_passes_on_simulator(__file__, *ONLY_CUDA)
 
 
 @pytest.mark.cuda
