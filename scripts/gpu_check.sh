@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One-shot check of advgrad's CUDA backend on a GPU machine, in under 9 minutes, offline.
+# One-shot check of advgrad's CUDA backend on a GPU machine, in under 10 minutes, offline.
 #
 #   bash scripts/gpu_check.sh        # from anywhere; logs go to $OUT (default: ./gpu_check_out)
 #   STEPS="tests timing" bash scripts/gpu_check.sh   # only the steps named (a rerun)
 #
 # Needs numba, numba-cuda, numpy, torch (and whatever bench_gradient.py imports); the working
 # tree is used in place through PYTHONPATH, not installed. Steps:
-#   1. tests/test_cuda.py on the GPU (the simulator switched off): gradients, FGM, forward,
-#      BIM / PGD / MI-FGSM and DeepFool against the CPU kernels
+#   1. tests/test_cuda.py, test_kernels_apgd.py and test_fab_cuda.py on the GPU (the simulator
+#      switched off): gradients, FGM, forward, BIM / PGD / MI-FGSM, DeepFool, APGD's and FAB's
+#      row kernels and whole runs against the CPU kernels
 #   2. scripts/bench_gradient.py --device cuda --quick
 #   3. scripts/bench_attacks.py --device cuda: FGSM, PGD-20, BIM-20, MI-FGSM-20 and DeepFool
 #      through the CUDA backend, then the same rows on the CPU backend for comparison
@@ -51,7 +52,8 @@ print("python", sys.version.split()[0], "numpy", numpy.__version__, "numba", num
 
 "$PYTHON" -c 'from advgrad.cuda_backend import cuda_available; print("cuda_available:", *cuda_available())' \
     2>&1 | tee -a "$OUT/environment.log"
-step tests 210 "$PYTHON" -m pytest tests/test_cuda.py -q -rs -p no:cacheprovider
+step tests 260 "$PYTHON" -m pytest tests/test_cuda.py tests/test_kernels_apgd.py \
+    tests/test_fab_cuda.py -q -rs -p no:cacheprovider
 
 step bench 50 "$PYTHON" scripts/bench_gradient.py --device cuda --quick
 

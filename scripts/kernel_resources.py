@@ -7,10 +7,11 @@
 The CUDA simulator runs the kernels' Python, not what the GPU compiles: a kernel can pass every
 simulator test and still fail to compile for a GPU, or compile with its per-thread arrays in
 local memory. This script runs ``advgrad.kernels.cuda``'s launchers (gradient, FGM steps,
-forward, the iterative attacks, DeepFool; one-launch, skinny and wide batches; float32 and
-float64) on stand-in arrays in host memory, records each kernel they launch with its argument
-types, compiles it to PTX for ``--cc`` and runs ``ptxas -v`` on it. Exit status 1 if a kernel
-does not compile.
+forward, the losses' gradients, the iterative attacks, DeepFool, APGD, FAB, training, the
+certified bounds; one-launch, skinny and wide batches; float32 and float64; every norm) on
+stand-in arrays in host memory, records each kernel they launch with its argument types,
+compiles it to PTX for ``--cc`` and runs ``ptxas -v`` on it. Exit status 1 if a kernel does
+not compile.
 
 ``--loops`` also disassembles each kernel (``cuobjdump -sass``) and lists its loops, each a
 backward branch, smallest first: the instructions from the branch's target to the branch (one
@@ -45,8 +46,14 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     sys.exit("kernel_resources.py compiles for a GPU: unset NUMBA_ENABLE_CUDASIM")
 
 from advgrad.kernels import cuda as kernels
+from advgrad.kernels.apgd import STATE_FIELDS
+from advgrad.kernels.cpu import LOSS_CE, LOSS_CW, LOSS_DLR, LOSS_DLR_TARGETED, LOSS_LOGIT_DIFFERENCE
+from advgrad.kernels.cuda import apgd_launchers, fab_launchers
 
 cuda = kernels.cuda
+LOSSES = (LOSS_CE, LOSS_DLR, LOSS_DLR_TARGETED, LOSS_CW, LOSS_LOGIT_DIFFERENCE)
+NORMS = (np.inf, 2.0, 1.0)
+FLOATS = (np.float32, np.float64)
 SHAPE = (784, 256, 10)  # d, H, C
 BATCHES = (1, 32, 33, 600)  # one launch (1 and 8 rows a block), skinny tiles, wide tiles
 LABELS = ("BM", "BN", "BK", "TM", "TN", "b_transposed", "R", "GROUPS")  # shown in the names
@@ -82,29 +89,76 @@ def record_launches():
 
     def record(kernel, grid, threads, stream, *args):
         signature = tuple(kernel.typeof_pyval(arg) for arg in args)
-        launched.setdefault((kernel, signature), np.dtype(args[0].dtype).name)
+        floats = [arg.dtype.name for arg in args if getattr(arg, "dtype", None) in FLOATS]
+        launched.setdefault((kernel, signature), floats[0] if floats else "-")
+
+    def configured(kernel, configuration):  # kernel[grid, threads, stream](*args)
+        return lambda *args: record(kernel, *configuration, *args)
 
     cuda.device_array = stand_in
     kernels.launchers._multiprocessors = lambda: 132
-    kernels.launchers.launch = record
+    for module in (kernels.internals, kernels.launchers, kernels.bound_launchers):
+        module.launch = record
+    type(apgd_launchers.apgd_start_rows).__getitem__ = configured
     d, H, C = SHAPE
     for dtype in (np.float32, np.float64):
         W1, b1, W2, b2 = (stand_in(s, dtype) for s in ((d, H), (H,), (H, C), (C,)))
+        network = (W1, b1, W2, b2)
         for n_rows in BATCHES:
             X, Y, G = (stand_in(s, dtype) for s in ((n_rows, d), (n_rows, C), (n_rows, d)))
-            net = (X, W1, b1, W2, b2, Y)
-            predicted = stand_in(n_rows, np.int64)
-            eps = stand_in(n_rows)
+            net = (X, *network, Y)
+            predicted, labels = stand_in(n_rows, np.int64), stand_in(n_rows, np.int64)
+            eps, values = stand_in(n_rows), stand_in(n_rows, dtype)
             kernels.input_gradient_into(*net, G, predicted)
-            for p in (np.inf, 2.0):
-                kernels.fgm_step_into(*net, 0.1, p, 0.0, 1.0, G, predicted)
-                kernels.fgm_from_gradient_into(X, G, 0.1, p, 0.0, 1.0, G)
+            for loss in LOSSES:
+                kernels.loss_gradient_into(
+                    *(X, *network, labels, labels, loss, 0.0, G, values, predicted)
+                )
+            kernels.logits_into(X, *network, stand_in((n_rows, C), dtype))
+            for p in NORMS:
+                kernels.fgm_step_into(*net, 0.1, p, 0.0, 1.0, G, predicted, q=2)
+                kernels.fgm_from_gradient_into(X, G, 0.1, p, 0.0, 1.0, G, q=2)
                 kernels.deepfool_into(*net[:5], p, 0.02, 2, 0.0, 1.0, G, predicted)
             A, P, losses = (stand_in(s, dtype) for s in ((n_rows, H), (n_rows, C), n_rows))
             kernels.forward_into(*net, A, P, losses, predicted)
-            for p, decay in ((np.inf, 0.0), (2.0, 1.0)):
-                kernels.iterate_into(*net, X, eps, eps, 1, p, decay, 0.0, 1.0, G)
+            for p, decay in ((np.inf, 0.0), (2.0, 1.0), (1.0, 0.0)):
+                kernels.iterate_into(*net, X, eps, eps, 1, p, decay, 0.0, 1.0, G, q=2)
+            kernels.parameter_gradient_into(
+                *net, 1.0, 1.0, 0.1, 0.0, 1.0, *(stand_in(w.shape, dtype) for w in network)
+            )
+            record_attack_launches(X, network, labels, eps, values, predicted, G)
+    for n_rows in BATCHES:  # the bounds run in float64
+        W1, b1, W2, b2 = (stand_in(s) for s in ((d, H), (H,), (H, C), (C,)))
+        X, classes, eps = stand_in((n_rows, d)), stand_in(n_rows, np.int64), stand_in(n_rows)
+        for p in NORMS:
+            kernels.margin_bounds_into(
+                X, classes, eps, p, 0.0, 1.0, W1, b1, W2, b2, True, 8, stand_in(n_rows)
+            )
+            kernels.certified_radius_into(
+                *(X, classes, stand_in(4), p, 0.0, 1.0, W1, b1, W2, b2, True, 8, 1e-3),
+                *(stand_in(n_rows), stand_in((n_rows, 4), np.bool_)),
+            )
     return launched
+
+
+def record_attack_launches(X, network, labels, eps, values, predicted, G):
+    """APGD's and FAB's launchers, every norm, on stand-in rows X (N, d)."""
+    n_rows = X.shape[0]
+    rows = [stand_in(X.shape, X.dtype) for _ in range(5)]
+    state = stand_in((n_rows, STATE_FIELDS))
+    windows = stand_in(4, np.int64)
+    for p in NORMS:
+        fab_launchers.hyperplane_projection_into(p, X, G, eps, 0.0, 1.0, stand_in(X.shape))
+        apgd_launchers.apgd_start_into(X, X, eps, p, 0.0, 1.0, rows[0])
+        apgd_launchers.apgd_update_into(
+            *(X, eps, p, 0.0, 1.0, windows, 1, labels, G, values, predicted),
+            *(*rows, state),
+        )
+        for targets in (labels, stand_in(0, np.int64)):
+            fab_launchers.fab_start_into(X, X, rows[0], rows[1], eps)
+            fab_launchers.fab_steps_into(
+                *(X, *network, labels, targets, p, 0.0, 1.0, 2, 0, 3, rows[0], rows[1], eps)
+            )
 
 
 def describe(kernel) -> str:

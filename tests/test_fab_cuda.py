@@ -13,7 +13,7 @@ from children import assert_passes_on_simulator
 from conftest import random_network
 from test_cuda import small_blocks  # noqa: F401 (a fixture)
 from test_fab import grid_instances, random_instances
-from test_kernels_apgd import HAS_NUMBA_CUDA, SIMULATOR, needs_cuda
+from test_kernels_apgd import needs_cuda, simulator_child
 
 import advgrad
 from advgrad.backend import CpuBackend
@@ -32,7 +32,7 @@ steps of ``fab_case`` reach about 80 eps."""
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(SIMULATOR or not HAS_NUMBA_CUDA, reason="on the simulator already")
+@simulator_child
 def test_fab_cuda_kernels_on_simulator():
     assert_passes_on_simulator(__file__, "-k", "not on_simulator")
 

@@ -182,10 +182,15 @@ needs_cuda = pytest.mark.skipif(
     not (SIMULATOR or cuda_usable()),
     reason="no usable GPU; test_cuda_kernels_on_simulator runs these on the simulator",
 )
+simulator_child = pytest.mark.skipif(
+    SIMULATOR or not HAS_NUMBA_CUDA or cuda_usable(),
+    reason="the CUDA tests run in this process (on the simulator or the GPU)",
+)
+"""A test that runs its file's CUDA tests in a child on the simulator: where there is no GPU."""
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(SIMULATOR or not HAS_NUMBA_CUDA, reason="on the simulator already")
+@simulator_child
 def test_cuda_kernels_on_simulator():
     assert_passes_on_simulator(__file__, *ONLY_CUDA)
 
