@@ -370,13 +370,9 @@ class CpuBackend(HostOptimiser):
             by step 0 (see ``square_steps_into``)
         """
         seed, stream, p, eps, x_min, x_max, image = search
-        code = {
-            np.inf: square_kernels.NORM_INF,
-            2.0: square_kernels.NORM_2,
-            1.0: square_kernels.NORM_1,
-        }[p]
         scalars = (X.dtype.type(eps), X.dtype.type(x_min), X.dtype.type(x_max))
         network = (model.W1, model.b1, model.W2, model.b2)
+        code = square_kernels.NORM_CODES[p]
         given = (X, *network, labels, rows, seed, stream, code, *scalars, image, sides)
         with parallel_chunksize(1):  # rows stop at different queries: blocks one by one
             _run_blocks(

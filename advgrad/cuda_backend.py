@@ -421,12 +421,32 @@ class CudaBackend(HostOptimiser):
         return closest, distance
 
     def square_run(self, model: Model, X, labels, rows, search, sides, first, count, state):
-        """Steps of a Square search, as ``CpuBackend.square_run`` and on its CPU kernel, on
-        the host arrays: a query moves one or two windows of a row and takes a few
-        microseconds, work a GPU would launch per query."""
-        from advgrad.backend import CpuBackend
+        """Steps of a Square search, as ``CpuBackend.square_run``, on the GPU: each chunk of
+        rows and its state go to the device, where a thread per row runs the steps with the
+        CPU's row function compiled for the GPU (``advgrad.kernels.cuda.square``), and the
+        state comes back into ``state``."""
+        from advgrad.kernels.cuda import square as square_cuda
+        from advgrad.kernels.square import NORM_CODES
 
-        CpuBackend().square_run(model, X, labels, rows, search, sides, first, count, state)
+        seed, random_stream, p, eps, x_min, x_max, image = search
+        scalars = (X.dtype.type(eps), X.dtype.type(x_min), X.dtype.type(x_max))
+        W2T = np.ascontiguousarray(model.W2.T, dtype=np.float64)
+
+        def launch(weights, inputs, outputs, stream, workspace):
+            X_d, labels_d, rows_d, *given = inputs
+            for given_d, out_d in zip(given, outputs, strict=True):
+                out_d.copy_to_device(given_d, stream=stream)
+            W1, b1, _, b2 = weights
+            square_cuda.square_steps_into(
+                *(X_d, W1, b1, _to_workspace(workspace, "square_W2T", W2T, stream), b2),
+                *(labels_d, rows_d, seed, random_stream, NORM_CODES[p], *scalars, image),
+                *(_to_workspace(workspace, "square_sides", sides, stream), first, count),
+                *outputs,
+                stream=stream,
+                workspace=workspace,
+            )
+
+        self._stream(model, (X, labels, rows, *state), state, launch, np.float64)
 
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""

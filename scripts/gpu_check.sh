@@ -6,9 +6,9 @@
 #
 # Needs numba, numba-cuda, numpy, torch (and whatever bench_gradient.py imports); the working
 # tree is used in place through PYTHONPATH, not installed. Steps:
-#   1. tests/test_cuda.py, test_kernels_apgd.py and test_fab_cuda.py on the GPU (the simulator
-#      switched off): gradients, FGM, forward, BIM / PGD / MI-FGSM, DeepFool, APGD's and FAB's
-#      row kernels and whole runs against the CPU kernels
+#   1. tests/test_cuda.py, test_kernels_apgd.py, test_fab_cuda.py and test_square_cuda.py on
+#      the GPU (the simulator switched off): gradients, FGM, forward, BIM / PGD / MI-FGSM,
+#      DeepFool, APGD's, FAB's and Square's kernels and whole runs against the CPU kernels
 #   2. scripts/bench_gradient.py --device cuda --quick
 #   3. scripts/bench_attacks.py --device cuda: FGSM, PGD-20, BIM-20, MI-FGSM-20 and DeepFool
 #      through the CUDA backend, then the same rows on the CPU backend for comparison
@@ -53,7 +53,7 @@ print("python", sys.version.split()[0], "numpy", numpy.__version__, "numba", num
 "$PYTHON" -c 'from advgrad.cuda_backend import cuda_available; print("cuda_available:", *cuda_available())' \
     2>&1 | tee -a "$OUT/environment.log"
 step tests 260 "$PYTHON" -m pytest tests/test_cuda.py tests/test_kernels_apgd.py \
-    tests/test_fab_cuda.py -q -rs -p no:cacheprovider
+    tests/test_fab_cuda.py tests/test_square_cuda.py -q -rs -p no:cacheprovider
 
 step bench 50 "$PYTHON" scripts/bench_gradient.py --device cuda --quick
 

@@ -7,11 +7,11 @@
 The CUDA simulator runs the kernels' Python, not what the GPU compiles: a kernel can pass every
 simulator test and still fail to compile for a GPU, or compile with its per-thread arrays in
 local memory. This script runs ``advgrad.kernels.cuda``'s launchers (gradient, FGM steps,
-forward, the losses' gradients, the iterative attacks, DeepFool, APGD, FAB, training, the
-certified bounds; one-launch, skinny and wide batches; float32 and float64; every norm) on
-stand-in arrays in host memory, records each kernel they launch with its argument types,
-compiles it to PTX for ``--cc`` and runs ``ptxas -v`` on it. Exit status 1 if a kernel does
-not compile.
+forward, the losses' gradients, the iterative attacks, DeepFool, APGD, FAB, Square,
+training, the certified bounds; one-launch, skinny and wide batches; float32 and float64;
+every norm) on stand-in arrays in host memory, records each kernel they launch with its
+argument types, compiles it to PTX for ``--cc`` and runs ``ptxas -v`` on it. Exit status 1
+if a kernel does not compile.
 
 ``--loops`` also disassembles each kernel (``cuobjdump -sass``) and lists its loops, each a
 backward branch, smallest first: the instructions from the branch's target to the branch (one
@@ -49,6 +49,8 @@ from advgrad.kernels import cuda as kernels
 from advgrad.kernels.apgd import STATE_FIELDS
 from advgrad.kernels.cpu import LOSS_CE, LOSS_CW, LOSS_DLR, LOSS_DLR_TARGETED, LOSS_LOGIT_DIFFERENCE
 from advgrad.kernels.cuda import apgd_launchers, fab_launchers
+from advgrad.kernels.cuda import square as square_cuda
+from advgrad.kernels.square import NORM_CODES
 
 cuda = kernels.cuda
 LOSSES = (LOSS_CE, LOSS_DLR, LOSS_DLR_TARGETED, LOSS_CW, LOSS_LOGIT_DIFFERENCE)
@@ -142,8 +144,17 @@ def record_launches():
 
 
 def record_attack_launches(X, network, labels, eps, values, predicted, G):
-    """APGD's and FAB's launchers, every norm, on stand-in rows X (N, d)."""
-    n_rows = X.shape[0]
+    """APGD's, FAB's and Square's launchers, every norm, on stand-in rows X (N, d)."""
+    n_rows, d = X.shape
+    W1, b1, W2, b2 = network
+    W2T = stand_in(W2.shape[::-1])
+    state = (stand_in(n_rows), stand_in(n_rows, np.int64), stand_in((n_rows, 2, W1.shape[1])))
+    for norm in NORM_CODES.values():  # one kernel: the norm is an argument
+        square_cuda.square_steps_into(
+            *(X, stand_in(W1.shape), stand_in(b1.shape), W2T, stand_in(b2.shape), labels),
+            *(labels, 0, 1, norm, *X.dtype.type((0.1, 0.0, 1.0)), (1, 28, d // 28, 0)),
+            *(stand_in(100, np.int64), 0, 10, stand_in(X.shape, X.dtype), *state, eps),
+        )
     rows = [stand_in(X.shape, X.dtype) for _ in range(5)]
     state = stand_in((n_rows, STATE_FIELDS))
     windows = stand_in(4, np.int64)

@@ -95,6 +95,34 @@ def _float64_from_bits(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
+@intrinsic
+def _bits_moved(typingctx, x, by):
+    """x (float32 or float64) whose bits, read as a signed integer of its width, are moved
+    by the integer ``by``."""
+
+    def codegen(context, builder, signature, args):
+        integer = ir.IntType(signature.args[0].bitwidth)
+        step = context.cast(builder, args[1], signature.args[1], types.int64)
+        step = builder.trunc(step, integer) if integer.width < 64 else step
+        moved = builder.add(builder.bitcast(args[0], integer), step)
+        return builder.bitcast(moved, args[0].type)
+
+    return x(x, by), codegen
+
+
+@njit(cache=True, error_model="numpy")
+def next_toward(value, target):
+    """``np.nextafter(value, target)`` for finite value and target of one float dtype: the
+    next representable number after value in the direction of target (target if equal),
+    from the bits alone, so that it compiles for CUDA too."""
+    if value == target:
+        return target
+    if value == 0.0:
+        zero = value - value
+        return _bits_moved(-zero if target < 0.0 else zero, 1)
+    return _bits_moved(value, 1 if (target > value) == (value > 0.0) else -1)
+
+
 @njit(cache=True, error_model="numpy")
 def _power_of_two_float64(k):
     return _float64_from_bits((k + np.int64(1023)) << np.int64(52))

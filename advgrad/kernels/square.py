@@ -53,13 +53,15 @@ import numpy as np
 from numba import njit, prange
 
 from advgrad.kernels.apgd import project_l1_box
-from advgrad.kernels.cpu import clip, exp_nonpositive
+from advgrad.kernels.cpu import clip, exp_nonpositive, next_toward
 from advgrad.kernels.random import uniform
 
 NORM_INF = 0
 NORM_2 = 1
 NORM_1 = 2
 """The norms of the search (the kernels' ``norm``)."""
+NORM_CODES = {np.inf: NORM_INF, 2.0: NORM_2, 1.0: NORM_1}
+"""The kernels' ``norm`` of each order p."""
 ROWS_PER_BLOCK = 4
 """Rows a thread takes at a time: rows take very different numbers of queries (a broken row
 stops), so the blocks are small (``numba.parallel_chunksize(1)`` around a call hands them
@@ -175,12 +177,20 @@ def pseudo_gaussian_into(side, norm, out):
             for j in range(side):
                 mass += magnitude(out[i, j], norm)
         if height:
-            out[first : first + height, :side] /= mass_norm(mass, norm)
+            divide_window(out, first, height, side, mass_norm(mass, norm))
     mass = 0.0
     for i in range(side):
         for j in range(side):
             mass += magnitude(out[i, j], norm)
-    out[:side, :side] /= mass_norm(mass, norm)
+    divide_window(out, 0, side, side, mass_norm(mass, norm))
+
+
+@njit(cache=True, error_model="numpy")
+def divide_window(out, first, height, side, by):
+    """out[first:first + height, :side] (float64) /= by."""
+    for i in range(first, first + height):
+        for j in range(side):
+            out[i, j] /= by
 
 
 @njit(cache=True, error_model="numpy")
@@ -228,11 +238,11 @@ def grid_start_row(x, row, seed, stream, eps, x_min, x_max, image, norm, work, x
     if norm == NORM_1:
         support, values = projection[0], projection[3]
         count, size = l1_projected_into(x, delta, eps, x_min, x_max, projection)
-        x_best[:] = x
+        copy_into(x, x_best)
         for t in range(count):
             x_best[support[t]] = values[t]
         return size
-    scaled_into(x, delta, eps, math.sqrt(np.sum(delta**2)), x_min, x_max, x_best)
+    scaled_into(x, delta, eps, math.sqrt(sum_of_squares(delta)), x_min, x_max, x_best)
     return squared_distance(x, x_best)
 
 
@@ -294,6 +304,22 @@ def in_window(r, c, top, left, side):
 
 
 @njit(cache=True, error_model="numpy")
+def copy_into(source, out):
+    """out (n,) = source (n,), element by element (converted to out's dtype)."""
+    for i in range(out.shape[0]):
+        out[i] = source[i]
+
+
+@njit(cache=True, error_model="numpy")
+def sum_of_squares(v):
+    """The sum of v[p]^2 (float64) over v (d,) float64, in order."""
+    total = 0.0
+    for p in range(v.shape[0]):
+        total += v[p] * v[p]
+    return total
+
+
+@njit(cache=True, error_model="numpy")
 def squared_distance(x, x_best):
     """||x_best - x||^2 (float64) of the float64 differences, summed in order."""
     total = 0.0
@@ -348,7 +374,7 @@ def l1_rounded_into(x, v, eps, out):
     total = 0.0
     for p in range(v.shape[0]):
         if abs(np.float64(out[p]) - np.float64(x[p])) > abs(v[p] - np.float64(x[p])):
-            out[p] = np.nextafter(out[p], x[p])
+            out[p] = next_toward(out[p], x[p])
         total += abs(np.float64(out[p]) - np.float64(x[p]))
     return total
 
@@ -563,7 +589,7 @@ def row_workspace(X, W1, image):
 def keep(n, z1, margin, x_best, W1, b1, W2T, b2, label, hidden, margins, a):
     """Take a proposal (already in x_best[n]) of Z1 z1 and margin ``margin`` as row n's best
     point; a margin below 0 is recomputed directly from x_best[n] first."""
-    hidden[n, 1] = z1
+    copy_into(z1, hidden[n, 1])
     margins[n] = margin
     if margin < 0.0:
         exact_hidden(x_best[n], W1, b1, hidden[n, 1])
@@ -584,8 +610,8 @@ def square_row_steps(
     for step in range(first, first + count):
         if step == 0:
             exact_hidden(x, W1, b1, hidden[n, 0])
-            hidden[n, 1] = hidden[n, 0]
-            X_best[n] = x
+            copy_into(hidden[n, 0], hidden[n, 1])
+            copy_into(x, X_best[n])
             margins[n] = margin_from_hidden(hidden[n, 0], W2T, b2, label, a)
             queries_used[n] = 0
             sizes[n] = 0.0
@@ -612,7 +638,7 @@ def square_row_steps(
                 return
         side, draws = sides[update], stream + 1 + update
         queries_used[n] += 1
-        z1[:] = hidden[n, 1]
+        copy_into(hidden[n, 1], z1)
         if norm != NORM_INF and side != pattern_side:
             pseudo_gaussian_into(side, norm, pattern)
             pattern_side = side

@@ -69,8 +69,8 @@ def _median_of_three(a, b, c):
 
 @cuda.jit(device=True)
 def _level(key, slope, n, gap):
-    """``fab_projection._level``: the level at which the gains of the n breakpoints key[:n] with slopes
-    slope[:n] (both float64, reordered) reach gap; inf where they never do."""
+    """``fab_projection._level``: the level at which the gains of the n breakpoints key[:n]
+    with slopes slope[:n] (both float64, reordered) reach gap; inf where they never do."""
     saturated = 0.0
     top = 0.0
     rising = 0.0
@@ -128,8 +128,9 @@ def _ranks_before(weight_i, i, weight_j, j):
 
 @cuda.jit(device=True)
 def _l1_split(weight, gain, index, n, before, gap):
-    """``fab_projection._l1_split``: the coordinate among index[:n] at which the gains, summed in the
-    L1 order after ``before``, first reach gap, and the sum before it; (-1, 0.0) if none."""
+    """``fab_projection._l1_split``: the coordinate among index[:n] at which the gains,
+    summed in the L1 order after ``before``, first reach gap, and the sum before it; (-1,
+    0.0) if none."""
     lo, hi = 0, n
     while lo < hi:
         pivot = index[(lo + hi) // 2]
