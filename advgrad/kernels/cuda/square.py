@@ -18,7 +18,7 @@ import numpy as np
 
 from advgrad.kernels.cuda.internals import SIMULATOR, as_device, cuda
 from advgrad.kernels.cuda.launchers import Workspace
-from advgrad.kernels.square import square_row_steps
+from advgrad.kernels.square import NORM_1, square_row_steps
 
 __all__ = ["SQUARE_THREADS", "square_steps_into", "square_steps_rows"]
 
@@ -99,7 +99,8 @@ def square_steps_into(
     X_best, margins, queries_used, hidden, sizes : the search's state (device arrays shaped
         as ``square.square_steps_into``'s), updated
     stream : numba stream the kernel is queued on (default: the default stream)
-    workspace : Workspace for the rows' scratch; None allocates fresh buffers
+    workspace : Workspace for the rows' scratch (at most 24 d + 16 H bytes a row besides
+        its windows, and 48 d more for L1's projection); None allocates fresh buffers
     """
     arrays = (X, W1, b1, W2T, b2, labels, rows, sides, X_best, margins, queries_used)
     X, W1, b1, W2T, b2, labels, rows, sides, X_best, margins, queries_used = map(as_device, arrays)
@@ -110,6 +111,7 @@ def square_steps_into(
     workspace = workspace or Workspace()
     side = min(image[1], image[2])
     H = W1.shape[1]
+    projected = d if norm == NORM_1 else 0  # the L1 projection's scratch: L1 alone
     scratch = [
         workspace.array(f"square_{name}", (n_rows, *shape), dtype)
         for name, shape, dtype in (
@@ -120,11 +122,11 @@ def square_steps_into(
             ("delta", (d,), np.float64),
             ("proposal", (d,), X.dtype),
             ("moved", (d,), np.int64),
-            ("support", (d,), np.int64),
-            ("points", (d,), np.float64),
-            ("centres", (d,), X.dtype),
-            ("values", (d,), X.dtype),
-            ("pairs", (2 * d,), np.float64),
+            ("support", (projected,), np.int64),
+            ("points", (projected,), np.float64),
+            ("centres", (projected,), X.dtype),
+            ("values", (projected,), X.dtype),
+            ("pairs", (2 * projected,), np.float64),
         )
     ]
     blocks = max(1, -(-n_rows // SQUARE_THREADS))
