@@ -91,6 +91,10 @@ SLICE_MULTIPLY_ADDS = 2**26
 """Work of one slice of an iterative attack (at most about 0.1 s on one core). The iterative
 kernels run in slices of steps, and between two slices control is back in Python, where a
 signal handler can act (a second Ctrl-C stops a job at once); a small job is one slice."""
+QUERY_SPEEDUP = 16
+"""A Square query's multiply-adds (``advgrad.square.query_work``: a few rows of W1 in cache,
+vectorised) run about this much faster than ``SLICE_MULTIPLY_ADDS`` assumes, so a slice of
+queries takes this many times its work, about 0.1 s of a core."""
 
 
 def bound_workspace_bytes(model: Model) -> int:
@@ -350,6 +354,13 @@ class CpuBackend(HostOptimiser):
             )
             first += count
         return closest, distance
+
+    def square_slice_queries(self, active_rows: int, row_query_work: int) -> int:
+        """The queries one ``square_run`` call of a Square search should take, with
+        ``active_rows`` rows unbroken at ``row_query_work`` multiply-adds a row and query:
+        about 0.1 s of a core (``SLICE_MULTIPLY_ADDS`` at ``QUERY_SPEEDUP``), at least one."""
+        work = max(1, active_rows * row_query_work)
+        return max(1, QUERY_SPEEDUP * SLICE_MULTIPLY_ADDS // work)
 
     def square_run(self, model: Model, X, labels, rows, search, sides, first, count, state):
         """Steps first, ..., first + count - 1 of a Square search (``advgrad.square``; the

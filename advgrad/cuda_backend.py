@@ -48,6 +48,7 @@ LANES = 3  # chunks in flight: one copied in, one computed, one copied out, each
 MIN_CHUNK_ROWS = 1024  # a call is cut into 2 * lanes chunks, but none smaller than this
 SLICE_MULTIPLY_ADDS = 2**37  # iterative attacks: most work queued on the GPU between waits
 MAX_SLICE_STEPS = 1024  # and most steps (a small chunk's steps are bound by their launches)
+SQUARE_SLICE_ROW_MULTIPLY_ADDS = 2**25  # Square: one row's work between copies of the state
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -419,6 +420,13 @@ class CudaBackend(HostOptimiser):
         start = np.ascontiguousarray(start, dtype=X.dtype)
         self._stream(model, (X, labels, targets, start), (closest, distance), launch)
         return closest, distance
+
+    def square_slice_queries(self, active_rows: int, row_query_work: int) -> int:
+        """The queries one ``square_run`` call should take: the rows run side by side, a
+        thread each, and every call copies the search's state in and out, so a call takes
+        ``SQUARE_SLICE_ROW_MULTIPLY_ADDS`` of one row's work whatever the rows (about 4,800
+        L-inf queries of a (784, 256, 10) network), at least one."""
+        return max(1, SQUARE_SLICE_ROW_MULTIPLY_ADDS // max(1, row_query_work))
 
     def square_run(self, model: Model, X, labels, rows, search, sides, first, count, state):
         """Steps of a Square search, as ``CpuBackend.square_run``, on the GPU: each chunk of

@@ -76,8 +76,9 @@ by the pixels a proposal moves, so a query costs s * s * c * H + H * C multiply-
 pixels of the perturbation, O(k log k), and H per pixel that moves, the windows' and
 those that the projection's shrinking moves by an ulp or more); the margins are float64
 (that module states their rounding: a margin below 0 is always that of a direct forward
-pass of the point), and the search runs in slices of updates of about 0.1 s of a core
-(``QUERY_SPEEDUP``), between which control comes back to Python. The caller decides what
+pass of the point), and the search runs in slices of updates that the backend sizes
+(``square_slice_queries``: about 0.1 s of a core on the CPU), between which control comes
+back to Python. The caller decides what
 is broken on its own forward pass of the result (the AutoAttack ensemble does).
 """
 
@@ -99,7 +100,7 @@ from advgrad.attacks import (
     norm_order,
     row_indices,
 )
-from advgrad.backend import SLICE_MULTIPLY_ADDS, get_backend
+from advgrad.backend import get_backend
 from advgrad.model import Model
 
 SQUARE_STREAM = 2**32
@@ -115,10 +116,6 @@ SIGMOID_MULTIPLY_ADDS = 16
 L1_PROJECTION_MULTIPLY_ADDS = 128
 """What building and projecting an L1 proposal costs, per feature, in multiply-adds (at
 d = 784 about 12 us of a core a query, half of it ``project_l1_box``)."""
-QUERY_SPEEDUP = 16
-"""A query's multiply-adds (``query_work``: a few rows of W1 in cache, vectorised) run about
-this much faster than ``SLICE_MULTIPLY_ADDS`` assumes, so a slice takes this many times
-its work, about 0.1 s of a core."""
 
 
 @dataclass(frozen=True)
@@ -344,8 +341,8 @@ def _search(
         active = np.count_nonzero(state.margins >= 0.0)
         if not active:
             return
-        work = active * query_work(model, int(sides[state.update]), layout, norm)
-        count = min(queries - state.update, max(1, QUERY_SPEEDUP * SLICE_MULTIPLY_ADDS // work))
+        work = query_work(model, int(sides[state.update]), layout, norm)
+        count = min(queries - state.update, backend.square_slice_queries(active, work))
         backend.square_run(
             model, rows, labels, index, search, sides, state.update + 1, count, arrays
         )

@@ -1,15 +1,15 @@
 """Speed of the iterative attacks against the single fused FGSM step, measured side by side.
 
 On the bundled digits model (d, H, C) = (64, 64, 10), float32, the test set tiled to
-``--rows`` rows, it times one FGSM step, PGD-20 (one restart), BIM-20, MI-FGSM-20, APGD-CE-20
-and DeepFool (L2 and L-inf), and one FGM step and APGD-CE-20 in L2 (eps 1) and L1 (eps 5),
-all through ``advgrad.attacks.perturb`` (what the CLI runs), and prints rows per second and
-the ratios of PGD-20 and APGD-CE-20 to 20 FGSM steps, APGD's in each norm to 20 FGM steps
-of that norm (an iterative attack that allocated or re-entered Python per step would show
-here). ``--device
-cuda`` runs them on the GPU (``advgrad.cuda_backend``), host arrays in and out as the CLI does.
-``--one-slice`` also times each attack with all its steps in one kernel call (as before the
-iterative kernels ran in slices of steps) and prints the time ratio, sliced / one slice::
+``--rows`` rows, it times one FGSM step, PGD-20 (one restart), BIM-20, MI-FGSM-20, APGD-CE-20,
+DeepFool (L2 and L-inf), FAB-20, Square with 1000 queries, and one FGM step and APGD-CE-20
+in L2 (eps 1) and L1 (eps 5), all through ``advgrad.attacks.perturb`` (what the CLI runs),
+and prints rows per second and the ratios of PGD-20 and APGD-CE-20 to 20 FGSM steps, APGD's
+in each norm to 20 FGM steps of that norm (an iterative attack that allocated or re-entered
+Python per step would show here). ``--device cuda`` runs them on the GPU
+(``advgrad.cuda_backend``), host arrays in and out as the CLI does. ``--one-slice`` also
+times each attack with all its steps in one kernel call (as before the iterative kernels
+ran in slices of steps) and prints the time ratio, sliced / one slice::
 
     python scripts/bench_attacks.py [--rows 16384] [--rounds 5] [--device cpu|cuda|auto]
         [--one-slice] [--autoattack LARGE_ROWS]
@@ -109,6 +109,8 @@ def main() -> None:
         "apgd-ce-20": Attack("apgd-ce", steps=20),
         "deepfool-l2": Attack("deepfool", norm="2"),
         "deepfool-linf": Attack("deepfool", norm="inf"),
+        "fab-20": Attack("fab", steps=20),
+        "square-1000": Attack("square", queries=1000),
     }
     for norm, eps in OTHER_NORMS.items():
         configs[f"fgm-l{norm} (1 step)"] = Attack("fgsm", norm=norm, eps=eps)

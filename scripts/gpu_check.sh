@@ -10,7 +10,8 @@
 #      the GPU (the simulator switched off): gradients, FGM, forward, BIM / PGD / MI-FGSM,
 #      DeepFool, APGD's, FAB's and Square's kernels and whole runs against the CPU kernels
 #   2. scripts/bench_gradient.py --device cuda --quick
-#   3. scripts/bench_attacks.py --device cuda: FGSM, PGD-20, BIM-20, MI-FGSM-20 and DeepFool
+#   3. scripts/bench_attacks.py --device cuda: FGSM, PGD-20, BIM-20, MI-FGSM-20, APGD-CE-20,
+#      DeepFool, FAB-20 and Square-1000
 #      through the CUDA backend, then the same rows on the CPU backend for comparison
 #   4. FGSM step timing: first the one-launch kernel of small batches against the three tiled
 #      launches at N = 1 to 256 (where SMALL_BATCH_ROWS should sit) and with other block

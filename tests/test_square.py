@@ -18,7 +18,6 @@ from reference_square import window_fraction
 
 import advgrad
 from advgrad import backend as backend_module
-from advgrad import square as square_module
 from advgrad.kernels.cpu import exp_nonpositive, next_toward
 from advgrad.kernels.square import REFRESH_UPDATES, l1_rounded_into
 from advgrad.square import (
@@ -217,7 +216,7 @@ def test_square_stays_in_the_ball_and_the_box(dtype, norm, x_max):
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_margins_never_increase_and_a_broken_row_keeps_the_query_that_broke_it(norm, monkeypatch):
-    monkeypatch.setattr(square_module, "SLICE_MULTIPLY_ADDS", 0)  # an update per slice
+    monkeypatch.setattr(backend_module, "SLICE_MULTIPLY_ADDS", 0)  # an update per slice
     model, X, labels = network()
     clean = margins_of(model, X, labels)
     history, queries = [], []
@@ -273,7 +272,7 @@ def test_the_parallel_kernel_equals_the_serial_one_on_any_thread_count(norm, mon
     options = {"eps": EPS[norm], "norm": norm, "queries": 50, "seed": 3, **BOX}
     serial = square(model, X, labels, **options)
     monkeypatch.setattr(backend_module, "SERIAL_MULTIPLY_ADDS", -1)  # the parallel kernel
-    monkeypatch.setattr(square_module, "SLICE_MULTIPLY_ADDS", 2**12)  # and many slices
+    monkeypatch.setattr(backend_module, "SLICE_MULTIPLY_ADDS", 2**12)  # and many slices
     for threads in (1, numba.config.NUMBA_NUM_THREADS):
         with numba.parallel_chunksize(1):
             numba.set_num_threads(threads)
@@ -291,7 +290,7 @@ def test_incremental_margins_stay_those_of_a_direct_forward_pass(dtype, norm, mo
     """Over more than REFRESH_UPDATES updates of rows that stay unbroken (a radius too
     small), the kernel's margins stay within rounding of a float64 forward pass of the
     points: L-inf and L1 float64 rounding; L2 that of the points rounded to their dtype."""
-    monkeypatch.setattr(square_module, "SLICE_MULTIPLY_ADDS", 2**18)
+    monkeypatch.setattr(backend_module, "SLICE_MULTIPLY_ADDS", 2**18)
     model, X, labels = network(dtype)
     eps = EPS[norm] / 20
     tolerance = 1e-12 if norm != "2" or dtype == np.float64 else 1e-5
@@ -320,7 +319,7 @@ def test_more_queries_never_lower_the_broken_rows(norm, monkeypatch):
     """Within one search (the window schedule depends on ``queries``, so runs of different
     budgets are not prefixes of each other), the rows broken after 1, 10, 30, 100 and 300
     updates never decrease, and more get broken."""
-    monkeypatch.setattr(square_module, "SLICE_MULTIPLY_ADDS", 0)  # an update per slice
+    monkeypatch.setattr(backend_module, "SLICE_MULTIPLY_ADDS", 0)  # an update per slice
     model, X, labels = network()
     counts = {}
     for state in square_steps(model, X, labels, eps=EPS[norm], norm=norm, queries=300, **BOX):

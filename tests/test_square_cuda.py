@@ -15,7 +15,6 @@ from children import assert_passes_on_simulator
 from test_kernels_apgd import SIMULATOR, needs_cuda, simulator_child
 from test_square import BOX, EPS, NORMS, network
 
-from advgrad import square as square_module
 from advgrad.backend import CpuBackend
 from advgrad.square import square
 
@@ -86,9 +85,10 @@ def test_cuda_backend_square_equals_the_cpu_backend(dtype, norm, image_shape):
 def test_cuda_square_in_many_slices_equals_the_cpu(norm, monkeypatch):
     """A search cut into slices of a few queries each (a launch per slice, the state back
     on the host between them) ends where the CPU's does."""
+    from advgrad import cuda_backend
     from advgrad.cuda_backend import CudaBackend
 
-    monkeypatch.setattr(square_module, "SLICE_MULTIPLY_ADDS", 2**10)
+    monkeypatch.setattr(cuda_backend, "SQUARE_SLICE_ROW_MULTIPLY_ADDS", 2**11)
     calls = []
     backend = CudaBackend(chunk_rows=64, lanes=1)
     run = backend.square_run
