@@ -438,15 +438,16 @@ class CudaBackend(HostOptimiser):
 
         seed, random_stream, p, eps, x_min, x_max, image = search
         scalars = (X.dtype.type(eps), X.dtype.type(x_min), X.dtype.type(x_max))
+        W1_64 = self.device_weights(model, np.float64)[0]  # the CPU kernel's: W1 in float64
         W2T = np.ascontiguousarray(model.W2.T, dtype=np.float64)
 
         def launch(weights, inputs, outputs, stream, workspace):
             X_d, labels_d, rows_d, *given = inputs
             for given_d, out_d in zip(given, outputs, strict=True):
                 out_d.copy_to_device(given_d, stream=stream)
-            W1, b1, _, b2 = weights
+            _, b1, _, b2 = weights
             square_cuda.square_steps_into(
-                *(X_d, W1, b1, _to_workspace(workspace, "square_W2T", W2T, stream), b2),
+                *(X_d, W1_64, b1, _to_workspace(workspace, "square_W2T", W2T, stream), b2),
                 *(labels_d, rows_d, seed, random_stream, NORM_CODES[p], *scalars, image),
                 *(_to_workspace(workspace, "square_sides", sides, stream), first, count),
                 *outputs,
@@ -454,7 +455,7 @@ class CudaBackend(HostOptimiser):
                 workspace=workspace,
             )
 
-        self._stream(model, (X, labels, rows, *state), state, launch, np.float64)
+        self._stream(model, (X, labels, rows, *state), state, launch)
 
     def deepfool(self, model: Model, X, p, overshoot, max_iter, x_min, x_max, *, out=None):
         """DeepFool: X_adv (N, d) and the iterations used per row (N,) int64."""

@@ -87,8 +87,8 @@ def square_steps_into(
     Parameters
     ----------
     X : (N, d) float32 or float64 device array, the clean rows
-    W1 : (d, H) float64 device array; b1 : (H,) device array
-    W2T : (C, H) float64 device array (W2 transposed); b2 : (C,) device array
+    W1 : (d, H) float64 device array; b1 : (H,) device array of X's dtype
+    W2T : (C, H) float64 device array (W2 transposed); b2 : (C,) device array of X's dtype
     labels, rows : (N,) int64 device arrays, the true classes and the rows' absolute indices
     seed, random_stream : ints, the seed and the start's random stream
     norm : ``square.NORM_INF``, ``NORM_2`` or ``NORM_1``
