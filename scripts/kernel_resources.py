@@ -151,7 +151,7 @@ def record_attack_launches(X, network, labels, eps, values, predicted, G):
     state = (stand_in(n_rows), stand_in(n_rows, np.int64), stand_in((n_rows, 2, W1.shape[1])))
     for norm in NORM_CODES.values():  # one kernel: the norm is an argument
         square_cuda.square_steps_into(
-            *(X, stand_in(W1.shape), stand_in(b1.shape), W2T, stand_in(b2.shape), labels),
+            *(X, stand_in(W1.shape), b1, W2T, b2, labels),
             *(labels, 0, 1, norm, *X.dtype.type((0.1, 0.0, 1.0)), (1, 28, d // 28, 0)),
             *(stand_in(100, np.int64), 0, 10, stand_in(X.shape, X.dtype), *state, eps),
         )
