@@ -3,6 +3,7 @@
     python scripts/kernel_resources.py            # compute capability 9.0 (H100, H200)
     python scripts/kernel_resources.py --cc 8.0   # A100
     python scripts/kernel_resources.py --loops    # and each kernel's loops, from its SASS
+    python scripts/kernel_resources.py --only "square_steps_rows float32"   # one kernel
 
 The CUDA simulator runs the kernels' Python, not what the GPU compiles: a kernel can pass every
 simulator test and still fail to compile for a GPU, or compile with its per-thread arrays in
@@ -269,6 +270,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 or 8.0")
     parser.add_argument("--loops", action="store_true", help="list each kernel's loops (SASS)")
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="compile only the kernels whose 'name dtype' contains TEXT, e.g. "
+        "'square_steps_rows float32'",
+    )
     args = parser.parse_args()
     cc = tuple(int(part) for part in args.cc.split("."))
     ptxas = find_tool("ptxas", "install a CUDA toolkit")
@@ -277,7 +284,11 @@ def main() -> int:
     import numba.cuda.dispatcher as dispatcher
 
     dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=cc)
-    launched = record_launches()
+    launched = {
+        key: dtype
+        for key, dtype in record_launches().items()
+        if args.only is None or args.only in f"{describe(key[0])} {dtype}"
+    }
     columns = ("registers", "cap", "stack", "spill stores", "spill loads", "shared")
     print(f"{len(launched)} kernels launched; compiled for sm_{cc[0]}{cc[1]} ({ptxas})")
     print(f"{'kernel':<58} {'dtype':<8}" + "".join(f"{c:>13}" for c in columns))

@@ -9,10 +9,15 @@ few rows may differ, each still a point of the ball and the box."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from children import assert_passes_on_simulator
-from test_kernels_apgd import SIMULATOR, needs_cuda, simulator_child
+from test_kernels_apgd import HAS_NUMBA_CUDA, SIMULATOR, needs_cuda, simulator_child
 from test_square import BOX, EPS, NORMS, network
 
 from advgrad.backend import CpuBackend
@@ -26,7 +31,31 @@ GPU_ROWS_DIFFERING = 0.1
 @pytest.mark.cuda
 @simulator_child
 def test_square_cuda_kernels_on_simulator():
-    assert_passes_on_simulator(__file__, "-k", "not on_simulator")
+    assert_passes_on_simulator(__file__, "-k", "not on_simulator and not for_a_gpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(SIMULATOR or not HAS_NUMBA_CUDA, reason="compiles for a GPU, not simulated")
+def test_square_kernel_compiles_for_a_gpu():
+    """The CUDA kernel runs the CPU kernel's row functions, which the simulator runs as CPU
+    code: this compiles it for sm_90 (``scripts/kernel_resources.py``, NVVM and ptxas), so
+    that a change to those functions that numba-cuda cannot lower (an allocation, an array
+    expression, a slice assigned from an array) fails here. Skips without a CUDA toolkit."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "scripts/kernel_resources.py", "--only", "square_steps_rows float32"],
+        cwd=root,
+        env={k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode and ("not found" in output or "needs lib" in output):
+        pytest.skip(output.strip().splitlines()[-1])
+    assert result.returncode == 0, output[-3000:]
+    assert "0 of 1 kernels failed to compile" in result.stdout, output[-3000:]
 
 
 def both_runs(dtype, norm, image_shape, backend):

@@ -45,6 +45,11 @@ radius eps (``l1_rounded_into``), so that it stays in the ball and the box.
 Randomness: update i of a row draws from stream ``stream + 1 + i`` and the start from
 ``stream`` (``advgrad.kernels.random.uniform``, keyed by the row's absolute index in
 ``rows``); the columns are those the ``advgrad.square`` docstring lists.
+
+The GPU runs ``square_row_steps`` and what it calls as they are (``advgrad.kernels.cuda.
+square``), so they stay within what numba-cuda compiles: no allocation, no array
+expressions, no slice assigned from an array, scalar math only (``next_toward``, not
+np.nextafter); ``tests/test_square_cuda.py`` compiles them for a GPU.
 """
 
 import math
