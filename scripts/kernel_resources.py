@@ -149,12 +149,12 @@ def record_attack_launches(X, network, labels, eps, values, predicted, G):
     n_rows, d = X.shape
     W1, b1, W2, b2 = network
     W2T = stand_in(W2.shape[::-1])
-    state = (stand_in(n_rows), stand_in(n_rows, np.int64), stand_in((n_rows, 2, W1.shape[1])))
+    search = (stand_in(n_rows), stand_in(n_rows, np.int64), stand_in((n_rows, 2, W1.shape[1])))
     for norm in NORM_CODES.values():  # one kernel: the norm is an argument
         square_cuda.square_steps_into(
             *(X, stand_in(W1.shape), b1, W2T, b2, labels),
             *(labels, 0, 1, norm, *X.dtype.type((0.1, 0.0, 1.0)), (1, 28, d // 28, 0)),
-            *(stand_in(100, np.int64), 0, 10, stand_in(X.shape, X.dtype), *state, eps),
+            *(stand_in(100, np.int64), 0, 10, stand_in(X.shape, X.dtype), *search, eps),
         )
     rows = [stand_in(X.shape, X.dtype) for _ in range(5)]
     state = stand_in((n_rows, STATE_FIELDS))

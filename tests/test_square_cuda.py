@@ -52,7 +52,8 @@ def test_square_kernel_compiles_for_a_gpu():
         check=False,
     )
     output = result.stdout + result.stderr
-    if result.returncode and ("not found" in output or "needs lib" in output):
+    missing = ("not found: set CUDA_HOME", "kernel_resources.py needs lib")  # its tool checks
+    if result.returncode and any(message in output for message in missing):
         pytest.skip(output.strip().splitlines()[-1])
     assert result.returncode == 0, output[-3000:]
     assert "0 of 1 kernels failed to compile" in result.stdout, output[-3000:]
